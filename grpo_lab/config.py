@@ -115,6 +115,10 @@ class ModelConfig:
     tiny_num_kv_heads: int = 1
     tiny_intermediate_size: int = 256
     tokenizer_vocab_size: int = 512
+    lora_r: int = 0  # > 0: train a LoRA adapter of this rank (PEFT) and push only the adapter
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: Any = "all-linear"  # "all-linear" or a list of module names
 
     def validate(self) -> None:
         _check(self.dtype in _DTYPES, "model.dtype", self.dtype, f"one of {sorted(_DTYPES)}")
@@ -123,14 +127,79 @@ class ModelConfig:
             _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "an integer >= 1")
         _check(self.tiny_hidden_size % self.tiny_num_heads == 0, "model.tiny_num_heads", self.tiny_num_heads, "a divisor of tiny_hidden_size")
         _check(self.tiny_num_heads % self.tiny_num_kv_heads == 0, "model.tiny_num_kv_heads", self.tiny_num_kv_heads, "a divisor of tiny_num_heads")
+        _check(self.lora_r >= 0, "model.lora_r", self.lora_r, "an integer >= 0 (0: no LoRA)")
+        _check(self.lora_alpha > 0, "model.lora_alpha", self.lora_alpha, "a number > 0")
+        _check(0 <= self.lora_dropout < 1, "model.lora_dropout", self.lora_dropout, "a number in [0, 1)")
+        _check(isinstance(self.lora_target_modules, str) or (
+            isinstance(self.lora_target_modules, (list, tuple)) and self.lora_target_modules
+            and all(isinstance(m, str) for m in self.lora_target_modules)),
+            "model.lora_target_modules", self.lora_target_modules, "'all-linear' or a non-empty list of module names")
         _check(self.tokenizer_vocab_size >= 300, "model.tokenizer_vocab_size", self.tokenizer_vocab_size, "an integer >= 300 (256 byte symbols and merges)")
 
 
 @dataclass
+class TreeRolloutConfig:
+    """``rollout.sampler=tree`` (Tree-GRPO / TreeRPO, ``grpo_lab.rollout.tree``): M trees
+    per prompt, L expansion rounds of N nodes per tree; nodes are agent steps or segments
+    of ``segment_tokens`` tokens."""
+
+    trees_per_prompt: int = 2
+    rounds: int = 1
+    nodes_per_round: int = 2
+    node: str = "step"  # step | segment
+    segment_tokens: int = 8
+
+    def validate(self) -> None:
+        for key in ("trees_per_prompt", "nodes_per_round", "segment_tokens"):
+            _check(getattr(self, key) >= 1, f"rollout.tree.{key}", getattr(self, key), "an integer >= 1")
+        _check(self.rounds >= 0, "rollout.tree.rounds", self.rounds, "an integer >= 0")
+        _check(self.node in ("step", "segment"), "rollout.tree.node", self.node, "step or segment")
+
+
+@dataclass
+class AdaptiveRolloutConfig:
+    """``rollout.sampler=adaptive`` (AR3PO, ``grpo_lab.rollout.adaptive``): up to
+    ``stages`` stages of ``responses_per_stage`` episodes for the tasks not yet solved,
+    and reuse of a buffered correct episode for a task still unsolved."""
+
+    stages: int = 2
+    responses_per_stage: int = 4
+    reuse: bool = True
+    reuse_mode: str = "stop_gradient"  # stop_gradient | off_policy
+    buffer_size: int = 4
+
+    def validate(self) -> None:
+        for key in ("stages", "responses_per_stage", "buffer_size"):
+            _check(getattr(self, key) >= 1, f"rollout.adaptive.{key}", getattr(self, key), "an integer >= 1")
+        _check(self.reuse_mode in ("stop_gradient", "off_policy"), "rollout.adaptive.reuse_mode", self.reuse_mode,
+               "stop_gradient or off_policy")
+
+
+@dataclass
 class RolloutConfig:
-    """Generation: the backend and its sampling parameters, and the prompt's history window."""
+    """Generation: the backend and its sampling parameters, the prompt's history window,
+    and the scheduler (``grpo_lab.rollout.scheduler``).
+
+    ``sampler``: ``chain`` plays ``algo.group_size`` episodes per task; ``tree`` samples
+    trees (``rollout.tree``) for the tree estimators; ``adaptive`` runs AR3PO's stages and
+    response reuse (``rollout.adaptive``). ``scheduler`` (chain and adaptive samplers):
+    ``full`` plays every episode of a step in lock-step turns (one batch per
+    turn); ``micro`` runs rounds of micro-groups of ``micro_group_size`` members in
+    ``max_inflight`` slots; ``continuous`` refills a slot as soon as its episode ends.
+    ``order`` is the length-aware admission order, ``env_workers`` the threads that step
+    environments while the engine generates. ``request_seeds`` gives every request its own
+    seed, so episodes do not depend on the schedule."""
 
     backend: str = "hf"
+    sampler: str = "chain"  # chain | tree | adaptive
+    tree: TreeRolloutConfig = field(default_factory=TreeRolloutConfig)
+    adaptive: AdaptiveRolloutConfig = field(default_factory=AdaptiveRolloutConfig)
+    scheduler: str = "full"  # full | micro | continuous
+    micro_group_size: Optional[int] = None  # None: the whole group
+    max_inflight: Optional[int] = None  # episode slots; None: every episode of the step
+    order: str = "fifo"  # fifo | shortest_first | longest_first
+    env_workers: int = 0
+    request_seeds: bool = False
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -153,6 +222,17 @@ class RolloutConfig:
         _check(self.history_window >= 0, "rollout.history_window", self.history_window, "an integer >= 0")
         _check(str(self.use_chat_template).lower() in ("auto", "true", "false"), "rollout.use_chat_template", self.use_chat_template, "auto, true or false")
         _check(self.max_batch_size >= 1, "rollout.max_batch_size", self.max_batch_size, "an integer >= 1")
+        _check(self.sampler in ("chain", "tree", "adaptive"), "rollout.sampler", self.sampler, "chain, tree or adaptive")
+        self.tree.validate()
+        self.adaptive.validate()
+        _check(self.scheduler in ("full", "micro", "continuous"), "rollout.scheduler", self.scheduler, "full, micro or continuous")
+        _check(self.micro_group_size is None or self.micro_group_size >= 1, "rollout.micro_group_size",
+               self.micro_group_size, "null or an integer >= 1")
+        _check(self.max_inflight is None or self.max_inflight >= 1, "rollout.max_inflight", self.max_inflight,
+               "null or an integer >= 1")
+        _check(self.order in ("fifo", "shortest_first", "longest_first"), "rollout.order", self.order,
+               "fifo, shortest_first or longest_first")
+        _check(self.env_workers >= 0, "rollout.env_workers", self.env_workers, "an integer >= 0")
 
 
 @dataclass
@@ -236,6 +316,17 @@ class Config:
         """Check every value; raise :class:`ConfigError` naming the first bad one."""
         for section in (self.algo, self.env, self.model, self.rollout, self.trainer, self.logger):
             section.validate()
+        rc = self.rollout
+        tree_estimators = ("tree_grpo", "treerpo")
+        _check(rc.sampler != "tree" or self.algo.estimator in tree_estimators, "rollout.sampler", rc.sampler,
+               f"chain or adaptive with algo.estimator={self.algo.estimator!r} (tree batches need one of {list(tree_estimators)})")
+        _check(rc.sampler != "adaptive" or rc.adaptive.responses_per_stage * rc.adaptive.stages >= 2,
+               "rollout.adaptive.responses_per_stage", rc.adaptive.responses_per_stage, "stages * responses_per_stage >= 2")
+        _check(rc.micro_group_size is None or rc.micro_group_size <= self.algo.group_size, "rollout.micro_group_size",
+               rc.micro_group_size, f"at most algo.group_size={self.algo.group_size}")
+        unit = 1 if rc.scheduler == "continuous" else (rc.micro_group_size or self.algo.group_size)
+        _check(rc.max_inflight is None or rc.scheduler == "full" or rc.max_inflight >= unit, "rollout.max_inflight",
+               rc.max_inflight, f"at least one micro-group ({unit} episodes)")
         passes = self.trainer.epochs_per_batch * self.trainer.minibatches_per_epoch
         _check(self.algo.policy_loss != "reinforce" or passes == 1, "algo.policy_loss", self.algo.policy_loss,
                "ppo_clip when trainer.epochs_per_batch * trainer.minibatches_per_epoch > 1 (REINFORCE is on-policy only)")

@@ -88,3 +88,42 @@ def test_completion_is_cut_after_the_stop_string(tiny_model, tokenizer):
 def test_sampling_params_validate(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_top_p_mask_keeps_the_smallest_set_reaching_p():
+    from grpo_lab.rollout.backends.hf import top_p_mask
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
+    assert top_p_mask(logits, 0.7).tolist() == [[False, False, True, True], [True, True, False, False]]
+    assert top_p_mask(logits, 0.8).tolist() == [[False, False, True, True], [True, True, False, False]]
+    assert top_p_mask(logits, 0.81).tolist() == [[False, False, False, True], [True, False, False, False]]
+    assert not top_p_mask(logits, 1.0).any()
+    assert top_p_mask(logits, 0.01).sum(-1).tolist() == [3, 3]  # the top token always stays
+
+
+def test_seeded_sampler_samples_the_tempered_distribution():
+    """Property: Gumbel-max over logits / T draws tokens with frequencies softmax(logits / T)."""
+    from grpo_lab.rollout.backends.hf import SeededSampler
+
+    logits = torch.tensor([[1.0, 0.0, -1.0, 0.5]])
+    counts = torch.zeros(4)
+    sampler = SeededSampler([123], temperature=0.8, top_p=1.0)
+    for _ in range(20000):
+        counts[int(sampler(None, logits).argmax())] += 1
+    assert (counts / counts.sum() - torch.softmax(logits[0] / 0.8, -1)).abs().max() < 0.012
+
+
+def test_seeded_requests_do_not_depend_on_their_batch(tiny_model, tokenizer):
+    """Property: a seeded request gives the same completion alone or beside others; two
+    seeds give different completions."""
+    backend = HFBackend(tiny_model, tokenizer)
+    prompts = [tokenizer(t)["input_ids"] for t in ("Frozen lake: reach G", "row 2", "Now: . P")]
+    base = SamplingParams(max_tokens=12, temperature=1.0)
+    together = backend.generate(prompts, [base.with_seed(s) for s in (5, 6, 7)])
+    alone = backend.generate(prompts[1:2], base.with_seed(6))
+    assert together[1].token_ids == alone[0].token_ids
+    again = backend.generate(prompts[:1], base.with_seed(5))
+    other = backend.generate(prompts[:1], base.with_seed(99))
+    assert again[0].token_ids == together[0].token_ids and other[0].token_ids != together[0].token_ids
+    with pytest.raises(ValueError, match="one set of sampling parameters"):
+        backend.generate(prompts[:2], [base, SamplingParams(max_tokens=3)])

@@ -232,3 +232,59 @@ def test_shared_prefix_step_gives_the_plain_gradient(tiny_model):
         grads.append(torch.cat([p.grad.flatten() for p in tiny_model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
     assert torch.allclose(grads[0], grads[2], atol=1e-6, rtol=1e-4)
+
+
+def test_scheduled_rollout_collects_the_lock_step_batch(tmp_path):
+    """Property: with per-request seeds, the trainer's ``continuous`` and ``micro``
+    schedulers collect the same batch as ``full`` lock-step turns, and log their costs."""
+    from grpo_lab.config import RolloutConfig
+
+    batches = {}
+    for mode in ("full", "micro", "continuous"):
+        config = small_config()
+        config.rollout = RolloutConfig(scheduler=mode, request_seeds=True, max_inflight=4, micro_group_size=2, env_workers=2)
+        trainer = Trainer(config, output_dir=tmp_path / mode)
+        batches[mode] = trainer.collect(step=0)
+        if mode != "full":
+            assert trainer.rollout_stats["rollout_engine_steps"] >= 1
+    for mode in ("micro", "continuous"):
+        assert torch.equal(batches[mode].traj_id, batches["full"].traj_id)
+        assert all(torch.equal(x, y) for x, y in zip(batches[mode].response_ids, batches["full"].response_ids))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator,node", [("tree_grpo", "step"), ("treerpo", "segment")])
+def test_tree_sampling_trains_with_the_tree_estimators(tmp_path, estimator, node):
+    """rollout.sampler=tree end to end: tree batches reach the estimator and the update,
+    and the step logs the budget it spent."""
+    from grpo_lab.config import RolloutConfig, TreeRolloutConfig
+
+    config = small_config()
+    config.trainer.total_steps = 2
+    config.algo = AlgoConfig(group_size=4, estimator=estimator, kl_coef=0.01)
+    config.rollout = RolloutConfig(sampler="tree", tree=TreeRolloutConfig(trees_per_prompt=2, rounds=1, nodes_per_round=2,
+                                                                         node=node, segment_tokens=6))
+    Trainer(config, output_dir=tmp_path).train()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    for r in records:
+        assert {"responses_per_prompt", "rollout_env_steps", "rollout_replayed_env_steps", "tree_nodes"} <= set(r)
+        assert r["tree_nodes"] == r["num_rows"]
+    assert any(r["num_updates"] for r in records)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["stop_gradient", "off_policy"])
+def test_adaptive_sampling_trains_and_reports_its_cost(tmp_path, mode):
+    from grpo_lab.config import AdaptiveRolloutConfig, RolloutConfig
+
+    config = small_config()
+    config.trainer.total_steps = 3
+    config.rollout = RolloutConfig(sampler="adaptive", adaptive=AdaptiveRolloutConfig(stages=2, responses_per_stage=2,
+                                                                                     reuse_mode=mode))
+    Trainer(config, output_dir=tmp_path).train()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    for r in records:
+        assert 2 <= r["responses_per_prompt"] <= 4
+        assert {"ar3po_reused", "ar3po_unsolved", "ar3po_buffer_size", "ar3po_stages_run"} <= set(r)

@@ -32,7 +32,7 @@ def engine(tokenizer, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    backend = VLLMBackend(str(path), dtype="float32", seed=0, max_model_len=512, enforce_eager=True)
+    backend = VLLMBackend(str(path), dtype="float32", seed=0, max_model_len=512, enforce_eager=True, max_lora_rank=8)
     return backend, model
 
 
@@ -116,6 +116,82 @@ def test_many_long_prompts_are_prefilled_in_chunks(engine, tokenizer):
     prompts = [torch.randint(0, len(tokenizer) - 2, (300,), generator=gen).tolist() for _ in range(24)]
     comps = backend.generate(prompts, SamplingParams(max_tokens=4, temperature=1.0))
     assert len(comps) == 24 and all(len(c.token_ids) >= 1 for c in comps)
+
+
+def test_stream_returns_each_request_once_and_admits_requests_mid_flight(engine, tokenizer):
+    """The engine's continuous batching through ``VLLMStream``: a request submitted after
+    decoding started joins the running batch, every key comes back exactly once, and the
+    log-probs match the trainer's forward."""
+    backend, model = engine
+    stream = backend.stream()
+    prompts = prompts_of(tokenizer)
+    params = SamplingParams(max_tokens=12, temperature=1.0)
+    stream.submit("a", prompts[0], params)
+    stream.submit("b", prompts[1], params)
+    done = dict(stream.step())
+    stream.submit("c", prompts[2], params)  # joins while a and b decode
+    while stream.num_unfinished():
+        for key, comp in stream.step():
+            assert key not in done
+            done[key] = comp
+    assert sorted(done) == ["a", "b", "c"]
+    assert stream.stats.peak_inflight_requests == 3
+    assert stream.stats.generated_tokens == sum(len(c.token_ids) for c in done.values())
+    comps = [done[k] for k in "abc"]
+    logp, _, _ = response_logprobs(model, [torch.tensor(p) for p in prompts], [torch.tensor(c.token_ids) for c in comps])
+    for i, c in enumerate(comps):
+        assert (logp[i, : len(c.token_ids)] - torch.tensor(c.logprobs)).abs().max() < LOGPROB_TOL
+
+
+def test_scheduled_episodes_on_the_engine_equal_the_lock_step_loop(engine, tokenizer):
+    """Property: with per-request seeds, continuous refill on vLLM's own batching returns
+    exactly the episodes of the lock-step loop on ``LLM.generate``."""
+    from grpo_lab.envs import FrozenLakeEnv
+    from grpo_lab.rollout import AgentLoopConfig, PromptEncoder, SchedulerConfig, run_episodes, run_scheduled
+
+    backend, _ = engine
+    encoder = PromptEncoder(tokenizer)
+    config = AgentLoopConfig(group_size=3, max_steps=4, history_window=1,
+                             sampling=SamplingParams(max_tokens=8, stop=("</action>",)), request_seed=3)
+    plain = run_episodes(backend, encoder, FrozenLakeEnv, [1, 2], config)
+    batch, stats = run_scheduled(backend.stream(), encoder, FrozenLakeEnv, [1, 2], config,
+                                 SchedulerConfig(mode="continuous", max_inflight=2, env_workers=2))
+    assert len(batch) == len(plain) and stats.stream.peak_inflight_requests <= 2
+    assert torch.equal(batch.traj_id, plain.traj_id) and torch.equal(batch.reward, plain.reward)
+    for x, y in zip(batch.response_ids, plain.response_ids):
+        assert torch.equal(x, y)
+    for x, y in zip(batch.rollout_logprobs, plain.rollout_logprobs):
+        assert torch.allclose(x, y, atol=1e-6)
+
+
+def test_lora_adapter_push_serves_the_trained_policy(engine, tokenizer):
+    """Only the adapter travels (PEFT format, memory-backed directory); after each push
+    the engine's log-probs match the adapted model, and a second push replaces the
+    first (no stale adapter is served); unloading serves the base model again."""
+    import copy
+
+    peft = pytest.importorskip("peft")  # noqa: F841
+    from grpo_lab.training.lora import adapter_state, apply_lora
+
+    backend, model = engine
+    prompts = prompts_of(tokenizer)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    base = backend.generate(prompts, greedy)
+    adapted = apply_lora(copy.deepcopy(model), r=8, alpha=16, dropout=0.0, target_modules="all-linear").eval()
+    for flip in (1.0, -1.0):
+        with torch.no_grad():
+            for name, p in adapted.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn_like(p) * 0.5 * flip)
+        backend.load_adapter(*adapter_state(adapted))
+        comps = backend.generate(prompts, SamplingParams(max_tokens=8))
+        with torch.no_grad():
+            logp, _, _ = response_logprobs(adapted, [torch.tensor(p) for p in prompts],
+                                           [torch.tensor(c.token_ids) for c in comps])
+        for i, c in enumerate(comps):
+            assert (logp[i, : len(c.token_ids)] - torch.tensor(c.logprobs)).abs().max() < LOGPROB_TOL
+    backend.unload_adapter()
+    assert [c.token_ids for c in backend.generate(prompts, greedy)] == [c.token_ids for c in base]
 
 
 def test_training_run_on_the_vllm_backend(tmp_path):

@@ -14,20 +14,31 @@ from typing import Callable, Hashable, Sequence
 import torch
 
 from ..data import RolloutBatch
-from ..envs.base import Env, Observation
-from .backend import Backend, SamplingParams
+from ..envs.base import Env, Observation, StepResult
+from .backend import Backend, Completion, SamplingParams
 from .prompts import ACTION_STOP, PromptEncoder, Turn, parse_action, render_prompt
 
 
 @dataclass
 class AgentLoopConfig:
     """``group_size`` episodes per seed; at most ``max_steps`` turns per episode; the
-    prompt shows the last ``history_window`` turns."""
+    prompt shows the last ``history_window`` turns.
+
+    ``request_seed``: when set, the request of turn ``t`` of trajectory ``j`` samples with
+    seed :func:`request_seed_of` ``(request_seed, j, t)``, so an episode does not depend
+    on which other requests share its batch (any scheduler gives the same episodes).
+    """
 
     group_size: int = 8
     max_steps: int = 10
     history_window: int = 2
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=16, stop=(ACTION_STOP,)))
+    request_seed: int | None = None
+
+    def params_for(self, traj_id: int, step: int) -> SamplingParams:
+        if self.request_seed is None:
+            return self.sampling
+        return self.sampling.with_seed(request_seed_of(self.request_seed, traj_id, step))
 
     def __post_init__(self) -> None:
         if self.group_size < 1:
@@ -36,6 +47,14 @@ class AgentLoopConfig:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.history_window < 0:
             raise ValueError(f"history_window must be >= 0, got {self.history_window}")
+
+
+def request_seed_of(base: int, traj_id: int, step: int) -> int:
+    """A 63-bit seed for one request, mixed from ``(base, traj_id, step)`` (splitmix64)."""
+    x = (int(base) * 0x9E3779B97F4A7C15 + int(traj_id) * 0xBF58476D1CE4E5B9 + int(step) * 0x94D049BB133111EB) % 2**64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (x ^ (x >> 31)) >> 1
 
 
 @dataclass
@@ -81,42 +100,71 @@ def run_episodes(
     stays, the step counts toward ``max_steps`` and is marked invalid. An action the
     environment calls illegal is marked invalid too.
     """
-    episodes: list[_Episode] = []
-    for i, seed in enumerate(seeds):
-        group = first_group_id + i
-        for member in range(config.group_size):
-            env = env_factory()
-            episodes.append(_Episode(env, group, group * config.group_size + member, env.reset(int(seed))))
+    episodes = [
+        _new_episode(env_factory, first_group_id + i, member, config.group_size, seed)
+        for i, seed in enumerate(seeds)
+        for member in range(config.group_size)
+    ]
     rows: list[_Row] = []
     instruction = episodes[0].env.instruction if episodes else ""
     while True:
         running = [ep for ep in episodes if not ep.done]
         if not running:
             break
-        prompts = [
-            encoder.encode(render_prompt(instruction, ep.history, ep.obs.text, config.history_window)) for ep in running
-        ]
-        completions = backend.generate(prompts, config.sampling)
+        prompts = [episode_prompt(ep, encoder, instruction, config) for ep in running]
+        completions = backend.generate(prompts, [config.params_for(ep.traj_id, ep.steps) for ep in running])
         if len(completions) != len(running):
             raise RuntimeError(f"backend returned {len(completions)} completions for {len(running)} prompts")
         for ep, prompt, comp in zip(running, prompts, completions):
-            text = comp.text or encoder.tokenizer.decode(comp.token_ids, skip_special_tokens=True)
-            action = parse_action(text)
-            anchor = ep.obs.anchor
-            if action is None:
-                reward, env_done, valid, won, next_obs = 0.0, False, False, False, ep.obs
-            else:
-                result = ep.env.step(action)
-                reward, env_done, next_obs = result.reward, result.done, result.observation
-                valid, won = bool(result.info.get("valid_action", True)), bool(result.info.get("won", False))
-            ep.history.append(Turn(ep.obs.text, action if valid else None))
-            ep.obs = next_obs
-            ep.steps += 1
-            ep.done = env_done or ep.steps >= config.max_steps
-            rows.append(
-                _Row(ep.group_id, ep.traj_id, ep.steps - 1, prompt, comp.token_ids, comp.logprobs,
-                     reward, ep.done, valid, won, anchor)
-            )
+            text = completion_text(comp, encoder)
+            rows.append(finish_turn(ep, prompt, comp, act(ep, text), config))
+    return rows_to_batch(rows)
+
+
+def _new_episode(env_factory: Callable[[], Env], group: int, member: int, group_size: int, seed: int) -> _Episode:
+    env = env_factory()
+    return _Episode(env, group, group * group_size + member, env.reset(int(seed)))
+
+
+def episode_prompt(ep: _Episode, encoder: PromptEncoder, instruction: str, config: AgentLoopConfig) -> list[int]:
+    """Token ids of the episode's next prompt."""
+    return encoder.encode(render_prompt(instruction, ep.history, ep.obs.text, config.history_window))
+
+
+def completion_text(comp: Completion, encoder: PromptEncoder) -> str:
+    return comp.text or encoder.tokenizer.decode(comp.token_ids, skip_special_tokens=True)
+
+
+def act(ep: _Episode, text: str) -> tuple[str | None, StepResult | None]:
+    """Parse the action from an answer and step the environment with it (no step when
+    there is no parseable action). The only part of a turn that touches the environment,
+    so a scheduler may run it in a worker thread."""
+    action = parse_action(text)
+    return action, (ep.env.step(action) if action is not None else None)
+
+
+def finish_turn(
+    ep: _Episode, prompt: list[int], comp: Completion, outcome: tuple[str | None, StepResult | None],
+    config: AgentLoopConfig,
+) -> _Row:
+    """Record the turn's row and advance the episode's history, observation and step count."""
+    action, result = outcome
+    anchor = ep.obs.anchor
+    if result is None:
+        reward, env_done, valid, won, next_obs = 0.0, False, False, False, ep.obs
+    else:
+        reward, env_done, next_obs = result.reward, result.done, result.observation
+        valid, won = bool(result.info.get("valid_action", True)), bool(result.info.get("won", False))
+    ep.history.append(Turn(ep.obs.text, action if valid else None))
+    ep.obs = next_obs
+    ep.steps += 1
+    ep.done = env_done or ep.steps >= config.max_steps
+    return _Row(ep.group_id, ep.traj_id, ep.steps - 1, prompt, comp.token_ids, comp.logprobs,
+                reward, ep.done, valid, won, anchor)
+
+
+def rows_to_batch(rows: list[_Row]) -> RolloutBatch:
+    """Rows grouped by trajectory, in step order."""
     rows.sort(key=lambda r: (r.traj_id, r.step))
     return RolloutBatch(
         group_id=[r.group_id for r in rows],

