@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from ..data import RolloutBatch
 from ..envs.base import Env, Observation
-from .agent_loop import AgentLoopConfig, request_seed_of
+from .agent_loop import AgentLoopConfig
 from .backend import Backend
 from .prompts import ACTION_STOP, PromptEncoder, Turn, parse_action, render_prompt
 

@@ -1,0 +1,31 @@
+"""Shared by the reproduction scripts: run a configuration through the trainer and
+summarise its metrics."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from grpo_lab.config import Config, LoggerConfig
+from grpo_lab.training.trainer import Trainer
+
+
+def run(config: Config, name: str) -> dict[str, Any]:
+    """Train ``config`` in a fresh directory; the summary plus the per-step records."""
+    config.logger = LoggerConfig(wandb="false", progress_bar=False, plot=False)
+    out = Path(tempfile.mkdtemp(prefix=f"grpo_lab_{name}_"))
+    summary = Trainer(config, output_dir=out).train()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"summary": summary, "records": records}
+
+
+def mean_of(records: list[dict], key: str) -> float:
+    values = [r[key] for r in records if key in r]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def total_of(records: list[dict], key: str) -> float:
+    return float(sum(r.get(key, 0) for r in records))
