@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Optional
 
 from .envs import env_names
 from .modeling import _DTYPES
+from .rollout.adaptive import AdaptiveConfig
+from .rollout.tree import TreeSamplerConfig
 from .training.losses import KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, RATIO_LEVELS
 
 
@@ -138,44 +140,6 @@ class ModelConfig:
 
 
 @dataclass
-class TreeRolloutConfig:
-    """``rollout.sampler=tree`` (Tree-GRPO / TreeRPO, ``grpo_lab.rollout.tree``): M trees
-    per prompt, L expansion rounds of N nodes per tree; nodes are agent steps or segments
-    of ``segment_tokens`` tokens."""
-
-    trees_per_prompt: int = 2
-    rounds: int = 1
-    nodes_per_round: int = 2
-    node: str = "step"  # step | segment
-    segment_tokens: int = 8
-
-    def validate(self) -> None:
-        for key in ("trees_per_prompt", "nodes_per_round", "segment_tokens"):
-            _check(getattr(self, key) >= 1, f"rollout.tree.{key}", getattr(self, key), "an integer >= 1")
-        _check(self.rounds >= 0, "rollout.tree.rounds", self.rounds, "an integer >= 0")
-        _check(self.node in ("step", "segment"), "rollout.tree.node", self.node, "step or segment")
-
-
-@dataclass
-class AdaptiveRolloutConfig:
-    """``rollout.sampler=adaptive`` (AR3PO, ``grpo_lab.rollout.adaptive``): up to
-    ``stages`` stages of ``responses_per_stage`` episodes for the tasks not yet solved,
-    and reuse of a buffered correct episode for a task still unsolved."""
-
-    stages: int = 2
-    responses_per_stage: int = 4
-    reuse: bool = True
-    reuse_mode: str = "stop_gradient"  # stop_gradient | off_policy
-    buffer_size: int = 4
-
-    def validate(self) -> None:
-        for key in ("stages", "responses_per_stage", "buffer_size"):
-            _check(getattr(self, key) >= 1, f"rollout.adaptive.{key}", getattr(self, key), "an integer >= 1")
-        _check(self.reuse_mode in ("stop_gradient", "off_policy"), "rollout.adaptive.reuse_mode", self.reuse_mode,
-               "stop_gradient or off_policy")
-
-
-@dataclass
 class RolloutConfig:
     """Generation: the backend and its sampling parameters, the prompt's history window,
     and the scheduler (``grpo_lab.rollout.scheduler``).
@@ -192,8 +156,8 @@ class RolloutConfig:
 
     backend: str = "hf"
     sampler: str = "chain"  # chain | tree | adaptive
-    tree: TreeRolloutConfig = field(default_factory=TreeRolloutConfig)
-    adaptive: AdaptiveRolloutConfig = field(default_factory=AdaptiveRolloutConfig)
+    tree: TreeSamplerConfig = field(default_factory=TreeSamplerConfig)  # sampler=tree (Tree-GRPO / TreeRPO)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)  # sampler=adaptive (AR3PO)
     scheduler: str = "full"  # full | micro | continuous
     micro_group_size: Optional[int] = None  # None: the whole group
     max_inflight: Optional[int] = None  # episode slots; None: every episode of the step
@@ -223,8 +187,11 @@ class RolloutConfig:
         _check(str(self.use_chat_template).lower() in ("auto", "true", "false"), "rollout.use_chat_template", self.use_chat_template, "auto, true or false")
         _check(self.max_batch_size >= 1, "rollout.max_batch_size", self.max_batch_size, "an integer >= 1")
         _check(self.sampler in ("chain", "tree", "adaptive"), "rollout.sampler", self.sampler, "chain, tree or adaptive")
-        self.tree.validate()
-        self.adaptive.validate()
+        for key, section in (("rollout.tree", self.tree), ("rollout.adaptive", self.adaptive)):
+            try:  # the sampler's own checks (they also run when the section is built)
+                section.__post_init__()
+            except ValueError as err:
+                raise ConfigError(f"{key}: {err}") from None
         _check(self.scheduler in ("full", "micro", "continuous"), "rollout.scheduler", self.scheduler, "full, micro or continuous")
         _check(self.micro_group_size is None or self.micro_group_size >= 1, "rollout.micro_group_size",
                self.micro_group_size, "null or an integer >= 1")
@@ -320,7 +287,7 @@ class Config:
         tree_estimators = ("tree_grpo", "treerpo")
         _check(rc.sampler != "tree" or self.algo.estimator in tree_estimators, "rollout.sampler", rc.sampler,
                f"chain or adaptive with algo.estimator={self.algo.estimator!r} (tree batches need one of {list(tree_estimators)})")
-        _check(rc.sampler != "adaptive" or rc.adaptive.responses_per_stage * rc.adaptive.stages >= 2,
+        _check(rc.sampler != "adaptive" or rc.adaptive.max_responses >= 2,
                "rollout.adaptive.responses_per_stage", rc.adaptive.responses_per_stage, "stages * responses_per_stage >= 2")
         _check(rc.micro_group_size is None or rc.micro_group_size <= self.algo.group_size, "rollout.micro_group_size",
                rc.micro_group_size, f"at most algo.group_size={self.algo.group_size}")

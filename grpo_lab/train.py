@@ -23,7 +23,10 @@ ConfigStore.instance().store(name="grpo_lab_schema", node=Config)
 
 def build_config(cfg: DictConfig) -> Config:
     """The typed, validated config behind a Hydra ``DictConfig``."""
-    config = OmegaConf.to_object(cfg)
+    try:
+        config = OmegaConf.to_object(cfg)
+    except ValueError as err:  # a section's own checks (__post_init__) refused a value
+        raise ConfigError(str(err)) from None
     assert isinstance(config, Config)
     return config.validate()
 

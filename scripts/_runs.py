@@ -7,7 +7,7 @@ import json
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from grpo_lab.config import Config, LoggerConfig
 from grpo_lab.training.trainer import Trainer
@@ -29,3 +29,19 @@ def mean_of(records: list[dict], key: str) -> float:
 
 def total_of(records: list[dict], key: str) -> float:
     return float(sum(r.get(key, 0) for r in records))
+
+
+def run_all(configs: Callable[[int, int], dict[str, Config]], steps: int, seeds: list[int]) -> dict[str, list[dict]]:
+    """``{name: [run per seed]}`` for the named configurations ``configs(steps, seed)``."""
+    rows: dict[str, list[dict]] = {}
+    for seed in seeds:
+        for name, config in configs(steps, seed).items():
+            rows.setdefault(name, []).append(run(config, name.split()[0].lower()))
+    return rows
+
+
+def eval_span(runs: list[dict]) -> str:
+    """Mean evaluation success after the warm-up and at the end, as ``start -> end``."""
+    start = statistics.fmean(r["summary"]["eval_after_warmup"]["success_rate"] for r in runs)
+    end = statistics.fmean(r["summary"]["eval_final"]["success_rate"] for r in runs)
+    return f"{start:.3f} -> {end:.3f}"

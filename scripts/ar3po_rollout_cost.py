@@ -19,9 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _runs import mean_of, run, total_of  # noqa: E402
+from _runs import eval_span, mean_of, run_all, total_of  # noqa: E402
 
-from grpo_lab.config import AdaptiveRolloutConfig, Config  # noqa: E402
+from grpo_lab.config import Config
+from grpo_lab.rollout.adaptive import AdaptiveConfig  # noqa: E402
 
 
 def configs(steps: int, seed: int) -> dict[str, Config]:
@@ -30,7 +31,7 @@ def configs(steps: int, seed: int) -> dict[str, Config]:
     ar3po = Config()
     ar3po.trainer.total_steps, ar3po.trainer.seed = steps, seed
     ar3po.rollout.sampler = "adaptive"
-    ar3po.rollout.adaptive = AdaptiveRolloutConfig(stages=2, responses_per_stage=4, reuse=True)
+    ar3po.rollout.adaptive = AdaptiveConfig(stages=2, responses_per_stage=4, reuse=True)
     return {"GRPO (G=8)": grpo, "AR3PO (2 stages x 4, reuse)": ar3po}
 
 
@@ -39,10 +40,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
-    rows: dict[str, list[dict]] = {}
-    for seed in args.seeds:
-        for name, config in configs(args.steps, seed).items():
-            rows.setdefault(name, []).append(run(config, name.split()[0].lower()))
+    rows = run_all(configs, args.steps, args.seeds)
     print(f"\n{args.steps} steps x 8 tasks, FrozenLake, seeds {args.seeds}")
     print("| run | episodes per task | generated tokens | rollout s | frac groups without signal | reused | eval success (start -> end) |")
     print("|---|---:|---:|---:|---:|---:|---|")
@@ -53,9 +51,7 @@ def main() -> None:
         seconds = statistics.fmean(total_of(r, "rollout_time") for r in recs)
         zero = statistics.fmean(mean_of(r, "frac_zero_std_groups") for r in recs)
         reused = statistics.fmean(total_of(r, "ar3po_reused") for r in recs)
-        start = statistics.fmean(r["summary"]["eval_after_warmup"]["success_rate"] for r in runs)
-        end = statistics.fmean(r["summary"]["eval_final"]["success_rate"] for r in runs)
-        print(f"| {name} | {per_task:.2f} | {tokens:,.0f} | {seconds:.0f} | {zero:.2f} | {reused:.0f} | {start:.3f} -> {end:.3f} |")
+        print(f"| {name} | {per_task:.2f} | {tokens:,.0f} | {seconds:.0f} | {zero:.2f} | {reused:.0f} | {eval_span(runs)} |")
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _runs import mean_of, run  # noqa: E402
+from _runs import eval_span, mean_of, run_all  # noqa: E402
 
-from grpo_lab.config import AlgoConfig, Config, TreeRolloutConfig  # noqa: E402
+from grpo_lab.config import AlgoConfig, Config
+from grpo_lab.rollout.tree import TreeSamplerConfig  # noqa: E402
 
 
 def configs(steps: int, seed: int) -> dict[str, Config]:
@@ -31,7 +32,7 @@ def configs(steps: int, seed: int) -> dict[str, Config]:
     tree.trainer.total_steps, tree.trainer.seed = steps, seed
     tree.algo = AlgoConfig(estimator="tree_grpo")
     tree.rollout.sampler = "tree"
-    tree.rollout.tree = TreeRolloutConfig(trees_per_prompt=2, rounds=1, nodes_per_round=3, node="step")
+    tree.rollout.tree = TreeSamplerConfig(trees_per_prompt=2, rounds=1, nodes_per_round=3, node="step")
     return {"chains (GRPO, 8 per task)": chain, "trees (Tree-GRPO, M=2 L=1 N=3)": tree}
 
 
@@ -40,10 +41,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
-    rows: dict[str, list[dict]] = {}
-    for seed in args.seeds:
-        for name, config in configs(args.steps, seed).items():
-            rows.setdefault(name, []).append(run(config, name.split()[0]))
+    rows = run_all(configs, args.steps, args.seeds)
     print(f"\n{args.steps} steps x 8 tasks, FrozenLake, seeds {args.seeds}")
     print("| run | trajectories per task | generated tokens per step | env steps per step (chains: turns, an upper bound) | eval success (start -> end) |")
     print("|---|---:|---:|---:|---|")
@@ -54,9 +52,7 @@ def main() -> None:
         # chains: every row with a parsed action stepped the env; rows = turns (upper bound)
         env_steps = statistics.fmean(mean_of(r, "rollout_env_steps") if "rollout_env_steps" in r[0] else mean_of(r, "num_rows")
                                      for r in recs)
-        start = statistics.fmean(r["summary"]["eval_after_warmup"]["success_rate"] for r in runs)
-        end = statistics.fmean(r["summary"]["eval_final"]["success_rate"] for r in runs)
-        print(f"| {name} | {per_task:.2f} | {tokens:,.0f} | {env_steps:.1f} | {start:.3f} -> {end:.3f} |")
+        print(f"| {name} | {per_task:.2f} | {tokens:,.0f} | {env_steps:.1f} | {eval_span(runs)} |")
 
 
 if __name__ == "__main__":

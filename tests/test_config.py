@@ -74,10 +74,32 @@ def test_wrong_type_is_named():
     ("model.dtype=float8", "model.dtype"),
     ("trainer.device=tpu", "trainer.device"),
     ("trainer.attention=flash", "trainer.attention"),
+    ("rollout.sampler=beam", "rollout.sampler"),
+    ("rollout.sampler=tree", "rollout.sampler"),  # with algo=grpo: tree batches need a tree estimator
+    ("rollout.scheduler=fast", "rollout.scheduler"),
+    ("rollout.order=random", "rollout.order"),
+    ("rollout.max_inflight=0", "rollout.max_inflight"),
+    ("rollout.micro_group_size=99", "rollout.micro_group_size"),
+    ("rollout.tree.node=token", "'token'"),
+    ("rollout.tree.nodes_per_round=0", "nodes_per_round"),
+    ("rollout.adaptive.reuse_mode=fresh", "'fresh'"),
+    ("rollout.env_workers=-1", "rollout.env_workers"),
+    ("model.lora_r=-1", "model.lora_r"),
+    ("model.lora_dropout=1.5", "model.lora_dropout"),
 ])
 def test_bad_value_is_named(override, name):
     with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
         load(override)
+
+
+def test_sampler_options_load():
+    tree = load("algo=tree_grpo", "rollout=tree", "rollout.tree.node=segment")
+    assert tree.rollout.sampler == "tree" and tree.rollout.tree.node == "segment" and tree.rollout.tree.trees_per_prompt == 2
+    ar3po = load("rollout=ar3po", "rollout.adaptive.stages=3")
+    assert ar3po.rollout.sampler == "adaptive" and ar3po.rollout.adaptive.stages == 3
+    assert ar3po.rollout.adaptive.reuse_mode == "stop_gradient"
+    sched = load("rollout.scheduler=continuous", "rollout.max_inflight=16", "rollout.order=shortest_first")
+    assert (sched.rollout.scheduler, sched.rollout.max_inflight, sched.rollout.order) == ("continuous", 16, "shortest_first")
 
 
 def test_bad_env_kwargs_are_named():

@@ -257,12 +257,13 @@ def test_scheduled_rollout_collects_the_lock_step_batch(tmp_path):
 def test_tree_sampling_trains_with_the_tree_estimators(tmp_path, estimator, node):
     """rollout.sampler=tree end to end: tree batches reach the estimator and the update,
     and the step logs the budget it spent."""
-    from grpo_lab.config import RolloutConfig, TreeRolloutConfig
+    from grpo_lab.config import RolloutConfig
+    from grpo_lab.rollout.tree import TreeSamplerConfig
 
     config = small_config()
     config.trainer.total_steps = 2
     config.algo = AlgoConfig(group_size=4, estimator=estimator, kl_coef=0.01)
-    config.rollout = RolloutConfig(sampler="tree", tree=TreeRolloutConfig(trees_per_prompt=2, rounds=1, nodes_per_round=2,
+    config.rollout = RolloutConfig(sampler="tree", tree=TreeSamplerConfig(trees_per_prompt=2, rounds=1, nodes_per_round=2,
                                                                          node=node, segment_tokens=6))
     Trainer(config, output_dir=tmp_path).train()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -276,11 +277,12 @@ def test_tree_sampling_trains_with_the_tree_estimators(tmp_path, estimator, node
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["stop_gradient", "off_policy"])
 def test_adaptive_sampling_trains_and_reports_its_cost(tmp_path, mode):
-    from grpo_lab.config import AdaptiveRolloutConfig, RolloutConfig
+    from grpo_lab.config import RolloutConfig
+    from grpo_lab.rollout.adaptive import AdaptiveConfig
 
     config = small_config()
     config.trainer.total_steps = 3
-    config.rollout = RolloutConfig(sampler="adaptive", adaptive=AdaptiveRolloutConfig(stages=2, responses_per_stage=2,
+    config.rollout = RolloutConfig(sampler="adaptive", adaptive=AdaptiveConfig(stages=2, responses_per_stage=2,
                                                                                      reuse_mode=mode))
     Trainer(config, output_dir=tmp_path).train()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -40,9 +40,9 @@ from ..envs import make_env
 from ..envs.base import Env
 from ..modeling import build_tiny_model, frozen, load_pretrained, torch_dtype, train_tokenizer
 from ..rollout import AgentLoopConfig, HFBackend, LengthPredictor, PromptEncoder, SamplingParams, SchedulerConfig, run_episodes, run_scheduled
-from ..rollout.adaptive import AdaptiveConfig, ReuseBuffer, adaptive_rollout
+from ..rollout.adaptive import ReuseBuffer, adaptive_rollout
 from ..rollout.prompts import ACTION_STOP
-from ..rollout.tree import TreeSamplerConfig, sample_trees
+from ..rollout.tree import sample_trees
 from .forward import response_logprobs
 from .shared_prefix import check_attention_backend, enable_shared_prefix
 from .step import RunningMeans, informative_rows, policy_gradient_backward
@@ -153,8 +153,6 @@ class Trainer:
         self.length_predictor = LengthPredictor()
         self.rollout_stats: dict[str, float] = {}
         rc = cfg.rollout
-        self.tree_config = TreeSamplerConfig(**asdict(rc.tree))
-        self.adaptive_config = AdaptiveConfig(**asdict(rc.adaptive))
         self.reuse_buffer = ReuseBuffer(rc.adaptive.buffer_size, random.Random(cfg.trainer.seed + 17))
         self.tree_rng = random.Random(cfg.trainer.seed + 29)
         eval_rng = random.Random(cfg.trainer.seed + 1_000_003)
@@ -244,14 +242,14 @@ class Trainer:
         first = step * T
         self.rollout_stats = {}
         if rc.sampler == "tree":
-            batch, st = sample_trees(self.backend, self.encoder, self.env_factory, seeds, self.loop_config, self.tree_config,
+            batch, st = sample_trees(self.backend, self.encoder, self.env_factory, seeds, self.loop_config, self.config.rollout.tree,
                                      self.tree_rng, first_group_id=first)
             self.rollout_stats = {"responses_per_prompt": st.leaves / T, "rollout_env_steps": st.env_steps,
                                   "rollout_replayed_env_steps": st.replayed_env_steps, "tree_nodes": st.nodes,
                                   "tree_expansions_short": st.expansions_short}
             return batch
         if rc.sampler == "adaptive":
-            ac = self.adaptive_config
+            ac = rc.adaptive
             keys = [self.env_factory().reset(seed).anchor for seed in seeds]
 
             def play(stage_seeds, n, stage):
