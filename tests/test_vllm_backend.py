@@ -109,6 +109,15 @@ def test_missing_vllm_names_the_install_command(monkeypatch):
         module.import_vllm()
 
 
+def test_seeded_chunked_prefill_failure_names_the_fix():
+    from grpo_lab.rollout.backends.vllm import _explain
+
+    err = _explain(RuntimeError("CPU Generator does not use offset"))
+    assert "max_num_batched_tokens" in str(err) and "rollout.request_seeds=false" in str(err)
+    other = RuntimeError("something else")
+    assert _explain(other) is other
+
+
 def test_many_long_prompts_are_prefilled_in_chunks(engine, tokenizer):
     """More prompt tokens than one engine step takes (chunked prefill) still sample."""
     backend, _ = engine

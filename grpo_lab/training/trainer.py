@@ -193,10 +193,15 @@ class Trainer:
         except ImportError as err:
             raise ConfigError(str(err)) from None
         source = self.config.model.name_or_path or self._vllm_source
+        extra = {}
+        if rc.request_seeds and not torch.cuda.is_available():
+            # vLLM's CPU runner cannot resume a seeded request's generator after a partial
+            # prefill: give one step room for every prompt of a rollout step
+            extra["max_num_batched_tokens"] = max(65536, rc.vllm_max_model_len)
         return VLLMBackend(
             source, dtype=self.config.model.dtype, seed=self.config.trainer.seed, max_model_len=rc.vllm_max_model_len,
             gpu_memory_utilization=rc.vllm_gpu_memory_utilization, enable_sleep_mode=rc.vllm_sleep_mode,
-            enforce_eager=rc.vllm_enforce_eager, max_lora_rank=self._vllm_lora_rank(),
+            enforce_eager=rc.vllm_enforce_eager, max_lora_rank=self._vllm_lora_rank(), **extra,
         )
 
     def _vllm_lora_rank(self) -> int | None:

@@ -46,6 +46,20 @@ def completion_of(output) -> Completion:
     return Completion(ids, logprobs, reason, text=choice.text)
 
 
+SEEDED_CHUNK_HINT = (
+    "per-request seeds on vLLM's CPU runner fail when a prompt is prefilled in chunks: raise the engine's "
+    "max_num_batched_tokens above the prompt tokens of one step (VLLMBackend(..., max_num_batched_tokens=N)), "
+    "or sample without per-request seeds (rollout.request_seeds=false)"
+)
+
+
+def _explain(err: RuntimeError) -> RuntimeError:
+    """A clearer error for vLLM failures this project has met, else ``err`` itself."""
+    if "Generator does not use offset" in str(err):
+        return RuntimeError(f"{SEEDED_CHUNK_HINT} (vLLM said: {err})")
+    return err
+
+
 class VLLMBackend:
     """vLLM generation for a model directory or hub name.
 
@@ -99,7 +113,10 @@ class VLLMBackend:
             raise ValueError("every prompt needs at least one token")
         sampling = [self._sampling(sp) for sp in per_request(params, len(prompts))]
         inputs = [self._vllm.TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts]
-        outputs = self.llm.generate(inputs, sampling, use_tqdm=False, lora_request=self._lora)
+        try:
+            outputs = self.llm.generate(inputs, sampling, use_tqdm=False, lora_request=self._lora)
+        except RuntimeError as err:
+            raise _explain(err) from err
         return [completion_of(out) for out in outputs]
 
     def stream(self) -> "VLLMStream":
@@ -192,7 +209,10 @@ class VLLMStream:
     def step(self) -> list[tuple[Hashable, Completion]]:
         if not self._keys:
             return []
-        outputs = self.engine.step()
+        try:
+            outputs = self.engine.step()
+        except RuntimeError as err:
+            raise _explain(err) from err
         st = self.stats
         st.engine_steps += 1
         st.peak_inflight_requests = max(st.peak_inflight_requests, len(self._keys))
