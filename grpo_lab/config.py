@@ -237,6 +237,9 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     save_final: bool = True
     output_dir: Optional[str] = None  # default: Hydra's run directory, or ./outputs
+    checkpoint_every: int = 0  # steps between checkpoints (0: none; the final model is saved anyway)
+    keep_checkpoints: int = 2  # the newest ones kept
+    resume: bool = False  # continue the run in output_dir from its newest checkpoint
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
 
     def validate(self) -> None:
@@ -249,6 +252,8 @@ class TrainerConfig:
                "sdpa_shared_prefix or triton_shared_prefix")
         _check(self.shared_prefix or self.attention == "sdpa_shared_prefix", "trainer.attention", self.attention,
                "sdpa_shared_prefix when trainer.shared_prefix=false (the kernel is the shared-prefix forward)")
+        _check(self.checkpoint_every >= 0, "trainer.checkpoint_every", self.checkpoint_every, "an integer >= 0 (0: none)")
+        _check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
         _check(self.eval_episodes >= 0, "trainer.eval_episodes", self.eval_episodes, "an integer >= 0")
         _check(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),

@@ -39,7 +39,7 @@ def main(cfg: DictConfig) -> None:
 
     try:
         config = build_config(cfg)
-        trainer = Trainer(config, output_dir=HydraConfig.get().runtime.output_dir)
+        trainer = Trainer(config, output_dir=config.trainer.output_dir or HydraConfig.get().runtime.output_dir)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)

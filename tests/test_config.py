@@ -86,6 +86,8 @@ def test_wrong_type_is_named():
     ("rollout.env_workers=-1", "rollout.env_workers"),
     ("model.lora_r=-1", "model.lora_r"),
     ("model.lora_dropout=1.5", "model.lora_dropout"),
+    ("trainer.checkpoint_every=-1", "trainer.checkpoint_every"),
+    ("trainer.keep_checkpoints=0", "trainer.keep_checkpoints"),
 ])
 def test_bad_value_is_named(override, name):
     with pytest.raises(ConfigError, match=name.replace(".", r"\.")):

@@ -29,7 +29,7 @@ group sizes that differ between prompts.
 from __future__ import annotations
 
 import random
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Hashable, Sequence
 
@@ -69,14 +69,14 @@ class ReuseBuffer:
         if capacity < 1:
             raise ValueError(f"buffer capacity must be >= 1, got {capacity}")
         self.capacity, self.rng = capacity, rng
-        self._episodes: dict[Hashable, deque[RolloutBatch]] = defaultdict(lambda: deque(maxlen=self.capacity))
+        self._episodes: dict[Hashable, deque[RolloutBatch]] = {}  # a plain dict, so that checkpoints can pickle it
 
     def add(self, key: Hashable, episode: RolloutBatch) -> None:
         if len(set(episode.traj_id.tolist())) != 1:
             raise ValueError("the buffer takes one episode at a time")
         if not bool(episode.won.any()):
             raise ValueError("the buffer keeps correct (won) episodes only")
-        self._episodes[key].append(episode)
+        self._episodes.setdefault(key, deque(maxlen=self.capacity)).append(episode)
 
     def sample(self, key: Hashable) -> RolloutBatch | None:
         """A random stored episode of ``key``, or ``None``."""

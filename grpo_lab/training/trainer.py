@@ -43,6 +43,7 @@ from ..rollout import AgentLoopConfig, HFBackend, LengthPredictor, PromptEncoder
 from ..rollout.adaptive import ReuseBuffer, adaptive_rollout
 from ..rollout.prompts import ACTION_STOP
 from ..rollout.tree import sample_trees
+from .checkpoint import checkpoint_dir, latest_checkpoint, load_model_weights, load_trainer_state, save_checkpoint
 from .forward import response_logprobs
 from .shared_prefix import check_attention_backend, enable_shared_prefix
 from .step import RunningMeans, informative_rows, policy_gradient_backward
@@ -74,6 +75,19 @@ def env_factory_from(config: Config) -> Callable[[], Env]:
     except (TypeError, ValueError) as err:
         raise ConfigError(f"env.kwargs={dict(config.env.kwargs)!r} is invalid for env {config.env.name!r}: {err}") from err
     return factory
+
+
+def save_reference(output_dir: Path, ref_model: torch.nn.Module) -> None:
+    """The KL reference (the policy when RL starts), once, for resumed runs; written
+    under a temporary name and renamed when complete."""
+    import shutil
+
+    final = checkpoint_dir(output_dir) / "reference"
+    tmp = final.with_name(".tmp_reference")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ref_model.save_pretrained(tmp / "model")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -155,6 +169,7 @@ class Trainer:
         rc = cfg.rollout
         self.reuse_buffer = ReuseBuffer(rc.adaptive.buffer_size, random.Random(cfg.trainer.seed + 17))
         self.tree_rng = random.Random(cfg.trainer.seed + 29)
+        self._resumed_eval: dict[str, float] = {}
         eval_rng = random.Random(cfg.trainer.seed + 1_000_003)
         self.eval_seeds = [eval_rng.randrange(2**31) for _ in range(cfg.trainer.eval_episodes)]
         self.logger: MetricsLogger | None = None
@@ -365,27 +380,54 @@ class Trainer:
         """Warm-up, then ``total_steps`` RL steps. Returns the summary (also written to
         ``summary.json``)."""
         cfg = self.config
-        if (self.output_dir / "metrics.jsonl").exists():
-            raise FileExistsError(
-                f"{self.output_dir / 'metrics.jsonl'} already exists: this directory holds another run; "
-                "choose a new output directory so that its metrics and model are not overwritten"
+        metrics_path = self.output_dir / "metrics.jsonl"
+        resume_point = latest_checkpoint(self.output_dir) if cfg.trainer.resume else None
+        if cfg.trainer.resume and resume_point is None:
+            raise FileNotFoundError(
+                f"trainer.resume=true but {checkpoint_dir(self.output_dir)} holds no complete checkpoint: set "
+                "trainer.output_dir to the directory of the run to continue (it needs trainer.checkpoint_every > 0)"
             )
+        if resume_point is None and metrics_path.exists():
+            raise FileExistsError(
+                f"{metrics_path} already exists: this directory holds another run; choose a new output directory so "
+                "that its metrics and model are not overwritten, or set trainer.resume=true to continue it"
+            )
+        history: list[dict[str, Any]] = []
+        if resume_point is not None:  # the metrics of steps after the checkpoint are dropped: they are redone
+            done = resume_point[0]
+            if metrics_path.exists():
+                history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+                history = [r for r in history if r.get("step", -1) <= done]
+            tmp = metrics_path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in history))
+            tmp.replace(metrics_path)
         self.logger = MetricsLogger(self.output_dir, cfg.logger.wandb, cfg.logger.wandb_project, asdict(cfg))
+        self.logger.history.extend(history)
         summary: dict[str, Any] = {"output_dir": str(self.output_dir)}
         try:
             t0 = time.perf_counter()
-            warm = self.warmup()
-            if warm:
-                summary["warmup_loss_first"], summary["warmup_loss_last"] = warm[0], warm[-1]
-                log.info("warm-up: %d steps, loss %.3f -> %.3f", len(warm), warm[0], warm[-1])
-            if cfg.algo.kl_coef > 0:
-                self.ref_model = frozen_copy(self.model)
-            before = self.evaluate()
+            start = 0
+            if resume_point is not None:
+                start, before = self._restore(resume_point[1]) + 1, self._resumed_eval
+                log.info("resumed from %s: continuing at step %d", resume_point[1], start)
+            else:
+                warm = self.warmup()
+                if warm:
+                    summary["warmup_loss_first"], summary["warmup_loss_last"] = warm[0], warm[-1]
+                    log.info("warm-up: %d steps, loss %.3f -> %.3f", len(warm), warm[0], warm[-1])
+                if cfg.algo.kl_coef > 0:
+                    self.ref_model = frozen_copy(self.model)
+                    if cfg.trainer.checkpoint_every:
+                        save_reference(self.output_dir, self.ref_model)
+                before = self.evaluate()
+            self._resumed_eval = before
             summary["eval_after_warmup"] = before
             if before:
                 log.info("after warm-up: success rate %.3f (%d eval episodes)", before["success_rate"], len(self.eval_seeds))
             bar = self._progress(cfg.trainer.total_steps)
-            for step in range(cfg.trainer.total_steps):
+            if bar is not None and start:
+                bar.update(start)
+            for step in range(start, cfg.trainer.total_steps):
                 t_step = time.perf_counter()
                 batch = self.collect(step)
                 t_roll = time.perf_counter()
@@ -405,6 +447,8 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(reward=f"{record['reward_mean']:.2f}", success=f"{record['success_rate']:.2f}")
                     bar.update(1)
+                if cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0:
+                    save_checkpoint(self.output_dir, step, self.model, self._trainer_state(), cfg.trainer.keep_checkpoints)
             if bar is not None:
                 bar.close()
             after = self.evaluate()
@@ -423,6 +467,39 @@ class Trainer:
             self.logger.close()
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainer_state(self) -> dict[str, Any]:
+        """Everything besides the weights that the next step depends on."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self.rng.getstate(),
+            "tree_rng": self.tree_rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "length_predictor": self.length_predictor,
+            "reuse_buffer": self.reuse_buffer,
+            "eval_after_warmup": self._resumed_eval,
+        }
+
+    def _restore(self, path: Path) -> int:
+        """Load the checkpoint at ``path`` into this trainer; returns its step."""
+        state = load_trainer_state(path)
+        load_model_weights(self.model, path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.setstate(state["rng"])
+        self.tree_rng.setstate(state["tree_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.length_predictor = state["length_predictor"]
+        self.reuse_buffer = state["reuse_buffer"]
+        self._resumed_eval = state["eval_after_warmup"]
+        if self.config.algo.kl_coef > 0:
+            self.ref_model = frozen_copy(self.model)
+            load_model_weights(self.ref_model, checkpoint_dir(self.output_dir) / "reference")
+        self.push_weights()
+        return int(state["step"])
 
     def _progress(self, total: int):
         if not self.config.logger.progress_bar:
