@@ -408,7 +408,8 @@ class Trainer:
             t0 = time.perf_counter()
             start = 0
             if resume_point is not None:
-                start, before = self._restore(resume_point[1]) + 1, self._resumed_eval
+                start = self._restore(resume_point[1]) + 1
+                before = self._resumed_eval
                 log.info("resumed from %s: continuing at step %d", resume_point[1], start)
             else:
                 warm = self.warmup()
