@@ -3,6 +3,7 @@ summarise its metrics."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import tempfile
@@ -45,3 +46,11 @@ def eval_span(runs: list[dict]) -> str:
     start = statistics.fmean(r["summary"]["eval_after_warmup"]["success_rate"] for r in runs)
     end = statistics.fmean(r["summary"]["eval_final"]["success_rate"] for r in runs)
     return f"{start:.3f} -> {end:.3f}"
+
+
+def parse_args(doc: str | None) -> argparse.Namespace:
+    """``--steps`` and ``--seeds``, the options every reproduction script takes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    return parser.parse_args()

@@ -12,14 +12,13 @@ rollout seconds, groups without signal, and the evaluation success at the end (m
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _runs import eval_span, mean_of, run_all, total_of  # noqa: E402
+from _runs import eval_span, mean_of, parse_args, run_all, total_of  # noqa: E402
 
 from grpo_lab.config import Config
 from grpo_lab.rollout.adaptive import AdaptiveConfig  # noqa: E402
@@ -36,10 +35,7 @@ def configs(steps: int, seed: int) -> dict[str, Config]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     rows = run_all(configs, args.steps, args.seeds)
     print(f"\n{args.steps} steps x 8 tasks, FrozenLake, seeds {args.seeds}")
     print("| run | episodes per task | generated tokens | rollout s | frac groups without signal | reused | eval success (start -> end) |")

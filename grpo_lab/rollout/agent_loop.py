@@ -81,6 +81,9 @@ class _Row:
     valid: bool
     won: bool
     anchor: Hashable
+    tree_id: int = -1
+    node_id: int = -1
+    parent_id: int = -1
 
 
 def run_episodes(
@@ -117,7 +120,7 @@ def run_episodes(
             raise RuntimeError(f"backend returned {len(completions)} completions for {len(running)} prompts")
         for ep, prompt, comp in zip(running, prompts, completions):
             text = completion_text(comp, encoder)
-            rows.append(finish_turn(ep, prompt, comp, act(ep, text), config))
+            rows.append(finish_turn(ep, prompt, comp, act(ep.env, text), config))
     return rows_to_batch(rows)
 
 
@@ -135,12 +138,22 @@ def completion_text(comp: Completion, encoder: PromptEncoder) -> str:
     return comp.text or encoder.tokenizer.decode(comp.token_ids, skip_special_tokens=True)
 
 
-def act(ep: _Episode, text: str) -> tuple[str | None, StepResult | None]:
+def act(env: Env, text: str) -> tuple[str | None, StepResult | None]:
     """Parse the action from an answer and step the environment with it (no step when
     there is no parseable action). The only part of a turn that touches the environment,
     so a scheduler may run it in a worker thread."""
     action = parse_action(text)
-    return action, (ep.env.step(action) if action is not None else None)
+    return action, (env.step(action) if action is not None else None)
+
+
+def turn_outcome(result: StepResult | None, obs: Observation) -> tuple[float, bool, bool, bool, Observation]:
+    """``(reward, env_done, valid, won, next_obs)`` of a turn from its step result; an
+    answer without a parseable action (``result is None``) is invalid and leaves the
+    state at ``obs``."""
+    if result is None:
+        return 0.0, False, False, False, obs
+    info = result.info
+    return result.reward, result.done, bool(info.get("valid_action", True)), bool(info.get("won", False)), result.observation
 
 
 def finish_turn(
@@ -150,11 +163,7 @@ def finish_turn(
     """Record the turn's row and advance the episode's history, observation and step count."""
     action, result = outcome
     anchor = ep.obs.anchor
-    if result is None:
-        reward, env_done, valid, won, next_obs = 0.0, False, False, False, ep.obs
-    else:
-        reward, env_done, next_obs = result.reward, result.done, result.observation
-        valid, won = bool(result.info.get("valid_action", True)), bool(result.info.get("won", False))
+    reward, env_done, valid, won, next_obs = turn_outcome(result, ep.obs)
     ep.history.append(Turn(ep.obs.text, action if valid else None))
     ep.obs = next_obs
     ep.steps += 1
@@ -163,9 +172,10 @@ def finish_turn(
                 reward, ep.done, valid, won, anchor)
 
 
-def rows_to_batch(rows: list[_Row]) -> RolloutBatch:
-    """Rows grouped by trajectory, in step order."""
-    rows.sort(key=lambda r: (r.traj_id, r.step))
+def rows_to_batch(rows: list[_Row], order: Callable[[_Row], tuple] = lambda r: (r.traj_id, r.step)) -> RolloutBatch:
+    """The rows as a batch, sorted by ``order`` (default: grouped by trajectory, in step
+    order)."""
+    rows.sort(key=order)
     return RolloutBatch(
         group_id=[r.group_id for r in rows],
         traj_id=[r.traj_id for r in rows],
@@ -179,4 +189,7 @@ def rows_to_batch(rows: list[_Row]) -> RolloutBatch:
         valid_action=[r.valid for r in rows],
         won=[r.won for r in rows],
         anchor=[r.anchor for r in rows],
+        tree_id=[r.tree_id for r in rows],
+        node_id=[r.node_id for r in rows],
+        parent_id=[r.parent_id for r in rows],
     )

@@ -209,7 +209,7 @@ def run_scheduled(
 
     def env_step(ep: _Episode, text: str):
         start = time.perf_counter()
-        outcome = act(ep, text)
+        outcome = act(ep.env, text)
         return outcome, time.perf_counter() - start
 
     def after_env(ep: _Episode, comp, outcome, seconds: float) -> None:

@@ -37,13 +37,11 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import torch
-
 from ..data import RolloutBatch
 from ..envs.base import Env, Observation
-from .agent_loop import AgentLoopConfig
+from .agent_loop import AgentLoopConfig, _Row, act, rows_to_batch, turn_outcome
 from .backend import Backend
-from .prompts import ACTION_STOP, PromptEncoder, Turn, parse_action, render_prompt
+from .prompts import ACTION_STOP, PromptEncoder, Turn, render_prompt
 
 NODE_KINDS = ("step", "segment")
 
@@ -141,7 +139,7 @@ def sample_trees(
     (its ``group_size`` is not used: a prompt gets ``tree.leaves_per_prompt()`` leaves);
     ``rng`` picks the nodes to expand."""
     stats = TreeStats()
-    rows: list[dict] = []
+    rows: list[_Row] = []
     nodes_of_tree: dict[int, list[_Node]] = {}
     next_node: dict[int, int] = {}
     branch_counter = [first_group_id * 10_000]
@@ -175,25 +173,8 @@ def sample_trees(
         _grow(live, backend, encoder, instruction, config, tree, stats, rows, nodes_of_tree, next_node)
 
     stats.nodes = len(rows)
-    stats.leaves = sum(r["done"] for r in rows)
-    rows.sort(key=lambda r: (r["group_id"], r["tree_id"], r["node_id"]))
-    batch = RolloutBatch(
-        group_id=[r["group_id"] for r in rows],
-        traj_id=[r["traj_id"] for r in rows],
-        step=[r["step"] for r in rows],
-        prompt_ids=[r["prompt_ids"] for r in rows],
-        response_ids=[r["response_ids"] for r in rows],
-        rollout_logprobs=[r["logprobs"] for r in rows],
-        loss_mask=[torch.ones(len(r["response_ids"])) for r in rows],
-        reward=[r["reward"] for r in rows],
-        done=[r["done"] for r in rows],
-        valid_action=[r["valid"] for r in rows],
-        won=[r["won"] for r in rows],
-        anchor=[r["anchor"] for r in rows],
-        tree_id=[r["tree_id"] for r in rows],
-        node_id=[r["node_id"] for r in rows],
-        parent_id=[r["parent_id"] for r in rows],
-    )
+    stats.leaves = sum(r.done for r in rows)
+    batch = rows_to_batch(rows, order=lambda r: (r.group_id, r.tree_id, r.node_id))
     return batch, stats
 
 
@@ -215,7 +196,7 @@ def _resume(env_factory: Callable[[], Env], node: _Node, stats: TreeStats) -> En
 
 def _grow(
     live: list[_Branch], backend: Backend, encoder: PromptEncoder, instruction: str, config: AgentLoopConfig,
-    tree: TreeSamplerConfig, stats: TreeStats, rows: list[dict], nodes_of_tree: dict[int, list[_Node]],
+    tree: TreeSamplerConfig, stats: TreeStats, rows: list[_Row], nodes_of_tree: dict[int, list[_Node]],
     next_node: dict[int, int],
 ) -> None:
     """Generate every branch in ``live`` to the end of its episode, one node per branch
@@ -245,25 +226,19 @@ def _grow(
             row = dict(group_id=s.group, traj_id=b.branch, step=s.steps, prompt_ids=turn_prompt + partial,
                        response_ids=list(comp.token_ids), logprobs=list(comp.logprobs), anchor=s.obs.anchor,
                        tree_id=s.tree, node_id=node_id, parent_id=s.node)
-            if not turn_over:
+            if not turn_over:  # a segment inside an answer: no action yet
                 new = _Node(s.tree, node_id, s.node, s.group, s.seed, s.actions, s.history, s.obs, s.steps, False,
                             tuple(turn_prompt), tuple(answer))
-                row.update(reward=0.0, done=False, valid=True, won=False)
+                rows.append(_Row(**row, reward=0.0, done=False, valid=True, won=False))
             else:
-                action = parse_action(text)
-                if action is None:
-                    reward, env_done, valid, won, obs = 0.0, False, False, False, s.obs
-                else:
-                    result = b.env.step(action)
-                    stats.env_steps += 1
-                    reward, env_done, obs = result.reward, result.done, result.observation
-                    valid, won = bool(result.info.get("valid_action", True)), bool(result.info.get("won", False))
+                action, result = act(b.env, text)
+                stats.env_steps += result is not None
+                reward, env_done, valid, won, obs = turn_outcome(result, s.obs)
                 steps = s.steps + 1
                 done = env_done or steps >= config.max_steps
                 new = _Node(s.tree, node_id, s.node, s.group, s.seed, s.actions + (action,),
                             s.history + (Turn(s.obs.text, action if valid else None),), obs, steps, done, None, ())
-                row.update(reward=reward, done=done, valid=valid, won=won)
-            rows.append(row)
+                rows.append(_Row(**row, reward=reward, done=done, valid=valid, won=won))
             nodes_of_tree[s.tree].append(new)
             b.state = new
             if not new.done:

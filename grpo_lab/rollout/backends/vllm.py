@@ -85,6 +85,7 @@ class VLLMBackend:
         if max_lora_rank is not None:
             engine_kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
         self._lora = None  # the LoRA request of the current adapter
+        self._lora_version = 0  # ids of pushed adapters, never reused
         self._adapter_dir: str | None = None
         self.llm = vllm.LLM(
             model=model, tokenizer=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
@@ -152,7 +153,7 @@ class VLLMBackend:
         from vllm.lora.request import LoRARequest
 
         previous = self._lora
-        self._lora_version = getattr(self, "_lora_version", 0) + 1
+        self._lora_version += 1
         version = self._lora_version
         self._lora = LoRARequest(f"grpo_lab_policy_v{version}", version, self._adapter_dir)
         if previous is not None:
