@@ -103,7 +103,7 @@ def main() -> None:
             "tree_grpo": (lambda: run_estimator(inp, "tree_grpo"),
                           lambda: tree_grpo_loop(cols["rewards"], cols["group_id"], cols["group_id"], cols["node"], cols["parent"])),
             "treerpo": (lambda: run_estimator(inp, "treerpo"),
-                        lambda: treerpo_loop(cols["rewards"], cols["group_id"], cols["node"], cols["parent"])),
+                        lambda: treerpo_loop(cols["rewards"], cols["group_id"], cols["group_id"], cols["node"], cols["parent"])),
             "grpo + focal": (lambda: run_estimator(inp, "grpo", modifiers={"focal": {"gamma": 1.0}}),
                              lambda: focal_loop(grpo_loop(cols["rewards"], cols["group_id"], cols["traj_id"]),
                                                 cols["group_id"], cols["traj_id"], cols["success"], 1.0)),

@@ -14,6 +14,7 @@ from .envs import env_names
 from .modeling import _DTYPES
 from .rollout.adaptive import AdaptiveConfig
 from .rollout.tree import TreeSamplerConfig
+from .advantages.shaping import PENALTY_PLACEMENTS, default_penalty_placement
 from .training.losses import KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, RATIO_LEVELS
 
 
@@ -33,8 +34,35 @@ class AlgoConfig:
     ``params`` are the estimator's keyword arguments (the YAML of each ``algo/`` option
     lists them all; a dict here must not carry keys of another estimator) and ``modifier_params[name]`` those
     of each modifier; ``python -m grpo_lab.advantages --list`` shows what each accepts.
-    ``drop_zero_std_groups`` removes groups whose returns are all equal from the update
-    (DAPO's dynamic sampling, without refill).
+    ``drop_zero_std_groups`` removes from the update the groups whose advantages are all
+    zero, as the estimator computed them (DAPO's dynamic sampling, without refill).
+
+    ``invalid_action_penalty`` lands as ``penalty_placement`` says
+    (:mod:`grpo_lab.advantages.shaping`): ``row`` (verl-agent's; each row pays on its own
+    episode score and step return) or ``episode`` (subtracted from the step reward, so
+    the whole episode's return pays). ``None`` takes the estimator's: ``row``, except
+    ``episode`` for ``tree_grpo``, which cannot take a row penalty.
+
+    ``clip_low``, ``clip_high`` and ``loss_agg`` left ``None`` take the ratio level's
+    defaults: 0.2, 0.28 and ``token-mean`` for token ratios (PPO with DAPO's clip-higher);
+    3e-4, 4e-4 and ``seq-mean-token-mean`` for ``ratio_level=sequence`` (GSPO, whose
+    length-normalised sequence ratio stays within about 1e-3 of 1, and whose objective is
+    a mean over sequences). With one optimizer pass per batch every ratio is 1 at the
+    update (the sampler's log-probs are not the ratio's denominator), so the clip ranges
+    only act from the second pass on (``trainer.epochs_per_batch`` or
+    ``minibatches_per_epoch`` > 1).
+
+    ``kl_estimator`` as a loss (``kl_coef > 0``; Schulman 2020's estimators of
+    KL(policy || reference) on the policy's samples, differentiated through the
+    log-probs): ``k1``'s gradient is zero in expectation (it only adds noise), ``k2``'s is
+    the gradient of KL(policy || reference), and ``k3``'s (the default, as in GRPO and
+    verl) is the gradient of the *forward* KL(reference || policy).
+
+    ``entropy_coef`` > 0 adds ``-entropy_coef`` times the mean token entropy of the
+    policy (aggregated like the policy loss) to the loss, which rewards keeping the
+    distribution broad. ``off_policy_is_cap`` truncates the importance weight
+    ``pi_old / pi_behaviour`` of rows an earlier policy sampled (AR3PO's reused episodes
+    with ``reuse_mode=off_policy``).
     """
 
     estimator: str = "grpo"
@@ -44,15 +72,27 @@ class AlgoConfig:
     drop_zero_std_groups: bool = False
     group_size: int = 8
     invalid_action_penalty: float = 0.1
+    penalty_placement: Optional[str] = None  # row | episode; None: row (episode for tree_grpo)
     policy_loss: str = "ppo_clip"  # ppo_clip | reinforce (no ratio, strictly on-policy)
-    clip_low: float = 0.2
-    clip_high: float = 0.28
+    clip_low: Optional[float] = None  # None: 0.2 (token ratio), 3e-4 (sequence ratio, GSPO)
+    clip_high: Optional[float] = None  # None: 0.28 (token ratio), 4e-4 (sequence ratio, GSPO)
     dual_clip_c: Optional[float] = None  # > 1 enables dual-clip PPO
     ratio_level: str = "token"  # token | sequence (GSPO)
-    loss_agg: str = "token-mean"
+    loss_agg: Optional[str] = None  # None: token-mean (token ratio), seq-mean-token-mean (GSPO)
     kl_coef: float = 0.0  # > 0 loads a frozen reference (the policy at the start of RL)
-    kl_estimator: str = "k3"  # k1 | k2 | k3
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (see the class docstring for their gradients)
     tis_cap: Optional[float] = None  # truncated importance sampling cap C (e.g. 2.0)
+    entropy_coef: float = 0.0  # > 0: entropy bonus
+    off_policy_is_cap: float = 2.0  # cap of pi_old / pi_behaviour on rows an earlier policy sampled
+
+    #: the defaults of ``clip_low``, ``clip_high`` and ``loss_agg`` per ratio level
+    LOSS_DEFAULTS = {"token": (0.2, 0.28, "token-mean"), "sequence": (3e-4, 4e-4, "seq-mean-token-mean")}
+
+    def loss_settings(self) -> tuple[float, float, str]:
+        """``(clip_low, clip_high, loss_agg)`` with the ratio level's defaults for the unset ones."""
+        low, high, agg = self.LOSS_DEFAULTS.get(self.ratio_level, self.LOSS_DEFAULTS["token"])
+        return (low if self.clip_low is None else self.clip_low, high if self.clip_high is None else self.clip_high,
+                agg if self.loss_agg is None else self.loss_agg)
 
     def modifier_settings(self) -> dict[str, dict[str, Any]]:
         """``{name: params}`` of the active modifiers, in order."""
@@ -73,15 +113,28 @@ class AlgoConfig:
             raise ConfigError(f"algo.params={dict(self.params)!r} / algo.modifier_params: {err}") from None
         _check(self.group_size >= 2, "algo.group_size", self.group_size, "an integer >= 2 (a group needs a baseline)")
         _check(self.invalid_action_penalty >= 0, "algo.invalid_action_penalty", self.invalid_action_penalty, "a number >= 0")
+        if self.penalty_placement is None:
+            self.penalty_placement = default_penalty_placement(self.estimator)
+        _check(self.penalty_placement in PENALTY_PLACEMENTS, "algo.penalty_placement", self.penalty_placement,
+               f"one of {list(PENALTY_PLACEMENTS)}")
+        _check(not (self.estimator == "tree_grpo" and self.penalty_placement == "row" and self.invalid_action_penalty > 0),
+               "algo.penalty_placement", self.penalty_placement,
+               "episode (or null) with estimator tree_grpo (a node's advantage comes from the leaves below it)")
+        _check(self.ratio_level in RATIO_LEVELS, "algo.ratio_level", self.ratio_level, f"one of {list(RATIO_LEVELS)}")
+        self.clip_low, self.clip_high, self.loss_agg = self.loss_settings()
         _check(0 <= self.clip_low < 1, "algo.clip_low", self.clip_low, "a number in [0, 1)")
         _check(self.clip_high >= 0, "algo.clip_high", self.clip_high, "a number >= 0")
         _check(self.loss_agg in LOSS_AGG_MODES, "algo.loss_agg", self.loss_agg, f"one of {list(LOSS_AGG_MODES)}")
         _check(self.policy_loss in POLICY_LOSSES, "algo.policy_loss", self.policy_loss, f"one of {list(POLICY_LOSSES)}")
         _check(self.dual_clip_c is None or self.dual_clip_c > 1, "algo.dual_clip_c", self.dual_clip_c, "null or a number > 1")
-        _check(self.ratio_level in RATIO_LEVELS, "algo.ratio_level", self.ratio_level, f"one of {list(RATIO_LEVELS)}")
         _check(self.kl_coef >= 0, "algo.kl_coef", self.kl_coef, "a number >= 0")
         _check(self.kl_estimator in KL_ESTIMATORS, "algo.kl_estimator", self.kl_estimator, f"one of {list(KL_ESTIMATORS)}")
         _check(self.tis_cap is None or self.tis_cap > 0, "algo.tis_cap", self.tis_cap, "null or a number > 0")
+        _check(self.entropy_coef >= 0, "algo.entropy_coef", self.entropy_coef, "a number >= 0")
+        _check(self.off_policy_is_cap > 0, "algo.off_policy_is_cap", self.off_policy_is_cap, "a number > 0")
+        _check(not (self.drop_zero_std_groups and self.estimator == "copo"), "algo.drop_zero_std_groups",
+               self.drop_zero_std_groups, "false with estimator copo (its global stream trains exactly the groups "
+               "whose local advantages are all zero)")
         _check(not (self.policy_loss == "reinforce" and self.estimator == "copo"), "algo.policy_loss", self.policy_loss,
                "ppo_clip with estimator copo (its blended loss is a clipped loss)")
 
@@ -171,7 +224,7 @@ class RolloutConfig:
     use_chat_template: str = "auto"  # auto | true | false
     max_batch_size: int = 64
     vllm_gpu_memory_utilization: float = 0.5
-    vllm_max_model_len: int = 4096
+    vllm_max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
     vllm_sleep_mode: bool = False  # GPU only: free the KV cache during updates
     vllm_enforce_eager: bool = True
 
@@ -179,7 +232,8 @@ class RolloutConfig:
         _check(self.backend in ("hf", "vllm"), "rollout.backend", self.backend, "hf or vllm")
         _check(0 < self.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization",
                self.vllm_gpu_memory_utilization, "a number in (0, 1]")
-        _check(self.vllm_max_model_len >= 16, "rollout.vllm_max_model_len", self.vllm_max_model_len, "an integer >= 16")
+        _check(self.vllm_max_model_len is None or self.vllm_max_model_len >= 16, "rollout.vllm_max_model_len",
+               self.vllm_max_model_len, "null (the model's context length) or an integer >= 16")
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, "an integer >= 1")
         _check(self.temperature > 0, "rollout.temperature", self.temperature, "a number > 0 (RL needs sampling)")
         _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "a number in (0, 1]")
@@ -270,9 +324,12 @@ class LoggerConfig:
     wandb_project: str = "grpo_lab"
     plot: bool = True
     progress_bar: bool = True
+    engine_console_level: str = "WARNING"  # vLLM's own console output; all of it still goes to the run's log file
 
     def validate(self) -> None:
         _check(str(self.wandb).lower() in ("auto", "true", "false"), "logger.wandb", self.wandb, "auto, true or false")
+        _check(self.engine_console_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "logger.engine_console_level",
+               self.engine_console_level, "DEBUG, INFO, WARNING or ERROR")
 
 
 @dataclass
@@ -292,6 +349,9 @@ class Config:
         tree_estimators = ("tree_grpo", "treerpo")
         _check(rc.sampler != "tree" or self.algo.estimator in tree_estimators, "rollout.sampler", rc.sampler,
                f"chain or adaptive with algo.estimator={self.algo.estimator!r} (tree batches need one of {list(tree_estimators)})")
+        _check(self.algo.estimator not in tree_estimators or rc.sampler == "tree", "algo.estimator", self.algo.estimator,
+               f"a chain estimator with rollout.sampler={rc.sampler!r}: {self.algo.estimator} needs tree-sampled batches, "
+               "so add rollout=tree (on chains TreeRPO trains only first steps and Tree-GRPO is GRPO)")
         _check(rc.sampler != "adaptive" or rc.adaptive.max_responses >= 2,
                "rollout.adaptive.responses_per_stage", rc.adaptive.responses_per_stage, "stages * responses_per_stage >= 2")
         _check(rc.micro_group_size is None or rc.micro_group_size <= self.algo.group_size, "rollout.micro_group_size",

@@ -14,7 +14,8 @@ from typing import Any, Hashable, Sequence
 import torch
 from torch import Tensor
 
-_SCALAR_COLUMNS = ("group_id", "traj_id", "step", "reward", "done", "valid_action", "won", "tree_id", "node_id", "parent_id")
+_SCALAR_COLUMNS = ("group_id", "traj_id", "step", "reward", "done", "valid_action", "won", "tree_id", "node_id", "parent_id",
+                   "off_policy")
 _TOKEN_COLUMNS = ("prompt_ids", "response_ids", "rollout_logprobs", "loss_mask")
 
 
@@ -41,6 +42,9 @@ class RolloutBatch:
     - ``won`` ``[N]``: the episode was won at this step (success is ``won`` on its last row).
     - ``anchor``: ``N`` hashable keys of the state the step acted from.
     - ``tree_id``, ``node_id``, ``parent_id`` ``[N]``: tree-sampling bookkeeping, -1 for chains.
+    - ``off_policy`` ``[N]``: the row was sampled by an earlier policy than this step's
+      (AR3PO's reused episodes); its ``rollout_logprobs`` are that policy's, and the loss
+      weighs it by ``pi_old / pi_behaviour`` (truncated).
     """
 
     group_id: Tensor
@@ -58,6 +62,13 @@ class RolloutBatch:
     tree_id: Tensor | None = None
     node_id: Tensor | None = None
     parent_id: Tensor | None = None
+    off_policy: Tensor | None = None
+
+    def __setstate__(self, state: dict) -> None:
+        """Batches pickled before the ``off_policy`` column existed load with it all False."""
+        self.__dict__.update(state)
+        if "off_policy" not in state:
+            self.off_policy = torch.zeros(len(self.prompt_ids), dtype=torch.bool)
 
     def __post_init__(self) -> None:
         n = len(self.prompt_ids)
@@ -65,7 +76,7 @@ class RolloutBatch:
             value = getattr(self, name)
             setattr(self, name, _long(value) if value is not None else torch.full((n,), -1, dtype=torch.long))
         self.reward = torch.as_tensor(self.reward, dtype=torch.float32)
-        for name in ("done", "valid_action", "won"):
+        for name in ("done", "valid_action", "won", "off_policy"):
             value = getattr(self, name)
             setattr(self, name, torch.as_tensor(value, dtype=torch.bool) if value is not None else torch.zeros(n, dtype=torch.bool))
         self.prompt_ids = [_long(p) for p in self.prompt_ids]

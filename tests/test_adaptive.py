@@ -91,6 +91,9 @@ def test_reuse_puts_a_buffered_correct_episode_in_place_of_a_wrong_one(mode):
     assert all(float(m.max()) == expected and float(m.min()) == expected for m in reused.loss_mask)
     others = [i for i in range(len(batch)) if i not in st.reused_rows]
     assert all(float(batch.loss_mask[i].min()) == 1.0 for i in others)
+    # the reused rows are marked and keep the behaviour policy's log-probs, for the importance weight
+    assert torch.nonzero(batch.off_policy).flatten().tolist() == st.reused_rows
+    assert all(torch.equal(a, b) for a, b in zip(reused.rollout_logprobs, old.rollout_logprobs))
     assert buffer.size("a") == 1 and buffer.size("c") == 1  # the reused episode is not added again
 
 

@@ -91,15 +91,17 @@ from grpo_lab.advantages.reference import copo_loop  # noqa: E402
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(st.sampled_from([0.0, 1.0, 0.5]), min_size=1, max_size=6), min_size=1, max_size=5),
-       st.sampled_from(["soft", "soft_forced"]), st.booleans())
-def test_copo_equals_loop_reference(groups, blend, entropy_coef):
+       st.sampled_from(["soft", "soft_forced"]), st.booleans(), st.booleans())
+def test_copo_equals_loop_reference(groups, blend, entropy_coef, with_penalty):
     rewards = [r for g in groups for r in g]
     group_id = [i for i, g in enumerate(groups) for _ in g]
     traj_id = list(range(len(rewards)))
+    penalty = [0.1 * (i % 2) for i in range(len(rewards))] if with_penalty else None
     inp = AdvantageInputs(rewards=torch.tensor(rewards, dtype=torch.float64), group_id=torch.tensor(group_id),
-                          traj_id=torch.tensor(traj_id))
+                          traj_id=torch.tensor(traj_id),
+                          penalty=torch.tensor(penalty, dtype=torch.float64) if with_penalty else None)
     out = copo(inp, blend=blend, entropy_coef=entropy_coef)
-    local, glob, weight = copo_loop(rewards, group_id, traj_id, blend=blend, entropy_coef=entropy_coef)
+    local, glob, weight = copo_loop(rewards, group_id, traj_id, blend=blend, entropy_coef=entropy_coef, penalty=penalty)
     assert torch.allclose(out.advantages, torch.tensor(local, dtype=torch.float64), atol=1e-9)
     assert torch.allclose(out.extras["global_advantages"], torch.tensor(glob, dtype=torch.float64), atol=1e-9)
     assert torch.allclose(out.extras["local_weight"], torch.tensor(weight, dtype=torch.float64), atol=1e-12)

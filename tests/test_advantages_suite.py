@@ -19,7 +19,7 @@ from grpo_lab.advantages.rloo import rloo
 from grpo_lab.data import anchor_ids
 
 
-def make(rewards, groups, trajs, steps=None, anchors=None, success=None):
+def make(rewards, groups, trajs, steps=None, anchors=None, success=None, penalty=None):
     n = len(rewards)
     steps = steps if steps is not None else [0] * n
     anchors = anchors if anchors is not None else list(range(n))
@@ -31,6 +31,7 @@ def make(rewards, groups, trajs, steps=None, anchors=None, success=None):
         anchor_id=anchor_ids(anchors),
         anchors=anchors,
         success=torch.tensor(success if success is not None else [False] * n),
+        penalty=torch.tensor(penalty, dtype=torch.float64) if penalty is not None else None,
     )
 
 
@@ -140,7 +141,7 @@ def test_unknown_modifier_lists_names():
 # ---------------------------------------------------------------- random batches vs loops
 @st.composite
 def episodes(draw, max_groups=4, max_group=5, max_len=4):
-    rewards, groups, trajs, steps, anchors, success = [], [], [], [], [], []
+    rewards, groups, trajs, steps, anchors, success, penalty = [], [], [], [], [], [], []
     traj = 0
     for g in range(draw(st.integers(1, max_groups))):
         for _ in range(draw(st.integers(1, max_group))):
@@ -152,33 +153,37 @@ def episodes(draw, max_groups=4, max_group=5, max_len=4):
                 steps.append(s)
                 anchors.append(f"state {draw(st.integers(0, 3))}")
                 success.append(s == length - 1 and draw(st.booleans()))
+                penalty.append(draw(st.sampled_from([0.0, 0.0, 0.1])))
             traj += 1
     perm = draw(st.permutations(range(len(rewards))))
     pick = lambda xs: [xs[i] for i in perm]  # noqa: E731  (rows in any order)
-    return tuple(map(pick, (rewards, groups, trajs, steps, anchors, success)))
+    return tuple(map(pick, (rewards, groups, trajs, steps, anchors, success, penalty)))
 
 
 @settings(max_examples=80, deadline=None)
 @given(episodes(), st.sampled_from(["mean_norm", "mean_std_norm"]), st.sampled_from(["trajectory", "step"]),
-       st.sampled_from([1.0, 0.95, 0.0]), st.sampled_from([1.0, 0.8]))
-def test_gigpo_equals_loop_reference(data, mode, episode_stats, gamma, threshold):
-    rewards, groups, trajs, steps, anchors, success = data
-    fast = gigpo(make(rewards, groups, trajs, steps, anchors), gamma=gamma, mode=mode, episode_stats=episode_stats,
-                 similarity_threshold=threshold).advantages
+       st.sampled_from([1.0, 0.95, 0.0]), st.sampled_from([1.0, 0.8]), st.booleans())
+def test_gigpo_equals_loop_reference(data, mode, episode_stats, gamma, threshold, with_penalty):
+    rewards, groups, trajs, steps, anchors, success, penalty = data
+    penalty = penalty if with_penalty else None
+    fast = gigpo(make(rewards, groups, trajs, steps, anchors, penalty=penalty), gamma=gamma, mode=mode,
+                 episode_stats=episode_stats, similarity_threshold=threshold).advantages
     slow = gigpo_loop(rewards, groups, trajs, steps, anchors, gamma=gamma, mode=mode, episode_stats=episode_stats,
-                      similarity_threshold=threshold)
+                      similarity_threshold=threshold, penalty=penalty)
     assert torch.allclose(fast, torch.tensor(slow, dtype=torch.float64), atol=1e-9)
 
 
 @settings(max_examples=60, deadline=None)
-@given(episodes(), st.sampled_from(["group", "batch", "none"]))
-def test_grpo_rloo_focal_equal_loop_references(data, scale):
-    rewards, groups, trajs, steps, anchors, success = data
-    inp = make(rewards, groups, trajs, steps, anchors, success)
+@given(episodes(), st.sampled_from(["group", "batch", "none"]), st.booleans())
+def test_grpo_rloo_focal_equal_loop_references(data, scale, with_penalty):
+    rewards, groups, trajs, steps, anchors, success, penalty = data
+    penalty = penalty if with_penalty else None
+    inp = make(rewards, groups, trajs, steps, anchors, success, penalty)
     grpo_adv = run_estimator(inp, "grpo", {"scale_rewards": scale}).advantages
-    assert torch.allclose(grpo_adv, torch.tensor(grpo_loop(rewards, groups, trajs, scale), dtype=torch.float64), atol=1e-9)
+    slow = grpo_loop(rewards, groups, trajs, scale, penalty=penalty)
+    assert torch.allclose(grpo_adv, torch.tensor(slow, dtype=torch.float64), atol=1e-9)
     rloo_adv = run_estimator(inp, "rloo").advantages
-    assert torch.allclose(rloo_adv, torch.tensor(rloo_loop(rewards, groups, trajs), dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(rloo_adv, torch.tensor(rloo_loop(rewards, groups, trajs, penalty), dtype=torch.float64), atol=1e-9)
     scaled = focal(rloo_adv, inp, gamma=1.5).advantages
     assert torch.allclose(scaled, torch.tensor(focal_loop(rloo_adv.tolist(), groups, trajs, success, 1.5), dtype=torch.float64))
 
@@ -188,7 +193,7 @@ def test_grpo_rloo_focal_equal_loop_references(data, scale):
 def test_gigpo_mean_std_norm_is_shift_and_scale_invariant(data, shift, scale):
     """Shifting every reward leaves episode advantages unchanged; with gamma = 1 the
     step returns shift by a step-dependent amount, so only scaling is checked there."""
-    rewards, groups, trajs, steps, anchors, _ = data
+    rewards, groups, trajs, steps, anchors, _, _ = data
     base = gigpo(make(rewards, groups, trajs, steps, anchors), mode="mean_std_norm", eps=0.0).advantages
     scaled = gigpo(make([r * scale for r in rewards], groups, trajs, steps, anchors), mode="mean_std_norm", eps=0.0).advantages
     assert torch.allclose(base, scaled, atol=1e-6)
@@ -201,7 +206,7 @@ def test_gigpo_mean_std_norm_is_shift_and_scale_invariant(data, shift, scale):
 @settings(max_examples=40, deadline=None)
 @given(episodes())
 def test_equal_reward_groups_give_zero_for_every_estimator(data):
-    _, groups, trajs, steps, anchors, success = data
+    _, groups, trajs, steps, anchors, success, _ = data
     # one-step episodes with equal rewards: no signal anywhere
     inp = make([0.5] * len(groups), groups, list(range(len(groups))), [0] * len(groups), anchors, success)
     for name in ("grpo", "rloo", "gigpo"):

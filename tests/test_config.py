@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 
-from grpo_lab.config import Config, ConfigError
+from grpo_lab.config import AlgoConfig, Config, ConfigError
 from grpo_lab.train import build_config
 
 
@@ -34,7 +34,7 @@ def test_estimator_options_load():
     assert cfg.algo.modifier_settings() == {"focal": {"gamma": 2}}
     assert load("algo=rloo").algo.params == {}
     for name in ("tree_grpo", "treerpo"):
-        assert load(f"algo={name}").algo.estimator == name
+        assert load(f"algo={name}", "rollout=tree").algo.estimator == name
 
 
 def test_overrides_reach_the_typed_config():
@@ -88,10 +88,44 @@ def test_wrong_type_is_named():
     ("model.lora_dropout=1.5", "model.lora_dropout"),
     ("trainer.checkpoint_every=-1", "trainer.checkpoint_every"),
     ("trainer.keep_checkpoints=0", "trainer.keep_checkpoints"),
+    ("algo.penalty_placement=step", "algo.penalty_placement"),
+    ("algo.entropy_coef=-0.1", "algo.entropy_coef"),
+    ("algo.off_policy_is_cap=0", "algo.off_policy_is_cap"),
+    ("rollout.vllm_max_model_len=8", "rollout.vllm_max_model_len"),
 ])
 def test_bad_value_is_named(override, name):
     with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
         load(override)
+
+
+@pytest.mark.parametrize("name", ["treerpo", "tree_grpo"])
+def test_tree_estimators_on_chains_are_refused_naming_rollout_tree(name):
+    with pytest.raises(ConfigError, match=f"algo.estimator='{name}'.*add rollout=tree"):
+        load(f"algo={name}")
+    assert load(f"algo={name}", "rollout=tree").rollout.sampler == "tree"
+
+
+def test_penalty_placement_per_estimator():
+    assert load().algo.penalty_placement == "row"
+    assert load("algo=tree_grpo", "rollout=tree").algo.penalty_placement == "episode"  # its default
+    assert AlgoConfig(estimator="tree_grpo").validate() is None and AlgoConfig(estimator="treerpo").penalty_placement is None
+    assert load("algo=gigpo", "algo.penalty_placement=episode").algo.penalty_placement == "episode"
+    with pytest.raises(ConfigError, match="algo.penalty_placement='row'.*tree_grpo"):
+        load("algo=tree_grpo", "rollout=tree", "algo.penalty_placement=row")
+    assert load("algo=tree_grpo", "rollout=tree", "algo.penalty_placement=row", "algo.invalid_action_penalty=0")
+
+
+def test_dynamic_sampling_is_refused_with_copo():
+    with pytest.raises(ConfigError, match="algo.drop_zero_std_groups=True.*copo"):
+        load("algo=copo", "algo.drop_zero_std_groups=true")
+
+
+def test_gspo_defaults_through_the_command_line():
+    gspo = load("algo.ratio_level=sequence")
+    assert (gspo.algo.clip_low, gspo.algo.clip_high, gspo.algo.loss_agg) == (3e-4, 4e-4, "seq-mean-token-mean")
+    token = load()
+    assert (token.algo.clip_low, token.algo.clip_high, token.algo.loss_agg) == (0.2, 0.28, "token-mean")
+    assert load("algo.ratio_level=sequence", "algo.clip_high=1e-3").algo.clip_high == 1e-3
 
 
 def test_sampler_options_load():

@@ -29,6 +29,43 @@ def test_rollout_logprobs_match_the_training_forward(tiny_model, tokenizer):
             assert torch.allclose(logp[i, :n], torch.tensor(c.logprobs), atol=1e-4), (i, temperature)
 
 
+def sampler_reference(model, prompts, completions, temperature, top_p):
+    """Per completion: each token's log-prob under the distribution it was sampled from
+    (temperature, then the top-p set renormalised), from a plain forward of the model."""
+    from grpo_lab.rollout.backend import sampling_logprobs
+
+    out = []
+    with torch.no_grad():
+        for p, c in zip(prompts, completions):
+            ids = torch.tensor(list(p) + list(c.token_ids))
+            logits = model(input_ids=ids[None]).logits[0, len(p) - 1: len(ids) - 1]
+            out.append(sampling_logprobs(logits, ids[len(p):], temperature, top_p))
+    return out
+
+
+def assert_same_quantity(reference, completions, tol=1e-4, share=0.9):
+    """Most tokens agree to ``tol``; every token to 0.05 (a token at the edge of the top-p
+    set can flip in or out under last-bit differences of the logits, moving the kept mass
+    by its own probability). Before/after top-p differ by -log(kept mass), about 0.3 here."""
+    diffs = torch.cat([(r - torch.tensor(c.logprobs)).abs() for r, c in zip(reference, completions)])
+    assert float((diffs < tol).float().mean()) >= share, diffs
+    assert float(diffs.max()) < 0.05, diffs
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_logprobs_with_top_p_are_those_of_the_sampled_distribution(tiny_model, tokenizer, seeded):
+    """With top_p < 1 the log-probs are after temperature and top-p, as vLLM reports them
+    (the trainer's forward, without top-p, differs from both by the kept mass)."""
+    backend = HFBackend(tiny_model, tokenizer)
+    prompts = prompts_of(tokenizer)
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.7, seed=11 if seeded else None)
+    comps = backend.generate(prompts, params)
+    reference = sampler_reference(tiny_model, prompts, comps, 0.8, 0.7)
+    assert_same_quantity(reference, comps)
+    untruncated = sampler_reference(tiny_model, prompts, comps, 0.8, 1.0)
+    assert all(bool((torch.tensor(c.logprobs) - u > 0.05).all()) for c, u in zip(comps, untruncated))
+
+
 def test_greedy_is_deterministic_and_reports_length(tiny_model, tokenizer):
     backend = HFBackend(tiny_model, tokenizer)
     params = SamplingParams(max_tokens=5, temperature=0.0)

@@ -1,10 +1,94 @@
-"""The README's library snippet runs as written, and CI runs the README's test command."""
+"""The README's library snippet runs as written, every command line of its Configuration
+section loads and validates (and, in the slow suite, starts and trains a step), and CI
+runs the README's test command."""
 
+import gc
+import os
 import re
+import shlex
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+
+
+def readme_train_commands() -> list[list[str]]:
+    """The overrides of every ``python -m grpo_lab.train`` line of the Configuration section."""
+    section = README.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.DOTALL):
+        for line in block.splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line.startswith("python -m grpo_lab.train"):
+                commands.append(shlex.split(line)[3:])
+    return commands
+
+
+def load(*overrides):
+    from hydra import compose, initialize_config_module
+
+    from grpo_lab.train import build_config
+
+    with initialize_config_module(config_module="grpo_lab.configs", version_base="1.3"):
+        return build_config(compose(config_name="config", overrides=list(overrides)))
+
+
+def test_the_configuration_section_has_command_lines():
+    assert len(readme_train_commands()) >= 15
+
+
+@pytest.mark.parametrize("overrides", readme_train_commands(), ids=lambda o: " ".join(o) or "default")
+def test_readme_command_line_loads_and_validates(overrides):
+    load(*overrides)
+
+
+#: a small budget, so that each example starts and trains one step; it replaces the
+#: README's own values of these keys (which do not change what is being started)
+BUDGET = {"trainer.total_steps": "1", "trainer.tasks_per_step": "2", "trainer.eval_episodes": "2",
+          "trainer.warmup.steps": "2", "trainer.warmup.episodes": "8", "trainer.save_final": "false",
+          "logger.wandb": "false", "logger.progress_bar": "false", "logger.plot": "false"}
+
+
+@pytest.mark.slow
+def test_every_readme_command_line_starts_and_trains_a_step(tmp_path):
+    """In order (the resume example continues the checkpoint example's run directory)."""
+    from grpo_lab.training.trainer import Trainer
+
+    if not torch.cuda.is_available():  # vLLM's CPU engine, small and in this process
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    ran, skipped = [], []
+    for n, overrides in enumerate(readme_train_commands()):
+        settings = dict(o.split("=", 1) for o in overrides)
+        if "model.name_or_path" in settings or settings.get("trainer.device", "auto").startswith("cuda"):
+            if not torch.cuda.is_available() or not Path(settings.get("model.name_or_path", "")).exists():
+                skipped.append(overrides)
+                continue
+        if settings.get("rollout") == "vllm":
+            pytest.importorskip("vllm")
+        settings.update(BUDGET)
+        run_dir = tmp_path / f"run{n}"
+        if "trainer.output_dir" in settings:
+            run_dir = tmp_path / settings["trainer.output_dir"].replace("/", "_")
+            settings["trainer.output_dir"] = str(run_dir)
+        if settings.get("trainer.checkpoint_every"):
+            settings["trainer.checkpoint_every"] = "1"
+        if settings.get("trainer.resume") == "true":
+            settings["trainer.total_steps"] = "2"  # one step past the checkpoint of the example before
+        config = load(*(f"{k}={v}" for k, v in settings.items()))
+        try:
+            trainer = Trainer(config, output_dir=run_dir)
+            summary = trainer.train()
+        except Exception as err:
+            raise AssertionError(f"README example `{' '.join(overrides)}` failed: {type(err).__name__}: {err}") from err
+        assert (run_dir / "metrics.jsonl").exists() and "eval_final" in summary, overrides
+        ran.append(overrides)
+        del trainer
+        gc.collect()
+    assert len(ran) >= len(readme_train_commands()) - 1, skipped  # only the GPU/real-model example may skip
 
 
 def test_library_snippet_runs():

@@ -1,5 +1,6 @@
 """Tree sampling (Tree-GRPO steps, TreeRPO token segments): tree bookkeeping, exact token
-accounting, expansion only from non-leaf nodes, and batches the tree estimators accept."""
+accounting, expansion only from non-leaf nodes and the root, and batches the tree
+estimators accept."""
 
 from __future__ import annotations
 
@@ -132,8 +133,30 @@ def test_tree_batches_feed_the_tree_estimators(tokenizer, estimator):
     tree = TreeSamplerConfig(trees_per_prompt=2, rounds=1, nodes_per_round=2)
     batch, _ = sample_trees(HashBackend(tokenizer), PromptEncoder(tokenizer), CorridorEnv, [0, 1, 2], config(), tree,
                             random.Random(0))
-    out = compute_advantages(batch, estimator, 0.1, {}, {})
+    out = compute_advantages(batch, estimator, 0.1, {}, {})  # each estimator's default placement
     assert out.advantages.shape == (len(batch),) and torch.isfinite(out.advantages).all()
+
+
+def test_root_expansion_adds_top_level_nodes_that_are_siblings(tokenizer):
+    """With ``expand_root`` (default) an expansion may start from the prompt: a tree then
+    has several top-level nodes, each a real first step from the reset state, and TreeRPO
+    compares all top-level nodes of the prompt. Without it every tree has one."""
+    def tops(expand_root, seed):
+        tree = TreeSamplerConfig(trees_per_prompt=2, rounds=2, nodes_per_round=2, expand_root=expand_root)
+        batch, _ = sample_trees(HashBackend(tokenizer), PromptEncoder(tokenizer), CorridorEnv, [0], config(), tree,
+                                random.Random(seed))
+        top = batch.parent_id < 0
+        return batch, top
+
+    counts = []
+    for seed in range(6):
+        batch, top = tops(True, seed)
+        counts.append(int(top.sum()))
+        reset = CorridorEnv().reset(0).anchor
+        assert all(batch.anchor[i] == reset and int(batch.step[i]) == 0 for i in torch.nonzero(top).flatten().tolist())
+        _, top_without = tops(False, seed)
+        assert int(top_without.sum()) == 2
+    assert max(counts) > 2  # some expansion started from the root
 
 
 def test_a_nondeterministic_environment_is_caught_on_replay(tokenizer):

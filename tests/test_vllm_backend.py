@@ -55,6 +55,17 @@ def test_generation_logprobs_match_the_training_forward(engine, tokenizer):
             assert (logp[i, : len(c.token_ids)] - torch.tensor(c.logprobs)).abs().max() < LOGPROB_TOL
 
 
+def test_logprobs_with_top_p_are_those_the_hf_backend_reports(engine, tokenizer):
+    """vLLM and the HF backend report the same quantity with top_p < 1: the log-prob under
+    the distribution sampled from (temperature, then the top-p set renormalised)."""
+    from test_hf_backend import assert_same_quantity, sampler_reference
+
+    backend, model = engine
+    prompts = prompts_of(tokenizer)
+    comps = backend.generate(prompts, SamplingParams(max_tokens=12, temperature=0.8, top_p=0.7))
+    assert_same_quantity(sampler_reference(model, prompts, comps, 0.8, 0.7), comps)
+
+
 def test_stop_string_ends_the_text_and_the_tokens(engine, tokenizer):
     """Generation stops at the token that completes the stop string: the text ends with
     the stop string (which is kept), and the token ids end with that token (which may
@@ -230,3 +241,28 @@ def test_training_run_on_the_vllm_backend(tmp_path):
     updated = [r for r in records if r["num_updates"]]
     assert updated, f"no update happened: {records}"
     assert all(r["logprob_diff_rollout"] < LOGPROB_TOL for r in updated)
+
+
+def test_command_line_run_keeps_engine_chatter_in_the_log_file(tmp_path):
+    """``python -m grpo_lab.train rollout=vllm``: vLLM's INFO lines and its harmless rotary
+    reload warning stay off the console, and are all in the run's log file."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "grpo_lab.train", "rollout=vllm", "trainer.total_steps=1", "trainer.tasks_per_step=2",
+         "trainer.eval_episodes=2", "trainer.warmup.steps=2", "trainer.warmup.episodes=8", "logger.wandb=false",
+         "logger.progress_bar=false", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=900, env=env,
+    )
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-3000:]
+    assert "Failed to load weights" not in console
+    vllm_info = [line for line in console.splitlines() if "][vllm" in line and "][INFO]" in line or ") INFO " in line]
+    assert not vllm_info, vllm_info[:3]
+    log = (tmp_path / "train.log").read_text()
+    assert "][vllm" in log and "][INFO]" in log
+    assert "Reloading weights inplace" in log and "RotaryEmbedding: Failed to load weights" in log
+    assert "success rate" in console

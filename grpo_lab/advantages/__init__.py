@@ -35,14 +35,20 @@ from .registry import (
     register_estimator,
     register_modifier,
 )
-from .shaping import invalid_action_penalty
+from .shaping import PENALTY_PLACEMENTS, default_penalty_placement, invalid_action_penalty, row_penalties
 
 
-def inputs_from_batch(batch: RolloutBatch, invalid_penalty: float = 0.0) -> AdvantageInputs:
-    """The estimator's view of a batch, with the invalid-action penalty applied to rewards."""
-    rewards = invalid_action_penalty(batch.reward, batch.valid_action, invalid_penalty)
+def inputs_from_batch(batch: RolloutBatch, invalid_penalty: float = 0.0, penalty_placement: str = "row") -> AdvantageInputs:
+    """The estimator's view of a batch, with the invalid-action penalty placed as
+    ``penalty_placement`` says (:mod:`grpo_lab.advantages.shaping`): ``"row"`` passes it
+    as each row's own ``penalty``, ``"episode"`` subtracts it from the step rewards."""
+    if penalty_placement not in PENALTY_PLACEMENTS:
+        raise ValueError(f"penalty placement must be one of {list(PENALTY_PLACEMENTS)}, got {penalty_placement!r}")
+    row = penalty_placement == "row" and invalid_penalty != 0
+    rewards = batch.reward if row else invalid_action_penalty(batch.reward, batch.valid_action, invalid_penalty)
     return AdvantageInputs(
         rewards=rewards,
+        penalty=row_penalties(batch.valid_action, invalid_penalty) if row else None,
         group_id=batch.group_id,
         traj_id=batch.traj_id,
         step=batch.step,
@@ -79,9 +85,13 @@ def compute_advantages(
     invalid_penalty: float = 0.0,
     params: Mapping[str, Any] | None = None,
     modifiers: Mapping[str, Mapping[str, Any]] | None = None,
+    penalty_placement: str | None = None,
 ) -> AdvantageOutput:
-    """Run estimator ``name`` (and ``modifiers``) on ``batch``."""
-    return run_estimator(inputs_from_batch(batch, invalid_penalty), name, params, modifiers)
+    """Run estimator ``name`` (and ``modifiers``) on ``batch``, with the invalid-action
+    penalty placed as ``penalty_placement`` says (``"row"`` or ``"episode"``; ``None``:
+    the estimator's default, :func:`~grpo_lab.advantages.shaping.default_penalty_placement`)."""
+    placement = penalty_placement or default_penalty_placement(name)
+    return run_estimator(inputs_from_batch(batch, invalid_penalty, placement), name, params, modifiers)
 
 
 def example_inputs() -> AdvantageInputs:
@@ -107,7 +117,10 @@ __all__ = [
     "get_estimator",
     "get_modifier",
     "inputs_from_batch",
+    "PENALTY_PLACEMENTS",
+    "default_penalty_placement",
     "invalid_action_penalty",
+    "row_penalties",
     "keyword_parameters",
     "list_estimators",
     "list_modifiers",

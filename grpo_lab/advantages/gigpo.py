@@ -25,9 +25,15 @@ Departures and choices, each stated:
   first cluster whose first member is similar enough), which depends on row order; here
   merging is transitive (single linkage), which does not. That pass loops over the
   distinct anchors of each group, not over rows.
-- The invalid-action penalty is subtracted from the step rewards before this estimator
-  (``grpo_lab.advantages.shaping``), so it also enters the discounted returns of earlier
-  steps; the reference subtracts it from each row's return after discounting.
+- The invalid-action penalty (``grpo_lab.advantages.shaping``): with
+  ``algo.penalty_placement=row`` (default) each row's own penalty
+  (``AdvantageInputs.penalty``) is subtracted from that row's episode score and from its
+  discounted step return, after discounting, as the reference does; with ``episode`` it
+  was subtracted from the step rewards before this estimator, so it also enters the
+  episode's return and the discounted returns of earlier steps. Under
+  ``episode_stats="trajectory"`` the row scores of one episode may then differ; the
+  statistics weigh each episode once (each row ``1 / episode length``, the std corrected
+  for the number of episodes).
 """
 
 from __future__ import annotations
@@ -38,7 +44,16 @@ from typing import Hashable, Sequence
 import torch
 from torch import Tensor
 
-from .grouping import dense_ids, discounted_returns, group_moments, normalize_in_groups, pair_ids, trajectory_table
+from .grouping import (
+    dense_ids,
+    discounted_returns,
+    episode_weights,
+    group_moments,
+    normalize_in_groups,
+    normalize_weighted,
+    pair_ids,
+    trajectory_table,
+)
 from .registry import AdvantageInputs, AdvantageOutput, register_estimator
 
 EPISODE_STATS = ("trajectory", "step")
@@ -113,21 +128,21 @@ def gigpo(
     if n == 0:
         return AdvantageOutput(torch.zeros(0), {"frac_zero_std_groups": 0.0})
     rewards = inputs.rewards.to(torch.float64)
+    penalty = inputs.row_penalty()
 
     returns, traj_group, row_traj = trajectory_table(rewards, inputs.traj_id, inputs.group_id)
-    if episode_stats == "trajectory":
-        episode_adv, constant = normalize_in_groups(returns, traj_group, mode, eps)
-        episode_adv = episode_adv[row_traj]
-    else:
-        row_group = traj_group[row_traj]
-        episode_adv, constant = normalize_in_groups(returns[row_traj], row_group, mode, eps)
+    score = returns[row_traj] - penalty  # [N] each row's episode score
+    weight, units, row_group = episode_weights(row_traj, traj_group)
+    if episode_stats == "step":  # every row counts once
+        weight = torch.ones_like(weight)
+        units = torch.zeros_like(units).index_add_(0, row_group, weight)
+    episode_adv, constant = normalize_weighted(score, weight, row_group, units, mode, eps)
 
-    row_group, _ = dense_ids(inputs.group_id)
     anchor = inputs.anchor_id
     if similarity_threshold < 1.0:
         anchor = merge_similar_anchors(anchor, row_group, inputs.anchors, similarity_threshold)
     step_group, _ = pair_ids(row_group, anchor)
-    step_returns = discounted_returns(rewards, inputs.traj_id, inputs.step, gamma)
+    step_returns = discounted_returns(rewards, inputs.traj_id, inputs.step, gamma) - penalty
     step_adv, _ = normalize_in_groups(step_returns, step_group, mode, eps)
     _, _, sizes, _ = group_moments(step_returns, step_group)
 

@@ -67,6 +67,62 @@ def group_moments(values: Tensor, group: Tensor, num_groups: int | None = None) 
     return mean, std, count, vmax == vmin
 
 
+def episode_weights(row_traj: Tensor, traj_group: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Row weights under which each episode counts once.
+
+    Args:
+        row_traj: ``[N]`` dense episode index of each row; traj_group: ``[T]`` dense group
+            index of each episode (both from :func:`trajectory_table`).
+
+    Returns:
+        ``weight`` ``[N]`` (``1 / length`` of the row's episode), ``units`` ``[K]`` (episodes
+        per group: what the weights of a group add up to) and ``row_group`` ``[N]``.
+    """
+    length = torch.zeros(traj_group.numel(), dtype=torch.float64).index_add_(0, row_traj, torch.ones(row_traj.numel(), dtype=torch.float64))
+    k = int(traj_group.max()) + 1 if traj_group.numel() else 0
+    units = torch.zeros(k, dtype=torch.float64).index_add_(0, traj_group, torch.ones(traj_group.numel(), dtype=torch.float64))
+    return 1.0 / length[row_traj], units, traj_group[row_traj]
+
+
+def weighted_group_moments(values: Tensor, weight: Tensor, group: Tensor, units: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean, Bessel-corrected std and "all equal" flag per group, each row weighted.
+
+    Args:
+        values, weight: ``[M]``; group: ``[M]`` dense index in ``0..K-1``.
+        units: ``[K]``, what the weights of each group add up to (the sample size the
+            std corrects for): episodes when each row weighs ``1 / episode length``, rows
+            when every weight is 1.
+
+    Returns:
+        ``mean`` ``[K]`` (``sum(w v) / units``), ``std`` ``[K]`` (``sqrt(sum(w (v - mean)^2) /
+        (units - 1))``, 0 where ``units <= 1``) and ``constant`` ``[K]`` (all values equal).
+        With one value per unit this is :func:`group_moments`.
+    """
+    k = units.numel()
+    mean = torch.zeros(k, dtype=values.dtype).index_add_(0, group, weight * values) / units.clamp(min=1)
+    sq = torch.zeros(k, dtype=values.dtype).index_add_(0, group, weight * (values - mean[group]) ** 2)
+    std = torch.where(units > 1, (sq / (units - 1).clamp(min=1)).clamp(min=0).sqrt(), torch.zeros_like(sq))
+    vmax = torch.full((k,), -torch.inf, dtype=values.dtype).scatter_reduce(0, group, values, "amax")
+    vmin = torch.full((k,), torch.inf, dtype=values.dtype).scatter_reduce(0, group, values, "amin")
+    return mean, std, vmax == vmin
+
+
+def normalize_weighted(values: Tensor, weight: Tensor, group: Tensor, units: Tensor, mode: str,
+                       eps: float) -> tuple[Tensor, Tensor]:
+    """:func:`normalize_in_groups` with weighted statistics (:func:`weighted_group_moments`).
+    A group whose values are all equal, whose ``units`` are at most 1 (no baseline) or
+    whose std underflows to 0 gets exactly 0. Returns ``[M]`` and the "no signal" flags ``[K]``."""
+    if mode not in NORM_MODES:
+        raise ValueError(f"normalisation mode must be one of {NORM_MODES}, got {mode!r}")
+    mean, std, constant = weighted_group_moments(values, weight, group, units)
+    constant = constant | (units <= 1)
+    out = values - mean[group]
+    if mode == "mean_std_norm":
+        constant = constant | (std + eps == 0)
+        out = out / (std[group] + eps)
+    return torch.where(constant[group], torch.zeros_like(out), out), constant
+
+
 def normalize_in_groups(values: Tensor, group: Tensor, mode: str, eps: float) -> tuple[Tensor, Tensor]:
     """``values`` ``[M]`` minus their group's mean (``mean_norm``), and over the group's std
     plus ``eps`` (``mean_std_norm``). A group whose values are all equal, a group of one

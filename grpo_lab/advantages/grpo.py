@@ -16,13 +16,18 @@ episode receives that value. Departures and choices:
   std of all episode returns in the batch instead of the group's.
 - A group whose returns are all equal gets exactly zero advantage (it carries no
   learning signal), and is counted in ``frac_zero_std_groups``.
+- With a row penalty (``AdvantageInputs.penalty``, ``algo.penalty_placement=row``) a
+  row's score is its episode's return minus its own penalty, so rows of one episode may
+  differ; the statistics still weigh each episode once (each row ``1 / episode length``;
+  the std corrects for the number of episodes), and "all equal" means all row scores.
+  Without a penalty this is exactly the per-episode computation above.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .grouping import group_moments, trajectory_table
+from .grouping import episode_weights, trajectory_table, weighted_group_moments
 from .registry import AdvantageInputs, AdvantageOutput, register_estimator
 
 SCALE_MODES = ("group", "batch", "none")
@@ -49,16 +54,20 @@ def grpo(inputs: AdvantageInputs, *, scale_rewards: str = "group", eps: float = 
         return AdvantageOutput(torch.zeros(0), {"frac_zero_std_groups": 0.0})
     rewards = inputs.rewards.to(torch.float64)
     returns, traj_group, row_traj = trajectory_table(rewards, inputs.traj_id, inputs.group_id)
-    mean, std, _, constant = group_moments(returns, traj_group)
-    centered = returns - mean[traj_group]
+    score = returns[row_traj] - inputs.row_penalty()  # [N] each row's episode score
+    weight, units, row_group = episode_weights(row_traj, traj_group)
+    mean, std, constant = weighted_group_moments(score, weight, row_group, units)
+    constant = constant | (units <= 1)
+    centered = score - mean[row_group]
     if scale_rewards == "group":
         constant = constant | (std + eps == 0)  # a std that underflows to 0: no signal, not 0 / 0
-        adv = centered / (std[traj_group] + eps)
+        adv = centered / (std[row_group] + eps)
     elif scale_rewards == "batch":
-        batch_std = returns.std() if returns.numel() > 1 else returns.new_zeros(())
-        adv = centered / (batch_std + eps)
+        everyone = torch.zeros_like(row_group)
+        _, batch_std, _ = weighted_group_moments(score, weight, everyone, units.sum().reshape(1))
+        adv = centered / (batch_std[0] + eps)
     else:
         adv = centered
-    adv = torch.where(constant[traj_group], torch.zeros_like(adv), adv)
+    adv = torch.where(constant[row_group], torch.zeros_like(adv), adv)
     metrics = {"frac_zero_std_groups": float(constant.float().mean())}
-    return AdvantageOutput(adv[row_traj].to(inputs.rewards.dtype), metrics)
+    return AdvantageOutput(adv.to(inputs.rewards.dtype), metrics)

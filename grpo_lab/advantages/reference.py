@@ -21,6 +21,39 @@ def _normalise(values: list[float], mode: str, eps: float) -> list[float]:
     return [(v - mean) / (std + eps) for v in values]
 
 
+def _normalise_weighted(values: list[float], weights: list[float], units: float, mode: str, eps: float) -> list[float]:
+    """Each value weighted; ``units`` is what the weights add up to (the std's sample size)."""
+    if units <= 1 or max(values) == min(values):
+        return [0.0] * len(values)
+    mean = sum(w * v for w, v in zip(weights, values)) / units
+    if mode == "mean_norm":
+        return [v - mean for v in values]
+    std = math.sqrt(sum(w * (v - mean) ** 2 for w, v in zip(weights, values)) / (units - 1))
+    if std + eps == 0:
+        return [0.0] * len(values)
+    return [(v - mean) / (std + eps) for v in values]
+
+
+def _row_scores(rewards, group_id, traj_id, penalty):
+    """Per row: its episode's return minus its own penalty, and ``1 / episode length``;
+    the rows of each group; the episodes of each group."""
+    n = len(rewards)
+    penalty = penalty if penalty is not None else [0.0] * n
+    returns: dict[int, float] = defaultdict(float)
+    length: dict[int, int] = defaultdict(int)
+    for r, t in zip(rewards, traj_id):
+        returns[t] += r
+        length[t] += 1
+    rows_of_group: dict[int, list[int]] = defaultdict(list)
+    trajs_of_group: dict[int, set] = defaultdict(set)
+    for i in range(n):
+        rows_of_group[group_id[i]].append(i)
+        trajs_of_group[group_id[i]].add(traj_id[i])
+    score = [returns[traj_id[i]] - penalty[i] for i in range(n)]
+    weight = [1.0 / length[traj_id[i]] for i in range(n)]
+    return score, weight, rows_of_group, trajs_of_group
+
+
 def _episodes(rewards, group_id, traj_id):
     returns: dict[int, float] = defaultdict(float)
     group_of: dict[int, int] = {}
@@ -33,66 +66,71 @@ def _episodes(rewards, group_id, traj_id):
     return returns, by_group
 
 
-def grpo_loop(rewards, group_id, traj_id, scale_rewards="group", eps=1e-6) -> list[float]:
-    returns, by_group = _episodes(rewards, group_id, traj_id)
-    all_returns = list(returns.values())
-    batch_std = statistics.stdev(all_returns) if len(all_returns) > 1 else 0.0
-    adv: dict[int, float] = {}
-    for trajs in by_group.values():
-        values = [returns[t] for t in trajs]
-        if max(values) == min(values):
-            adv.update({t: 0.0 for t in trajs})
+def grpo_loop(rewards, group_id, traj_id, scale_rewards="group", eps=1e-6, penalty=None) -> list[float]:
+    score, weight, rows_of_group, trajs_of_group = _row_scores(rewards, group_id, traj_id, penalty)
+    everyone = list(range(len(rewards)))
+    total = sum(len(t) for t in trajs_of_group.values())
+    batch_std = 0.0
+    if total > 1:
+        batch_mean = sum(weight[i] * score[i] for i in everyone) / total
+        batch_std = math.sqrt(sum(weight[i] * (score[i] - batch_mean) ** 2 for i in everyone) / (total - 1))
+    adv = [0.0] * len(rewards)
+    for g, rows in rows_of_group.items():
+        units = len(trajs_of_group[g])
+        values = [score[i] for i in rows]
+        if units <= 1 or max(values) == min(values):
             continue
-        mean = sum(values) / len(values)
-        for t, v in zip(trajs, values):
-            if scale_rewards == "group":
-                adv[t] = (v - mean) / (statistics.stdev(values) + eps)
-            elif scale_rewards == "batch":
-                adv[t] = (v - mean) / (batch_std + eps)
-            else:
-                adv[t] = v - mean
-    return [adv[t] for t in traj_id]
+        if scale_rewards == "group":
+            out = _normalise_weighted(values, [weight[i] for i in rows], units, "mean_std_norm", eps)
+        else:
+            centered = _normalise_weighted(values, [weight[i] for i in rows], units, "mean_norm", eps)
+            out = [c / (batch_std + eps) for c in centered] if scale_rewards == "batch" else centered
+        for i, v in zip(rows, out):
+            adv[i] = v
+    return adv
 
 
-def rloo_loop(rewards, group_id, traj_id) -> list[float]:
-    returns, by_group = _episodes(rewards, group_id, traj_id)
-    adv: dict[int, float] = {}
-    for trajs in by_group.values():
-        values = [returns[t] for t in trajs]
-        for t, v in zip(trajs, values):
-            others = [returns[u] for u in trajs if u != t]
-            adv[t] = 0.0 if not others or max(values) == min(values) else v - sum(others) / len(others)
-    return [adv[t] for t in traj_id]
+def rloo_loop(rewards, group_id, traj_id, penalty=None) -> list[float]:
+    score, weight, rows_of_group, trajs_of_group = _row_scores(rewards, group_id, traj_id, penalty)
+    mean_score: dict[int, float] = defaultdict(float)  # each episode's mean row score
+    for i, t in enumerate(traj_id):
+        mean_score[t] += weight[i] * score[i]
+    adv = [0.0] * len(rewards)
+    for g, rows in rows_of_group.items():
+        trajs = trajs_of_group[g]
+        if len(trajs) < 2 or max(score[i] for i in rows) == min(score[i] for i in rows):
+            continue
+        for i in rows:
+            others = [mean_score[u] for u in trajs if u != traj_id[i]]
+            adv[i] = score[i] - sum(others) / len(others)
+    return adv
 
 
 def gigpo_loop(
     rewards, group_id, traj_id, step, anchors: Sequence[Hashable], gamma=0.95, step_weight=1.0, mode="mean_norm",
-    episode_stats="trajectory", similarity_threshold=1.0, eps=1e-6,
+    episode_stats="trajectory", similarity_threshold=1.0, eps=1e-6, penalty=None,
 ) -> list[float]:
     n = len(rewards)
-    returns, by_group = _episodes(rewards, group_id, traj_id)
-    rows_of_group: dict[int, list[int]] = defaultdict(list)
+    penalty = penalty if penalty is not None else [0.0] * n
+    score, weight, rows_of_group, trajs_of_group = _row_scores(rewards, group_id, traj_id, penalty)
     rows_of_traj: dict[int, list[int]] = defaultdict(list)
     for i in range(n):
-        rows_of_group[group_id[i]].append(i)
         rows_of_traj[traj_id[i]].append(i)
     episode_adv = [0.0] * n
-    for g, trajs in by_group.items():
+    for g, rows in rows_of_group.items():
         if episode_stats == "trajectory":
-            for t, v in zip(trajs, _normalise([returns[t] for t in trajs], mode, eps)):
-                for i in rows_of_traj[t]:
-                    episode_adv[i] = v
+            out = _normalise_weighted([score[i] for i in rows], [weight[i] for i in rows], len(trajs_of_group[g]), mode, eps)
         else:
-            rows = rows_of_group[g]
-            for i, v in zip(rows, _normalise([returns[traj_id[i]] for i in rows], mode, eps)):
-                episode_adv[i] = v
+            out = _normalise_weighted([score[i] for i in rows], [1.0] * len(rows), len(rows), mode, eps)
+        for i, v in zip(rows, out):
+            episode_adv[i] = v
     # discounted step returns, episode by episode
     step_return = [0.0] * n
     for rows in rows_of_traj.values():
         running = 0.0
         for i in sorted(rows, key=lambda i: step[i], reverse=True):
             running = rewards[i] + gamma * running
-            step_return[i] = running
+            step_return[i] = running - penalty[i]
     # step groups: equal anchors inside one episode group, then (single linkage) similar ones
     step_adv = [0.0] * n
     for g, rows in rows_of_group.items():
@@ -167,13 +205,14 @@ def tree_grpo_loop(rewards, group_id, tree_id, node_id, parent_id, mode="mean_st
     return [sum(leaf_adv[j] for j in below[i]) / div(i) for i in range(n)]
 
 
-def treerpo_loop(rewards, tree_id, node_id, parent_id, mode="mean_std_norm", eps=1e-6) -> list[float]:
+def treerpo_loop(rewards, group_id, tree_id, node_id, parent_id, mode="mean_std_norm", eps=1e-6, penalty=None) -> list[float]:
     n = len(rewards)
+    penalty = penalty if penalty is not None else [0.0] * n
     _, _, returns, below = _tree_walk(rewards, tree_id, node_id, parent_id)
-    value = [sum(returns[j] for j in below[i]) / len(below[i]) for i in range(n)]
-    siblings: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i in range(n):
-        siblings[(tree_id[i], parent_id[i])].append(i)
+    value = [sum(returns[j] for j in below[i]) / len(below[i]) - penalty[i] for i in range(n)]
+    siblings: dict[tuple, list[int]] = defaultdict(list)
+    for i in range(n):  # the prompt's children are siblings across its trees
+        siblings[("prompt", group_id[i]) if parent_id[i] < 0 else ("tree", tree_id[i], parent_id[i])].append(i)
     adv = [0.0] * n
     for rows in siblings.values():
         for i, v in zip(rows, _normalise([value[i] for i in rows], mode, eps)):
@@ -181,9 +220,9 @@ def treerpo_loop(rewards, tree_id, node_id, parent_id, mode="mean_std_norm", eps
     return adv
 
 
-def copo_loop(rewards, group_id, traj_id, b=0.5, k=1.0, entropy_coef=True, blend="soft_forced", eps=1e-6):
+def copo_loop(rewards, group_id, traj_id, b=0.5, k=1.0, entropy_coef=True, blend="soft_forced", eps=1e-6, penalty=None):
     """Returns (local advantages, global advantages, local weights), one entry per row."""
-    local = grpo_loop(rewards, group_id, traj_id, "group", eps)
+    local = grpo_loop(rewards, group_id, traj_id, "group", eps, penalty)
     returns, by_group = _episodes(rewards, group_id, traj_id)
     global_reward, weight = {}, {}
     for g, trajs in by_group.items():

@@ -27,6 +27,10 @@ class AdvantageInputs:
     - ``success`` ``[N]`` bool or None: the episode was won at this row.
     - ``tree_id``, ``node_id``, ``parent_id`` ``[N]`` long or None: tree sampling
       bookkeeping (see ``grpo_lab.advantages.trees``); -1 everywhere means chains.
+    - ``penalty`` ``[N]`` float >= 0 or None: a penalty each row pays on its own scores
+      (``algo.penalty_placement=row``, see :mod:`grpo_lab.advantages.shaping`): an
+      estimator subtracts it from that row's episode score and step return, and from
+      nothing else. ``None`` is no penalty (or one already folded into ``rewards``).
     """
 
     rewards: Tensor
@@ -39,6 +43,7 @@ class AdvantageInputs:
     tree_id: Tensor | None = None
     node_id: Tensor | None = None
     parent_id: Tensor | None = None
+    penalty: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.rewards.shape[0] if self.rewards.dim() == 1 else -1
@@ -46,13 +51,22 @@ class AdvantageInputs:
             raise ValueError(f"rewards must be one-dimensional [N], got shape {tuple(self.rewards.shape)}")
         if self.anchors is not None and len(self.anchors) != n:
             raise ValueError(f"anchors has {len(self.anchors)} rows, expected {n} like rewards")
-        for name in ("group_id", "traj_id", "step", "anchor_id", "success", "tree_id", "node_id", "parent_id"):
+        for name in ("group_id", "traj_id", "step", "anchor_id", "success", "tree_id", "node_id", "parent_id", "penalty"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != (n,):
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected ({n},) like rewards")
         if not torch.isfinite(self.rewards).all():
             bad = torch.nonzero(~torch.isfinite(self.rewards)).flatten().tolist()[:5]
             raise ValueError(f"rewards must be finite; non-finite values at rows {bad}")
+        if self.penalty is not None and not bool(((self.penalty >= 0) & torch.isfinite(self.penalty)).all()):
+            bad = torch.nonzero(~((self.penalty >= 0) & torch.isfinite(self.penalty))).flatten().tolist()[:5]
+            raise ValueError(f"penalty must be finite and >= 0; bad values at rows {bad}")
+
+    def row_penalty(self) -> Tensor:
+        """``[N]`` float64: each row's own penalty (zeros without one)."""
+        if self.penalty is None:
+            return torch.zeros(self.rewards.shape[0], dtype=torch.float64)
+        return self.penalty.to(torch.float64)
 
 
 @dataclass

@@ -9,13 +9,17 @@ Learning from Human Feedback in LLMs": each episode's baseline is the mean retur
 
 There is no std division. A group of one has no baseline and gets 0; so does a group
 whose returns are all equal.
+
+With a row penalty (``AdvantageInputs.penalty``) a row's score is its episode's return
+minus its own penalty, and the baseline is the mean over the other episodes of their
+mean row score.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .grouping import group_moments, trajectory_table
+from .grouping import episode_weights, trajectory_table, weighted_group_moments
 from .registry import AdvantageInputs, AdvantageOutput, register_estimator
 
 
@@ -33,8 +37,14 @@ def rloo(inputs: AdvantageInputs) -> AdvantageOutput:
         return AdvantageOutput(torch.zeros(0), {"frac_zero_std_groups": 0.0})
     rewards = inputs.rewards.to(torch.float64)
     returns, traj_group, row_traj = trajectory_table(rewards, inputs.traj_id, inputs.group_id)
-    mean, _, count, constant = group_moments(returns, traj_group)
-    size = count[traj_group]
-    adv = (returns - mean[traj_group]) * size / (size - 1).clamp(min=1)
-    adv = torch.where(constant[traj_group], torch.zeros_like(adv), adv)
-    return AdvantageOutput(adv[row_traj].to(inputs.rewards.dtype), {"frac_zero_std_groups": float(constant.float().mean())})
+    penalty = inputs.row_penalty()
+    score = returns[row_traj] - penalty  # [N]
+    weight, units, row_group = episode_weights(row_traj, traj_group)
+    mean, _, constant = weighted_group_moments(score, weight, row_group, units)
+    constant = constant | (units <= 1)
+    # the episode's own mean score, and the mean of the others' (units * mean sums every episode's)
+    own = torch.zeros_like(returns).index_add_(0, row_traj, weight * score)[row_traj]
+    size = units[row_group]
+    adv = score - (size * mean[row_group] - own) / (size - 1).clamp(min=1)
+    adv = torch.where(constant[row_group], torch.zeros_like(adv), adv)
+    return AdvantageOutput(adv.to(inputs.rewards.dtype), {"frac_zero_std_groups": float(constant.float().mean())})

@@ -22,6 +22,10 @@ Choices stated:
   (the reference returns the raw reward for a group of one).
 - Chains (no tree columns) are read as one path per episode, which makes the intra-tree
   term 0 and the whole estimator equal to GRPO with group std (either ``node_reduce``).
+- The invalid-action penalty must be in the rewards (``algo.penalty_placement=episode``,
+  so it enters the return of every path through the penalised node): an inner node's
+  advantage is built from the leaves below it, and there is no score of its own that a
+  row penalty could lower. A row penalty (``AdvantageInputs.penalty``) raises.
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ def tree_grpo(
     """
     if node_reduce not in ("sum", "mean"):
         raise ValueError(f"node_reduce must be 'sum' or 'mean', got {node_reduce!r}")
+    if inputs.penalty is not None and bool((inputs.penalty != 0).any()):
+        raise ValueError("tree_grpo takes the invalid-action penalty in the rewards (algo.penalty_placement=episode), "
+                         "not as a row penalty: an inner node has no score of its own to lower")
     n = inputs.rewards.numel()
     if n == 0:
         return AdvantageOutput(torch.zeros(0), {"frac_zero_std_groups": 0.0})

@@ -3,6 +3,10 @@
 A tree batch has one row per node. ``tree_id`` names the tree, ``node_id`` the node
 inside it, ``parent_id`` its parent's ``node_id`` in the same tree (-1 for a node that
 hangs from the prompt). A node that is no row's parent is a leaf.
+
+Siblings are the children of one parent. The nodes that hang from the prompt are the
+prompt's children, whatever tree they start: with ``group_id`` (the prompt) given, the
+top-level nodes of all trees of one prompt form one sibling group.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from .grouping import pair_ids
 @dataclass(frozen=True)
 class TreeIndex:
     """``parent`` ``[N]``: row index of each row's parent (-1 at the top); ``depth`` ``[N]``
-    (0 at the top); ``is_leaf`` ``[N]``; ``sibling_group`` ``[N]``: dense id of (tree, parent)."""
+    (0 at the top); ``is_leaf`` ``[N]``; ``sibling_group`` ``[N]``: dense id of (tree,
+    parent) below the top, and of the prompt for top-level nodes (see the module docstring)."""
 
     parent: Tensor
     depth: Tensor
@@ -26,8 +31,10 @@ class TreeIndex:
     sibling_group: Tensor
 
 
-def tree_index(tree_id: Tensor, node_id: Tensor, parent_id: Tensor) -> TreeIndex:
-    """Resolve parent rows and depths; raises on duplicate nodes, missing parents or cycles."""
+def tree_index(tree_id: Tensor, node_id: Tensor, parent_id: Tensor, group_id: Tensor | None = None) -> TreeIndex:
+    """Resolve parent rows and depths; raises on duplicate nodes, missing parents or cycles.
+    ``group_id`` ``[N]`` (the prompt of each row) makes the top-level nodes of a prompt's
+    trees siblings; without it each tree's top-level nodes are siblings of each other only."""
     n = tree_id.numel()
     if n == 0:
         empty = torch.zeros(0, dtype=torch.long)
@@ -60,7 +67,11 @@ def tree_index(tree_id: Tensor, node_id: Tensor, parent_id: Tensor) -> TreeIndex
         raise ValueError("the parent links contain a cycle")
     has_child = torch.zeros(n, dtype=torch.bool)
     has_child[parent[parent >= 0]] = True
-    sibling_group, _ = pair_ids(tree_id, parent_id)
+    if group_id is None:
+        sibling_group, _ = pair_ids(tree_id, parent_id)
+    else:  # top-level nodes by prompt, the others by (tree, parent)
+        owner, _ = pair_ids(top.long(), torch.where(top, group_id, tree_id))
+        sibling_group, _ = pair_ids(owner, torch.where(top, torch.full_like(parent_id, -1), parent_id))
     return TreeIndex(parent, depth, ~has_child, sibling_group)
 
 

@@ -11,13 +11,15 @@ Response Reuse" (AR3PO, arXiv 2509.25808):
   correct response of an earlier step from a per-prompt buffer, in place of one of its
   wrong responses (the group keeps its size), so its wrong responses get a negative
   advantage instead of none. New correct responses go into the buffer after each step.
-- **The reused response's importance ratio** (it was sampled by an older policy):
+- **The reused response's importance ratio** (it was sampled by an older policy; its
+  rows carry ``off_policy = True`` and keep that policy's log-probs from the buffer):
   ``reuse_mode="stop_gradient"`` (the paper's better option, our default) keeps it only
   in the group's statistics: its ``loss_mask`` is zero, so it gets no gradient and does
-  not count in the token normaliser. ``reuse_mode="off_policy"`` trains on it as if the
-  current policy had sampled it: the trainer replaces its rollout log-probs by the
-  current policy's before the update, so its ratio starts at 1 and is clipped as usual
-  (biased, lower variance than the true ratio).
+  not count in the token normaliser. ``reuse_mode="off_policy"`` trains on it with the
+  importance weight ``min(pi_old / pi_behaviour, algo.off_policy_is_cap)`` per token
+  (:func:`~grpo_lab.training.losses.behaviour_weights`; ``pi_old`` is the policy the
+  update starts from, and the PPO ratio ``pi / pi_old`` is clipped as usual). The cap
+  (default 2) is ours: the paper states no truncation.
 
 Departures: the "response" is an episode of an agent environment and "correct" means
 the episode was won; a prompt is identified by its task key (the initial state's anchor,
@@ -146,8 +148,8 @@ def adaptive_rollout(
             episodes after reuse is decided.
 
     Returns the batch (task ``i`` is group ``first_group_id + i``; trajectory ids are
-    ``group * max_responses + k``) and the stats. Reused rows have ``loss_mask`` zero
-    when ``config.reuse_mode == "stop_gradient"``.
+    ``group * max_responses + k``) and the stats. Reused rows have ``off_policy`` set,
+    and ``loss_mask`` zero when ``config.reuse_mode == "stop_gradient"``.
     """
     if len(seeds) != len(keys):
         raise ValueError(f"{len(seeds)} seeds but {len(keys)} keys")
@@ -174,6 +176,7 @@ def adaptive_rollout(
             old = buffer.sample(keys[i])
             if old is None:
                 continue
+            old = replace(old, off_policy=torch.ones_like(old.off_policy))
             if config.reuse_mode == "stop_gradient":
                 old = replace(old, loss_mask=[torch.zeros_like(m) for m in old.loss_mask])
             episodes[i][-1] = old  # replaces a wrong episode: the group keeps its size

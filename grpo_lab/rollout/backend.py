@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Hashable, Iterable, Protocol, Sequence, runtime_checkable
 
+import torch
 from torch import Tensor
 
 
@@ -19,9 +20,12 @@ from torch import Tensor
 class SamplingParams:
     """How to sample one completion per prompt.
 
-    ``temperature == 0`` means greedy decoding. Log-probs are reported under the
-    temperature-scaled distribution (``log_softmax(logits / temperature)``) before top-p
-    truncation, which is what the training forward computes.
+    ``temperature == 0`` means greedy decoding. Every backend reports each token's
+    log-prob under the distribution it was sampled from (:func:`sampling_logprobs`):
+    the temperature-scaled distribution, restricted to the top-p set and renormalised.
+    With ``top_p = 1`` that is what the training forward computes; with ``top_p < 1`` it
+    is higher by ``-log`` of the kept mass, and the trainer's importance weights
+    (``algo.tis_cap``) then correct for the truncation.
 
     ``seed`` makes this one request's sample a function of the seed, the prompt and the
     weights alone: it does not change with what else is in the batch, so any schedule of
@@ -52,6 +56,30 @@ class SamplingParams:
         return replace(self, max_tokens=max_tokens)
 
 
+def top_p_mask(logits: Tensor, top_p: float) -> Tensor:
+    """``[..., V]`` bool, True on the tokens outside the top-p set of each row (the
+    smallest set of most likely tokens whose probability reaches ``top_p``; never empty).
+    The same set as Hugging Face's ``TopPLogitsWarper`` and vLLM's top-p sampler."""
+    if top_p >= 1:
+        return torch.zeros_like(logits, dtype=torch.bool)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    outside_sorted = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+    outside_sorted[..., 0] = False
+    return torch.zeros_like(outside_sorted).scatter(-1, order, outside_sorted)
+
+
+def sampling_logprobs(logits: Tensor, tokens: Tensor, temperature: float, top_p: float) -> Tensor:
+    """The log-prob of ``tokens`` ``[...]`` under the distribution a sampler with these
+    parameters draws from, given raw ``logits`` ``[..., V]``: ``log_softmax`` of
+    ``logits / temperature`` over the top-p set (greedy, ``temperature = 0``: the
+    untempered distribution). What :attr:`Completion.logprobs` holds."""
+    scaled = logits.float() / temperature if temperature > 0 else logits.float()
+    if temperature > 0 and top_p < 1:
+        scaled = scaled.masked_fill(top_p_mask(scaled, top_p), float("-inf"))
+    return torch.log_softmax(scaled, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
 def per_request(params: "SamplingParams | Sequence[SamplingParams]", n: int) -> list[SamplingParams]:
     """``n`` per-request parameters from one shared value or a list of ``n``."""
     if isinstance(params, SamplingParams):
@@ -64,8 +92,9 @@ def per_request(params: "SamplingParams | Sequence[SamplingParams]", n: int) -> 
 
 @dataclass
 class Completion:
-    """One generated response: its token ids, the log-prob of each, and why it ended
-    (``"stop"``: end-of-sequence token or a stop string; ``"length"``: ``max_tokens``)."""
+    """One generated response: its token ids, the log-prob of each under the distribution
+    it was sampled from (:func:`sampling_logprobs`), and why it ended (``"stop"``:
+    end-of-sequence token or a stop string; ``"length"``: ``max_tokens``)."""
 
     token_ids: list[int]
     logprobs: list[float]

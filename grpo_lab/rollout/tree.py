@@ -5,8 +5,10 @@ estimators need come out of the rollout itself.
 Tree-GRPO (Ji et al., 2025, "Tree Search for LLM Agent Reinforcement Learning"): for each
 prompt, ``trees_per_prompt`` (M) trees each start as one complete chain; then ``rounds``
 (L) expansion rounds each pick ``nodes_per_round`` (N) nodes of every tree at random
-among its non-leaf nodes and, from each, sample one new continuation to the end of the
-episode; its first node becomes a new child of the picked node. A node is one agent step
+among its non-leaf nodes and its root (the prompt; ``expand_root``, as the official
+Tree-GRPO includes the root among its expansion candidates) and, from each, sample one
+new continuation to the end of the episode; its first node becomes a new child of the
+picked node (a new top-level node, ``parent_id = -1``, when the root was picked). A node is one agent step
 (``node="step"``: the answer of one turn and the environment's reply).
 
 TreeRPO (Yang et al., 2025, "TreeRPO: Tree Relative Policy Optimization"): the same
@@ -56,6 +58,7 @@ class TreeSamplerConfig:
     nodes_per_round: int = 2
     node: str = "step"
     segment_tokens: int = 8
+    expand_root: bool = True  # the root (the prompt) is an expansion candidate too
 
     def __post_init__(self) -> None:
         for name in ("trees_per_prompt", "nodes_per_round", "segment_tokens"):
@@ -76,7 +79,8 @@ class TreeStats:
     """What a tree rollout spent: ``generated_tokens``; ``env_steps`` (new tool calls);
     ``replayed_env_steps`` (steps replayed to resume a continuation); ``nodes``;
     ``leaves``; ``generate_calls``; ``expansions_short``: picks that a tree could not
-    make because it had fewer non-leaf nodes than ``nodes_per_round``."""
+    make because it had fewer candidates (non-leaf nodes, and the root) than
+    ``nodes_per_round``."""
 
     generated_tokens: int = 0
     env_steps: int = 0
@@ -151,6 +155,7 @@ def sample_trees(
 
     # initial chains: one per tree, from a virtual root (node -1) holding the reset state
     live: list[_Branch] = []
+    roots: dict[int, _Node] = {}
     tree_counter = first_group_id * tree.trees_per_prompt
     for i, seed in enumerate(seeds):
         for _ in range(tree.trees_per_prompt):
@@ -158,6 +163,7 @@ def sample_trees(
             obs = env.reset(int(seed))
             root = _Node(tree_counter, -1, -1, first_group_id + i, int(seed), (), (), obs, 0, False, None, ())
             nodes_of_tree[tree_counter], next_node[tree_counter] = [], 0
+            roots[tree_counter] = root
             live.append(new_branch(root, env))
             tree_counter += 1
     _grow(live, backend, encoder, instruction, config, tree, stats, rows, nodes_of_tree, next_node)
@@ -165,7 +171,7 @@ def sample_trees(
     for _ in range(tree.rounds):
         live = []
         for tree_id, nodes in nodes_of_tree.items():
-            candidates = [n for n in nodes if not n.done]
+            candidates = ([roots[tree_id]] if tree.expand_root else []) + [n for n in nodes if not n.done]
             picks = rng.sample(candidates, min(tree.nodes_per_round, len(candidates)))
             stats.expansions_short += tree.nodes_per_round - len(picks)
             for node in picks:

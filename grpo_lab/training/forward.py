@@ -24,6 +24,7 @@ def response_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     pad_id: int = 0,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Log-probs of each response token under ``model``, one row per (prompt, response).
 
@@ -37,7 +38,9 @@ def response_logprobs(
     Returns:
         ``logprobs`` ``[B, R]`` (``R = max R_i``, zero past each row's end), ``mask``
         ``[B, R]`` (1 on real response tokens) and, if asked, ``entropy`` ``[B, R]`` of
-        the temperature-scaled next-token distribution (detached).
+        the temperature-scaled next-token distribution (detached unless ``entropy_grad``:
+        an entropy bonus needs its gradient, which keeps a ``[B, R, V]`` tensor for the
+        backward).
     """
     device = next(model.parameters()).device
     seqs = [torch.cat([p, r]) for p, r in zip(prompt_ids, response_ids)]
@@ -58,8 +61,11 @@ def response_logprobs(
     logp_all = torch.log_softmax(picked, dim=-1)
     targets = pad_rows(list(response_ids), pad_id, torch.long).to(device)
     logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1) * mask
+    entropy = token_entropy(logp_all, entropy_grad) * mask if with_entropy else None
     return logprobs, mask.float(), entropy
+
+
+def token_entropy(logp_all: Tensor, with_grad: bool = False) -> Tensor:
+    """``[..., V]`` log-probs to the entropy ``[...]`` of each distribution."""
+    with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
+        return -(logp_all.exp() * logp_all).sum(-1)

@@ -88,12 +88,17 @@ def _clipped_terms(
     return loss, is_clipped, low, high
 
 
+#: GSPO's sequence log-ratio is clamped at this value before ``exp`` (as verl does)
+SEQUENCE_LOG_RATIO_MAX = 10.0
+
+
 def sequence_log_ratio(log_ratio: Tensor, mask: Tensor) -> Tensor:
     """GSPO's per-token log-ratio ``[B, T]``: its value is the row's length-normalised
-    sequence log-ratio ``mean_t(log_ratio)``, and its gradient flows through each token's
-    own log-prob (the GSPO-token form, Zheng et al. 2025)."""
+    sequence log-ratio ``mean_t(log_ratio)``, clamped above at
+    :data:`SEQUENCE_LOG_RATIO_MAX` (no gradient past it), and its gradient flows through
+    each token's own log-prob (the GSPO-token form, Zheng et al. 2025)."""
     seq = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
-    return seq.detach() + log_ratio - log_ratio.detach()
+    return torch.clamp(seq.detach() + log_ratio - log_ratio.detach(), max=SEQUENCE_LOG_RATIO_MAX)
 
 
 def clipped_policy_loss(
@@ -123,8 +128,14 @@ def clipped_policy_loss(
     Options: ``dual_clip_c`` (> 1) caps the loss of negative-advantage tokens at
     ``-A * c`` (dual-clip PPO, Ye et al. 2020); ``ratio_level="sequence"`` uses GSPO's
     length-normalised sequence ratio for every token of a row (Zheng et al. 2025, "Group
-    Sequence Policy Optimization"); ``tis_weights`` ``[B, T]`` (detached) multiply the
-    per-token loss (truncated importance sampling, see :func:`truncated_is_weights`).
+    Sequence Policy Optimization"; its clip range is about 1e-3 wide, 3e-4/4e-4 in the
+    paper, and its aggregation ``seq-mean-token-mean``: ``AlgoConfig`` defaults to those);
+    ``tis_weights`` ``[B, T]`` (detached) multiply the per-token loss (truncated
+    importance sampling, see :func:`truncated_is_weights`).
+
+    With one optimizer pass over freshly sampled rows, ``old_logprobs`` are the current
+    log-probs detached, so every ratio, token or sequence, is exactly 1 and nothing is
+    clipped: the loss gradient is the plain policy gradient (times ``tis_weights``).
 
     Args:
         logprobs: ``[B, T]`` log-probs of the taken tokens under the current policy.
@@ -222,6 +233,16 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3", cl
     biased), ``k3 = exp(-d) - 1 + d`` (unbiased, low variance, non-negative; clamped to
     ``[-clamp, clamp]`` as in verl, since ``exp(-d)`` explodes where the policy has
     moved far below the reference).
+
+    As a *loss* the estimates are differentiated through ``logprobs`` on samples that
+    stay fixed, and their expected gradients are not all that of KL(policy || reference):
+
+    - ``k1``: ``E_pi[grad log pi] = 0``: no KL gradient at all, only noise;
+    - ``k2``: ``E_pi[d grad log pi]``, the gradient of KL(policy || reference);
+    - ``k3``: ``E_pi[(1 - ref / pi) grad log pi] = -sum ref grad log pi``, the gradient
+      of the forward KL(reference || policy).
+
+    ``tests/test_losses.py`` checks each by exact expectation over a small vocabulary.
     """
     d = logprobs - ref_logprobs
     if estimator == "k1":
@@ -231,6 +252,42 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3", cl
     if estimator == "k3":
         return torch.clamp(torch.exp(-d) - 1 + d, min=-clamp, max=clamp)
     raise ValueError(f"unknown KL estimator {estimator!r}; valid: {list(KL_ESTIMATORS)}")
+
+
+def behaviour_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, stale: Tensor,
+                      tis_cap: float | None, stale_cap: float) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """Per-token importance weights between the policy the update starts from and the
+    policy that sampled each row (decoupled PPO: Hilton et al. 2022, "Batch size-invariance
+    for policy optimization"; the PPO ratio stays ``pi / pi_old``).
+
+    - ``stale`` rows (``[B]`` bool; sampled by an earlier policy, e.g. AR3PO's reused
+      episodes): ``min(pi_old / pi_behaviour, stale_cap)``, ``rollout_logprobs`` being the
+      behaviour policy's;
+    - the other rows: :func:`truncated_is_weights` with ``tis_cap``, or 1 without one.
+
+    Returns ``None`` (no weights) when no row is stale and ``tis_cap`` is None, and metrics
+    ``tis_weight_mean``/``tis_frac_truncated`` (fresh rows, with TIS) and
+    ``off_policy_weight_mean``/``off_policy_frac_truncated`` (stale rows).
+    """
+    if stale_cap <= 0:
+        raise ValueError(f"the off-policy importance cap must be > 0, got {stale_cap}")
+    stale = stale.to(torch.bool).reshape(-1, 1).expand_as(mask)
+    if tis_cap is None and not bool(stale.any()):
+        return None, {}
+    raw = torch.exp((old_logprobs - rollout_logprobs).detach())
+    fresh = torch.clamp(raw, max=tis_cap) if tis_cap is not None else torch.ones_like(raw)
+    weights = torch.where(stale, torch.clamp(raw, max=stale_cap), fresh)
+    truncated = torch.where(stale, raw > stale_cap, raw > (tis_cap if tis_cap is not None else torch.inf)).to(weights.dtype)
+    mask = mask.to(weights.dtype)
+    fresh_mask, stale_mask = mask * (~stale).to(mask.dtype), mask * stale.to(mask.dtype)
+    metrics: dict[str, Tensor] = {}
+    if tis_cap is not None and bool(fresh_mask.any()):
+        metrics["tis_weight_mean"] = _masked_mean(weights, fresh_mask)
+        metrics["tis_frac_truncated"] = _masked_mean(truncated, fresh_mask)
+    if bool(stale_mask.any()):
+        metrics["off_policy_weight_mean"] = _masked_mean(weights, stale_mask)
+        metrics["off_policy_frac_truncated"] = _masked_mean(truncated, stale_mask)
+    return weights, metrics
 
 
 def truncated_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, cap: float) -> tuple[Tensor, dict[str, Tensor]]:

@@ -22,23 +22,33 @@ of one, goes through the ordinary forward.
 
 The attention plugs into Hugging Face models through ``transformers``' attention
 registry (``AttentionInterface``) under the name ``"grpo_shared_prefix"``: no modelling
-code is copied, and any model family whose attention goes through that registry works
-(Qwen2, Qwen3 and Llama are tested, with grouped-query attention). Without a packed
-layout in the call, the registered function is plain SDPA, so the model behaves as
-usual elsewhere. This module's attention is the PyTorch reference (one SDPA call for the
-prefix and one for all members of a row); a Triton kernel plugs in at the same point.
+code is copied, and any model family whose attention goes through that registry and
+whose decoder layers pass the call's keyword arguments on to it works
+(``tests/test_shared_prefix_families.py`` runs a list of families). Without a packed
+layout in the call, the registered function is the model's ordinary attention (SDPA, or
+masked attention with the logit soft-cap where the model has one), so the model behaves
+as usual elsewhere. This module's attention is the PyTorch reference (one SDPA call for
+the prefix and one for all members of a row); the Triton kernel plugs in at the same point.
+
+A packed forward proves that it took the packed path: every attention layer must receive
+the layout (counted during the forward), else it raises naming the model type, and
+nothing is returned (StableLM's decoder layers, for one, drop the keyword arguments, so
+its members would attend to each other). Attention logit soft-capping (Gemma2) is applied
+in every path; sliding-window layers are accepted when every packed row is no longer
+than the window (the window then masks nothing), and refused with the lengths otherwise.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextvars
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .forward import pad_rows, response_logprobs
+from .forward import pad_rows, response_logprobs, token_entropy
 
 ATTENTION_NAME = "grpo_shared_prefix"
 ATTENTION_BACKENDS = ("reference", "triton")
@@ -62,13 +72,33 @@ def _repeat_kv(x: Tensor, times: int) -> Tensor:
     return x if times == 1 else x.repeat_interleave(times, dim=1)
 
 
+def masked_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float | None = None,
+                     softcap: float | None = None) -> Tensor:
+    """``softmax(cap(q k^T * scale) + mask) v`` for ``[..., Q, D]`` queries and ``[..., K, D]``
+    keys (same head count); ``mask`` bool (True: attend), broadcastable to ``[..., Q, K]``,
+    or ``None`` for causal. Without ``softcap`` it is SDPA; with one, scores become
+    ``softcap * tanh(scores / softcap)`` before masking (Gemma2), in float32 at least."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None, scale=scaling)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    compute = torch.promote_types(query.dtype, torch.float32)
+    scores = torch.matmul(query.to(compute), key.to(compute).transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    if mask is None:
+        q, k = scores.shape[-2:]
+        mask = torch.ones(q, k, dtype=torch.bool, device=scores.device).tril(k - q)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # as eager attention: no NaN on empty rows
+    return torch.matmul(torch.softmax(scores, dim=-1), value.to(compute)).to(query.dtype)
+
+
 def packed_attention_reference(query: Tensor, key: Tensor, value: Tensor, layout: Sequence[RowLayout],
-                               scaling: float | None = None) -> Tensor:
+                               scaling: float | None = None, softcap: float | None = None) -> Tensor:
     """Attention of packed rows, in PyTorch.
 
     Args:
         query: ``[B, H, L, D]``; key, value: ``[B, Hkv, L, D]`` (``H`` a multiple of ``Hkv``).
         layout: one :class:`RowLayout` per row (``L`` >= its length; the rest is padding).
+        softcap: attention logit soft-cap (Gemma2), or ``None``.
 
     Returns:
         ``[B, H, L, D]``; padding positions are zero.
@@ -81,8 +111,7 @@ def packed_attention_reference(query: Tensor, key: Tensor, value: Tensor, layout
         p, lens = row.prefix_len, row.member_lens
         pieces = []
         if p > 0:
-            pieces.append(F.scaled_dot_product_attention(query[i, :, :p], key[i, :, :p], value[i, :, :p],
-                                                         is_causal=True, scale=scaling))
+            pieces.append(masked_attention(query[i, :, :p], key[i, :, :p], value[i, :, :p], None, scaling, softcap))
         if lens:
             g, r_max = len(lens), max(lens)
             starts = torch.tensor([p + sum(lens[:k]) for k in range(g)], device=query.device)
@@ -98,12 +127,26 @@ def packed_attention_reference(query: Tensor, key: Tensor, value: Tensor, layout
             own = causal & valid[:, None, :]  # [G, Rmax, Rmax]
             prefix = torch.ones(g, r_max, p, dtype=torch.bool, device=query.device)
             mask = torch.cat([prefix, own], dim=2).unsqueeze(1)  # [G, 1, Rmax, P + Rmax]
-            out = F.scaled_dot_product_attention(q_m, k_all, v_all, attn_mask=mask, scale=scaling)
+            out = masked_attention(q_m, k_all, v_all, mask, scaling, softcap)
             pieces.extend(out[k, :, : lens[k]] for k in range(g))
         if length > row.length:
-            pieces.append(query.new_zeros(h, length - row.length, d))
+            pieces.append(query.new_zeros(h, length - row.length, value.shape[-1]))
         rows.append(torch.cat(pieces, dim=1))
     return torch.stack(rows)
+
+
+@dataclass
+class _Receipt:
+    """What the attention layers saw during one packed forward."""
+
+    modules: set[int] = field(default_factory=set)  # attention modules that received the layout
+    missed: int = 0  # attention calls without it
+
+
+_RECEIPT: contextvars.ContextVar[_Receipt | None] = contextvars.ContextVar("grpo_shared_prefix_receipt", default=None)
+
+#: attention keyword arguments that change the function and that no path here implements
+_UNSUPPORTED = ("s_aux", "sinks", "position_bias")
 
 
 def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -111,40 +154,90 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
 
     With ``shared_prefix_layout`` among the model call's keyword arguments it computes
     packed attention (the mask argument is ignored: the layout defines it); without, it is
-    ``transformers``' SDPA attention.
+    the model's ordinary attention: ``transformers``' SDPA, or :func:`masked_attention`
+    when the layer soft-caps its logits.
     """
     layout = kwargs.pop(LAYOUT_KWARG, None)
     backend = kwargs.pop("shared_prefix_backend", "reference")
+    softcap = kwargs.pop("softcap", None)
+    receipt = _RECEIPT.get()
+    for name in _UNSUPPORTED:
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"grpo_lab's attention does not implement {name!r} ({type(module).__name__}): "
+                                      "use another attention implementation for this model")
     if layout is None:
+        if receipt is not None:
+            receipt.missed += 1
+        if softcap is not None:
+            if dropout and module.training:
+                raise NotImplementedError("soft-capped attention with dropout is not implemented")
+            groups = query.shape[1] // key.shape[1]
+            mask = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask > -1
+            out = masked_attention(query, _repeat_kv(key, groups), _repeat_kv(value, groups), mask, scaling, softcap)
+            return out.transpose(1, 2).contiguous(), None
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError("shared-prefix attention does not support sliding-window layers")
+    if receipt is not None:
+        receipt.modules.add(id(module))
+    window = kwargs.get("sliding_window")
+    if window is not None:
+        longest = max((row.prefix_len + max(row.member_lens, default=0) for row in layout), default=0)
+        if longest > window:
+            raise NotImplementedError(
+                f"shared-prefix attention: a packed row's prompt plus response is {longest} tokens, longer than this "
+                f"layer's sliding window of {window}: the window would mask part of it, which the packed attention "
+                "does not implement; use trainer.shared_prefix=false, or shorter episodes")
     if dropout and module.training:
         raise NotImplementedError("shared-prefix attention does not support attention dropout")
     if backend == "reference":
-        out = packed_attention_reference(query, key, value, layout, scaling)
+        out = packed_attention_reference(query, key, value, layout, scaling, softcap)
         return out.transpose(1, 2).contiguous(), None
     if backend == "triton":
-        return _packed_attention_triton(query, key, value, layout, scaling), None
+        return _packed_attention_triton(query, key, value, layout, scaling, softcap), None
     raise ValueError(f"unknown shared-prefix attention backend {backend!r}; valid: {list(ATTENTION_BACKENDS)}")
 
 
+def _model_type(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "model_type", None) or type(model).__name__)
+
+
+def _attention_layers(model: torch.nn.Module) -> int | None:
+    """The number of attention layers a forward must reach: the decoder's
+    ``num_hidden_layers`` (of the text config for multimodal models)."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    n = getattr(config, "num_hidden_layers", None)
+    return int(n) if n is not None else None
+
+
+def _check_receipt(model: torch.nn.Module, receipt: _Receipt) -> None:
+    """Raise unless every attention layer of the packed forward got the layout."""
+    expected = _attention_layers(model)
+    reached = len(receipt.modules)
+    if receipt.missed or reached == 0 or (expected is not None and reached != expected):
+        raise NotImplementedError(
+            f"the shared-prefix forward did not reach every attention layer of this {_model_type(model)!r} model "
+            f"({reached} of {expected if expected is not None else '?'} layers got the packed layout, {receipt.missed} "
+            "attention calls came without it: its decoder layers do not pass the attention keyword arguments through), "
+            "so its numbers would be wrong; use trainer.shared_prefix=false for this model")
+
+
 def _packed_attention_triton(query: Tensor, key: Tensor, value: Tensor, layout: Sequence[RowLayout],
-                             scaling: float | None) -> Tensor:
-    """The Triton kernel on padded rows: ``[B, H, L, D]`` in, ``[B, L, H, D]`` out."""
+                             scaling: float | None, softcap: float | None = None) -> Tensor:
+    """The Triton kernel on padded rows: ``[B, H, L, D]`` in, ``[B, L, H, D]`` out.
+
+    The batch goes in as ``[B*L, H, D]`` with row ``b`` starting at token ``b*L``: the
+    models' projections already lay queries out as ``[B, L, H, D]``, so this is a view,
+    and the padding between rows gets zero output and zero gradients."""
     from ..kernels.shared_prefix_attention import shared_prefix_attention as kernel
 
-    lengths = [row.length for row in layout]
-    flat = [torch.cat([x[b, :, :n].transpose(0, 1) for b, n in enumerate(lengths)]) for x in (query, key, value)]
-    out = kernel(*flat, layout, scale=scaling)
-    length = query.shape[2]
-    rows, start = [], 0
-    for n in lengths:
-        rows.append(F.pad(out[start:start + n], (0, 0, 0, 0, 0, length - n)))
-        start += n
-    return torch.stack(rows)
+    b, _, length, _ = query.shape
+    flat = [x.transpose(1, 2).reshape(b * length, x.shape[1], x.shape[3]) for x in (query, key, value)]
+    out = kernel(*flat, layout, scale=scaling, row_starts=[i * length for i in range(b)], softcap=softcap)
+    return out.view(b, length, *out.shape[1:])
 
 
 def check_attention_backend(name: str) -> None:
@@ -162,16 +255,70 @@ def check_attention_backend(name: str) -> None:
             raise RuntimeError("the Triton shared-prefix attention needs a CUDA GPU (or TRITON_INTERPRET=1 for testing)")
 
 
+_RECURRENT_NAMES = ("Mamba", "Rwkv", "RWKV", "LinearAttention", "GatedDeltaNet", "DeltaNet", "ShortConv", "StateSpace")
+
+
+def packing_obstacles(model: torch.nn.Module) -> list[str]:
+    """Why packing groups into one row would give wrong numbers for ``model`` (empty when
+    nothing is known against it): attention that does not go through ``transformers``'
+    registry, or layers that mix tokens outside attention (state-space, recurrent and
+    convolutional mixers carry a member's tokens into the next member of the row)."""
+    found = []
+    if not getattr(model, "_supports_attention_backend", True):
+        found.append(f"{type(model).__name__} does not route its attention through transformers' AttentionInterface")
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        temporal_conv = isinstance(module, torch.nn.Conv1d) and module.kernel_size[0] > 1
+        if temporal_conv or any(part in cls for part in _RECURRENT_NAMES):
+            found.append(f"{name or 'the model'} ({cls}) mixes tokens outside attention")
+            break
+    return found
+
+
 def enable_shared_prefix(model: torch.nn.Module) -> torch.nn.Module:
     """Register the attention (once) and switch ``model`` to it. The model still runs
-    ordinary forwards as SDPA, with the usual masks."""
+    ordinary forwards as SDPA, with the usual masks. Raises ``NotImplementedError``
+    naming the model type when packing cannot be exact for it (:func:`packing_obstacles`)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    obstacles = packing_obstacles(model)
+    if obstacles:
+        raise NotImplementedError(
+            f"the shared-prefix forward cannot be exact for this {_model_type(model)!r} model: {'; '.join(obstacles)}. "
+            "Use trainer.shared_prefix=false for it")
 
     AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
     model.set_attn_implementation(ATTENTION_NAME)
     return model
+
+
+def verify_shared_prefix(model: torch.nn.Module, attention: str = "reference") -> None:
+    """One small packed forward, beside the ordinary forward of the same rows, to refuse a
+    model before training rather than at its first update: raises ``NotImplementedError``
+    naming the model type when the packed path was not taken in every attention layer,
+    or (float32 and float64 models, where the comparison is meaningful) when the
+    log-probs differ by more than 1e-3."""
+    parameter = next(model.parameters())
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, int(config.vocab_size), (9,), generator=g)
+    responses = [torch.randint(0, int(config.vocab_size), (n,), generator=g) for n in (3, 5)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed, mask, _ = shared_prefix_logprobs(model, [prefix, prefix], responses, attention=attention)
+            plain, _, _ = response_logprobs(model, [prefix, prefix], responses)
+    finally:
+        model.train(was_training)
+    if parameter.dtype in (torch.float32, torch.float64):
+        error = float(((packed - plain).abs() * mask).max())
+        if not error <= 1e-3:
+            raise NotImplementedError(
+                f"the shared-prefix forward of this {_model_type(model)!r} model differs from its ordinary forward by "
+                f"{error:.2e} in log-prob on a probe: use trainer.shared_prefix=false for it")
 
 
 # ----------------------------------------------------------------------------- packing
@@ -203,6 +350,7 @@ def shared_prefix_logprobs(
     with_entropy: bool = False,
     pad_id: int = 0,
     attention: str = "reference",
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`~grpo_lab.training.forward.response_logprobs` with each group's common prompt
     prefix encoded once. ``model`` must have gone through :func:`enable_shared_prefix`.
@@ -237,7 +385,8 @@ def shared_prefix_logprobs(
     outputs: list[tuple[list[int], Tensor, Tensor | None]] = []
     if plain:
         lp, _, ent = response_logprobs(model, [prompt_ids[i] for i in plain], [response_ids[i] for i in plain],
-                                       temperature=temperature, with_entropy=with_entropy, pad_id=pad_id)
+                                       temperature=temperature, with_entropy=with_entropy, pad_id=pad_id,
+                                       entropy_grad=entropy_grad)
         outputs.append((plain, lp, ent))
     if packed:
         seqs, layouts, positions, targets = [], [], [], []
@@ -258,8 +407,14 @@ def shared_prefix_logprobs(
                 start += s.numel()
         input_ids = pad_rows(seqs, pad_id, torch.long).to(device)
         position_ids = pad_rows(positions, 0, torch.long).to(device)
-        logits = model(input_ids=input_ids, position_ids=position_ids,
-                       **{LAYOUT_KWARG: layouts, "shared_prefix_backend": attention}).logits
+        receipt = _Receipt()
+        token = _RECEIPT.set(receipt)
+        try:
+            logits = model(input_ids=input_ids, position_ids=position_ids,
+                           **{LAYOUT_KWARG: layouts, "shared_prefix_backend": attention}).logits
+        finally:
+            _RECEIPT.reset(token)
+        _check_receipt(model, receipt)
         rows = [i for i, _, _ in targets]
         pred = pad_rows([t for _, _, t in targets], 0, torch.long).to(device)  # [M, R]
         which = torch.tensor([b for _, b, _ in targets], device=device)
@@ -268,10 +423,7 @@ def shared_prefix_logprobs(
         logp_all = torch.log_softmax(picked, dim=-1)
         tgt = pad_rows([response_ids[i] for i in rows], pad_id, torch.long).to(device)
         lp = logp_all.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-        ent = None
-        if with_entropy:
-            with torch.no_grad():
-                ent = -(logp_all.exp() * logp_all).sum(-1)
+        ent = token_entropy(logp_all, entropy_grad) if with_entropy else None
         outputs.append((rows, lp, ent))
     mask = pad_rows([torch.ones(r.numel()) for r in response_ids], 0.0).to(device)
     parts_lp, parts_ent, order = [], [], []

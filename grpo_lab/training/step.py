@@ -7,22 +7,30 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..advantages.grouping import group_moments, trajectory_table
+from ..advantages.grouping import dense_ids
 from ..data import RolloutBatch
 from .forward import pad_rows, response_logprobs
 from .shared_prefix import shared_prefix_logprobs
-from .losses import LossScale, aggregate, clipped_policy_loss, kl_penalty, reinforce_loss, truncated_is_weights
+from .losses import LossScale, aggregate, behaviour_weights, clipped_policy_loss, kl_penalty, reinforce_loss
 
 if TYPE_CHECKING:
     from ..config import AlgoConfig
 
 
-def informative_rows(batch: RolloutBatch) -> Tensor:
-    """Indices of the rows whose group's episode returns are not all equal (DAPO's
-    dynamic sampling keeps only these groups; raw rewards decide)."""
-    returns, traj_group, row_traj = trajectory_table(batch.reward.double(), batch.traj_id, batch.group_id)
-    _, _, _, constant = group_moments(returns, traj_group)
-    return torch.nonzero(~constant[traj_group][row_traj]).flatten()
+def informative_rows(group_id: Tensor, advantages: Tensor) -> Tensor:
+    """Indices of the rows of groups with at least one non-zero advantage (DAPO's dynamic
+    sampling keeps only these groups). The estimator's output decides, so GiGPO's step
+    advantages and a tree's shared path count as signal even where returns are equal.
+
+    Args:
+        group_id: ``[N]``; advantages: ``[N]`` or ``[N, T]``.
+    """
+    signal = advantages != 0
+    if signal.dim() > 1:
+        signal = signal.flatten(1).any(1)
+    group, k = dense_ids(group_id)
+    alive = torch.zeros(k, dtype=torch.long).index_add_(0, group, signal.long()) > 0
+    return torch.nonzero(alive[group]).flatten()
 
 
 class RunningMeans:
@@ -63,10 +71,13 @@ def policy_gradient_backward(
     """Accumulate into ``.grad`` the gradient of the policy loss of mini-batch ``rows``.
 
     The loss (``algo.policy_loss``, ``algo.loss_agg`` and the other loss settings of
-    ``algo``, plus ``algo.kl_coef`` times the KL penalty to ``ref_model``) of every
-    micro-batch is normalised by the counts of the whole mini-batch, so the accumulated
-    gradient does not depend on ``micro_batch_size``. Without a KL term, rows with zero
-    advantage are skipped (their loss and gradient are exactly zero) but counted.
+    ``algo``, plus ``algo.kl_coef`` times the KL penalty to ``ref_model``, minus
+    ``algo.entropy_coef`` times the entropy) of every micro-batch is normalised by the
+    counts of the whole mini-batch, so the accumulated gradient does not depend on
+    ``micro_batch_size``. Without a KL or entropy term, rows with zero advantage are
+    skipped (their loss and gradient are exactly zero) but counted. Rows with
+    ``batch.off_policy`` are weighed by ``min(pi_old / pi_behaviour,
+    algo.off_policy_is_cap)`` (:func:`~grpo_lab.training.losses.behaviour_weights`).
 
     Args:
         rows: ``[M]`` row indices of the mini-batch.
@@ -89,6 +100,7 @@ def policy_gradient_backward(
     """
     if algo.kl_coef > 0 and ref_model is None:
         raise ValueError(f"algo.kl_coef={algo.kl_coef} needs a reference model")
+    clip_low, clip_high, loss_agg = algo.loss_settings()
     extras = extras or {}
     if extras and algo.policy_loss != "ppo_clip":
         raise ValueError(f"the estimator's extra streams {sorted(extras)} need algo.policy_loss=ppo_clip")
@@ -101,7 +113,8 @@ def policy_gradient_backward(
     signal = advantages != 0
     if "global_advantages" in extras:
         signal = signal | ((extras["global_advantages"] != 0) & (extras["local_weight"] < 1))
-    active = rows if algo.kl_coef > 0 else rows[signal[rows]]
+    every_row = algo.kl_coef > 0 or algo.entropy_coef > 0  # terms that train rows without advantage too
+    active = rows if every_row else rows[signal[rows]]
     out: dict[str, tuple[float, float]] = {}
     if active.numel() == 0:
         return out
@@ -121,32 +134,33 @@ def policy_gradient_backward(
                 groups.setdefault(int(batch.group_id[i]), []).append(k)
             logp, mask, entropy = shared_prefix_logprobs(model, prompts, responses, list(groups.values()),
                                                          temperature=temperature, with_entropy=True, pad_id=pad_id,
-                                                         attention=attention)
+                                                         attention=attention, entropy_grad=algo.entropy_coef > 0)
         else:
             logp, mask, entropy = response_logprobs(model, prompts, responses, temperature=temperature,
-                                                    with_entropy=True, pad_id=pad_id)
+                                                    with_entropy=True, pad_id=pad_id, entropy_grad=algo.entropy_coef > 0)
         mask = mask * pad_rows([masks[i] for i in idx], 0.0).to(mask.device)
         old = logp.detach() if old_logprobs is None else pad_rows([old_logprobs[i] for i in idx], 0.0).to(logp.device)
         rollout = pad_rows([batch.rollout_logprobs[i] for i in idx], 0.0).to(logp.device)
-        tis, metrics = None, {}
-        if algo.tis_cap is not None:
-            tis, metrics = truncated_is_weights(old, rollout, mask, algo.tis_cap)
+        tis, metrics = behaviour_weights(old, rollout, mask, batch.off_policy[micro].to(logp.device), algo.tis_cap,
+                                         algo.off_policy_is_cap)
         adv = advantages[micro].to(logp.device)
         if algo.policy_loss == "reinforce":
-            loss, pg_metrics = reinforce_loss(logp, adv, mask, loss_agg=algo.loss_agg, scale=scale, entropy=entropy,
+            loss, pg_metrics = reinforce_loss(logp, adv, mask, loss_agg=loss_agg, scale=scale, entropy=entropy,
                                               tis_weights=tis)
         else:
             loss, pg_metrics = clipped_policy_loss(
-                logp, old, adv, mask, clip_low=algo.clip_low, clip_high=algo.clip_high, loss_agg=algo.loss_agg,
+                logp, old, adv, mask, clip_low=clip_low, clip_high=clip_high, loss_agg=loss_agg,
                 scale=scale, entropy=entropy, dual_clip_c=algo.dual_clip_c, ratio_level=algo.ratio_level,
                 tis_weights=tis, **{key: value[micro].to(logp.device) for key, value in extras.items()},
             )
         metrics.update(pg_metrics)
+        if algo.entropy_coef > 0:
+            loss = loss - algo.entropy_coef * aggregate(entropy, mask, loss_agg, scale)
         if algo.kl_coef > 0:
             with torch.no_grad():
                 ref, _, _ = response_logprobs(ref_model, prompts, responses, temperature=temperature, pad_id=pad_id)
             kl = kl_penalty(logp, ref, algo.kl_estimator)
-            loss = loss + algo.kl_coef * aggregate(kl, mask, algo.loss_agg, scale)
+            loss = loss + algo.kl_coef * aggregate(kl, mask, loss_agg, scale)
             metrics["kl_ref"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
         loss.backward()
         tokens = float(mask.sum())

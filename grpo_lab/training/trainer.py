@@ -4,8 +4,9 @@ One step:
 
 1. ``tasks_per_step`` seeds, ``group_size`` episodes each, played by the backend.
 2. Advantages from the registered estimator (``algo.estimator``) and modifiers, on
-   rewards with the invalid-action penalty applied; with ``algo.drop_zero_std_groups``
-   the groups without signal leave the batch.
+   rewards, with the invalid-action penalty placed as ``algo.penalty_placement`` says;
+   with ``algo.drop_zero_std_groups`` the groups whose advantages are all zero leave the
+   batch.
 3. ``epochs_per_batch`` passes over the rows, each split into ``minibatches_per_epoch``
    optimizer steps, each accumulated over micro-batches of ``micro_batch_size`` rows. The
    loss of every micro-batch is normalised by its whole mini-batch's counts
@@ -14,9 +15,9 @@ One step:
 4. The new weights go to the backend in process.
 
 Rows with zero advantage contribute exactly zero to the clipped policy loss and its
-gradient, so they are not run through the model; they still count in the loss
-normaliser, which keeps the gradient identical to running them. Clip and entropy
-metrics are therefore over the rows with a learning signal.
+gradient, so they are not run through the model (unless a KL or entropy term is on);
+they still count in the loss normaliser, which keeps the gradient identical to running
+them. Clip and entropy metrics are therefore over the rows with a learning signal.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from ..rollout.prompts import ACTION_STOP
 from ..rollout.tree import sample_trees
 from .checkpoint import checkpoint_dir, latest_checkpoint, load_model_weights, load_trainer_state, save_checkpoint
 from .forward import response_logprobs
-from .shared_prefix import check_attention_backend, enable_shared_prefix
+from .shared_prefix import check_attention_backend, enable_shared_prefix, verify_shared_prefix
 from .step import RunningMeans, informative_rows, policy_gradient_backward
 from .metrics_log import MetricsLogger, plot_metrics
 from .warmup import encode_demonstrations, format_demonstrations, supervised_warmup
@@ -124,7 +125,11 @@ class Trainer:
                 check_attention_backend(ATTENTION_OPTIONS[cfg.trainer.attention])
             except RuntimeError as err:
                 raise ConfigError(f"trainer.attention={cfg.trainer.attention!r}: {err}") from None
-            enable_shared_prefix(self.model)
+            try:  # refuse a model the packed forward cannot be exact for, before any rollout
+                enable_shared_prefix(self.model)
+                verify_shared_prefix(self.model, ATTENTION_OPTIONS[cfg.trainer.attention])
+            except NotImplementedError as err:
+                raise ConfigError(f"trainer.shared_prefix=true: {err}") from None
         self.tokenizer = tokenizer
         mc = cfg.model
         self._vllm_source: str | None = None
@@ -201,23 +206,42 @@ class Trainer:
         rc = self.config.rollout
         if rc.backend == "hf":
             return HFBackend(self.model, self.tokenizer, max_batch_size=rc.max_batch_size)
-        from ..rollout.backends.vllm import VLLMBackend, import_vllm
+        from ..rollout.backends.vllm import VLLMBackend, import_vllm, route_engine_logs
 
+        route_engine_logs(self.config.logger.engine_console_level)  # before vLLM configures its logging
         try:
             import_vllm()
         except ImportError as err:
             raise ConfigError(str(err)) from None
         source = self.config.model.name_or_path or self._vllm_source
+        max_len = self._vllm_max_model_len()
         extra = {}
         if rc.request_seeds and not torch.cuda.is_available():
             # vLLM's CPU runner cannot resume a seeded request's generator after a partial
             # prefill: give one step room for every prompt of a rollout step
-            extra["max_num_batched_tokens"] = max(65536, rc.vllm_max_model_len)
-        return VLLMBackend(
-            source, dtype=self.config.model.dtype, seed=self.config.trainer.seed, max_model_len=rc.vllm_max_model_len,
+            extra["max_num_batched_tokens"] = max(65536, max_len)
+        backend = VLLMBackend(
+            source, dtype=self.config.model.dtype, seed=self.config.trainer.seed, max_model_len=max_len,
             gpu_memory_utilization=rc.vllm_gpu_memory_utilization, enable_sleep_mode=rc.vllm_sleep_mode,
             enforce_eager=rc.vllm_enforce_eager, max_lora_rank=self._vllm_lora_rank(), **extra,
         )
+        route_engine_logs(self.config.logger.engine_console_level)  # and after it started
+        return backend
+
+    def _vllm_max_model_len(self) -> int:
+        """``rollout.vllm_max_model_len``, or the model's context length when unset; a
+        length past the model's positions is refused here, before vLLM would fail."""
+        configured = self.config.rollout.vllm_max_model_len
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if configured is None:
+            if positions is None:
+                raise ConfigError("rollout.vllm_max_model_len=null but the model's config has no max_position_embeddings: "
+                                  "set rollout.vllm_max_model_len")
+            return int(positions)
+        if positions is not None and configured > positions:
+            raise ConfigError(f"rollout.vllm_max_model_len={configured} is longer than the model's {positions} positions "
+                              f"(max_position_embeddings): set it to at most {positions}, or null for exactly that")
+        return configured
 
     def _vllm_lora_rank(self) -> int | None:
         """vLLM's ``max_lora_rank`` for this run: the smallest rank it accepts that holds
@@ -276,10 +300,6 @@ class Trainer:
                 return self._play(stage_seeds, n, (step * ac.stages + stage) * T)
 
             batch, st = adaptive_rollout(play, seeds, keys, ac, self.reuse_buffer if ac.reuse else None, first_group_id=first)
-            if st.reused_rows and ac.reuse_mode == "off_policy":  # ratio 1 at the start: current log-probs
-                fresh = self._logprobs_no_grad(batch.select(st.reused_rows))
-                for i, lp in zip(st.reused_rows, fresh):
-                    batch.rollout_logprobs[i] = lp
             self.rollout_stats.update({"responses_per_prompt": st.responses_per_prompt, "ar3po_stages_run": st.stages_run,
                                        "ar3po_reused": st.reused, "ar3po_unsolved": st.unsolved,
                                        "ar3po_buffer_size": len(self.reuse_buffer)})
@@ -433,11 +453,11 @@ class Trainer:
                 batch = self.collect(step)
                 t_roll = time.perf_counter()
                 adv_out = compute_advantages(batch, cfg.algo.estimator, cfg.algo.invalid_action_penalty,
-                                             cfg.algo.params, cfg.algo.modifier_settings())
+                                             cfg.algo.params, cfg.algo.modifier_settings(), cfg.algo.penalty_placement)
                 record: dict[str, Any] = {"step": step, **self.step_metrics(batch), **adv_out.metrics, **self.rollout_stats}
                 train_batch, advantages, extras = batch, adv_out.advantages, adv_out.extras
                 if cfg.algo.drop_zero_std_groups:
-                    keep = informative_rows(batch)
+                    keep = informative_rows(batch.group_id, advantages)
                     record["rows_dropped"] = len(batch) - int(keep.numel())
                     train_batch, advantages = batch.select(keep), advantages[keep]
                     extras = {key: value[keep] for key, value in extras.items()}

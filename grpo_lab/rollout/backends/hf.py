@@ -7,6 +7,9 @@ Requests with a ``seed`` are sampled by the Gumbel-max trick with one generator 
 request (:class:`SeededSampler`): ``argmax(logits / T + Gumbel noise)`` over the top-p
 set is an exact sample of the same distribution ``generate`` samples from, and it
 depends on the request's seed alone, not on the batch it shares.
+
+Log-probs are those of the distribution sampled from (after temperature and top-p;
+:func:`~grpo_lab.rollout.backend.sampling_logprobs`), as vLLM's ``processed_logprobs``.
 """
 
 from __future__ import annotations
@@ -19,19 +22,7 @@ from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from ...modeling import frozen
-from ..backend import BatchStream, Completion, SamplingParams, per_request
-
-
-def top_p_mask(logits: Tensor, top_p: float) -> Tensor:
-    """``[B, V]`` bool, True on the tokens outside the top-p set of each row (the smallest
-    set of most likely tokens whose probability reaches ``top_p``; never empty)."""
-    if top_p >= 1:
-        return torch.zeros_like(logits, dtype=torch.bool)
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits.float(), dim=-1)
-    outside_sorted = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
-    outside_sorted[..., 0] = False
-    return torch.zeros_like(outside_sorted).scatter(-1, order, outside_sorted)
+from ..backend import BatchStream, Completion, SamplingParams, per_request, sampling_logprobs, top_p_mask
 
 
 class SeededSampler(LogitsProcessor):
@@ -142,10 +133,8 @@ class HFBackend:
             tokenizer=self.tokenizer,
         )
         generated = result.sequences[:, width:].cpu()
-        logits = torch.stack(result.logits, dim=1).float().cpu()  # [B, L, V]
-        if not greedy:
-            logits = logits / params.temperature
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
+        logits = torch.stack(result.logits, dim=1).float().cpu()  # [B, L, V], raw (before any processor)
+        logprobs = sampling_logprobs(logits, generated, params.temperature, params.top_p)
         completions = []
         for i in range(len(prompts)):
             ids = generated[i].tolist()

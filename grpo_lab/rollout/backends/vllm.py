@@ -16,6 +16,7 @@ weight sync needs) unless the variable is already set.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Hashable, Iterable, Sequence
 
@@ -35,6 +36,63 @@ def import_vllm():
     except ImportError as err:
         raise ImportError(f"rollout.backend=vllm needs vLLM, which is not installed ({err}): {INSTALL_HINT}") from err
     return vllm
+
+
+#: vLLM's warning on an in-process weight reload that its rotary embedding "failed to
+#: load weights": that layer holds only a cos/sin cache that vLLM computes, that no
+#: checkpoint has, and that vLLM puts back itself (the backend's tests check log-probs
+#: after a push). Other layers' load failures are real and still show.
+HARMLESS_WARNING = "RotaryEmbedding: Failed to load weights"
+
+
+class _EngineConsoleFilter(logging.Filter):
+    """On a console handler: vLLM's records below ``level`` leave, and the harmless
+    rotary warning; everything else passes."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (record.name == "vllm" or record.name.startswith("vllm.")):
+            return True
+        return record.levelno >= self.level and not record.getMessage().startswith(HARMLESS_WARNING)
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+
+
+def route_engine_logs(console_level: str = "WARNING") -> None:
+    """Keep vLLM's own chatter below ``console_level`` (and its harmless rotary reload
+    warning) off the console, while every vLLM record still reaches the log file.
+
+    Call it before vLLM is imported and again after the engine starts: vLLM is told not
+    to install its own console handler (``VLLM_CONFIGURE_LOGGING=0`` unless set), so its
+    records propagate to the root logger, whose console handlers get a filter and whose
+    file handlers (the run's log file under Hydra) get everything. Where vLLM did
+    configure its handler (imported earlier, or the variable set to 1), that handler
+    gets the filter, and the root's file handlers are added to vLLM's logger.
+    """
+    level = logging.getLevelName(console_level)
+    if not isinstance(level, int):
+        raise ValueError(f"unknown log level {console_level!r}")
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    engine, root = logging.getLogger("vllm"), logging.getLogger()
+    if engine.level == logging.NOTSET or engine.level > logging.INFO:
+        engine.setLevel(logging.INFO)  # its INFO records reach the log file
+    own = [h for h in engine.handlers if _is_console(h)]
+    targets = own + ([h for h in root.handlers if _is_console(h)] if engine.propagate else [])
+    for handler in targets:
+        existing = [f for f in handler.filters if isinstance(f, _EngineConsoleFilter)]
+        if existing:
+            existing[0].level = level
+        else:
+            handler.addFilter(_EngineConsoleFilter(level))
+    if not engine.propagate:
+        for handler in root.handlers:
+            if isinstance(handler, logging.FileHandler) and handler not in engine.handlers:
+                engine.addHandler(handler)
 
 
 def completion_of(output) -> Completion:
