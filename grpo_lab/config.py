@@ -224,7 +224,7 @@ class RolloutConfig:
     use_chat_template: str = "auto"  # auto | true | false
     max_batch_size: int = 64
     vllm_gpu_memory_utilization: float = 0.5
-    vllm_max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
+    vllm_max_model_len: Optional[int] = None  # None: the model's context length, at most 8192
     vllm_sleep_mode: bool = False  # GPU only: free the KV cache during updates
     vllm_enforce_eager: bool = True
 

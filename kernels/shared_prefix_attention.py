@@ -526,6 +526,10 @@ def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: Sequence, s
         ``[T, H, D]``; tokens outside every row are zero (and get zero gradients).
     """
     _check(q, k, v, layout, row_starts)
+    d = q.shape[2]
+    if d < 16 or d & (d - 1):
+        raise NotImplementedError(f"head dim {d}: the Triton kernel needs a power of two >= 16 (its tiles are "
+                                  "tl.arange(0, D)); use trainer.attention=sdpa_shared_prefix for this model")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be None or > 0, got {softcap}")
     layout = tuple(layout)

@@ -87,3 +87,18 @@ def test_inputs_from_batch_places_the_penalty():
 def test_bad_penalty_is_refused():
     with pytest.raises(ValueError, match="penalty must be finite and >= 0.*\\[1\\]"):
         inputs(REWARDS, [0, -0.1, 0, 0, 0])
+
+
+def test_copo_global_stream_pays_the_row_penalty():
+    """Three one-step groups; group 0 wins both episodes but both were invalid. Under row
+    placement its local advantages are zero (equal scores), so it trains on the global
+    stream alone, which must see the penalty as the episode placement does."""
+    def inp(rewards, penalty=None):
+        return AdvantageInputs(rewards=torch.tensor(rewards, dtype=torch.float64), group_id=torch.tensor([0, 0, 1, 1, 2, 2]),
+                               traj_id=torch.arange(6),
+                               penalty=None if penalty is None else torch.tensor(penalty, dtype=torch.float64))
+    rewards, paid = [1.0, 1.0, 0.0, 0.0, 1.0, 0.0], [0.5, 0.5, 0, 0, 0, 0]
+    row = run_estimator(inp(rewards, paid), "copo").extras["global_advantages"]
+    episode = run_estimator(inp([r - p for r, p in zip(rewards, paid)]), "copo").extras["global_advantages"]
+    unpaid = run_estimator(inp(rewards), "copo").extras["global_advantages"]
+    assert torch.allclose(row, episode) and not torch.allclose(row, unpaid)

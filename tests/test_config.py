@@ -176,3 +176,28 @@ def test_vllm_backend_option_and_missing_install(monkeypatch, tmp_path):
     monkeypatch.setattr(vllm_module, "import_vllm", missing)
     with pytest.raises(ConfigError, match=r"pip install -e '\.\[vllm\]'"):
         Trainer(cfg, output_dir=tmp_path)
+
+
+def test_vllm_max_model_len_follows_the_model():
+    """null takes the model's context length, at most 8192; a longer explicit value is
+    refused with both numbers unless the model scales its RoPE."""
+    import types
+
+    from transformers import AutoConfig
+
+    from grpo_lab.config import RolloutConfig
+    from grpo_lab.training.trainer import Trainer
+
+    def length(configured, **model_config):
+        model = types.SimpleNamespace(config=AutoConfig.for_model("qwen2", **model_config))
+        fake = types.SimpleNamespace(config=Config(rollout=RolloutConfig(vllm_max_model_len=configured)), model=model,
+                                     DEFAULT_MAX_MODEL_LEN=Trainer.DEFAULT_MAX_MODEL_LEN)
+        return Trainer._vllm_max_model_len(fake)
+
+    assert length(None, max_position_embeddings=2048) == 2048  # the tiny model: 4096 used to stop vLLM
+    assert length(None, max_position_embeddings=131072) == 8192
+    assert length(1024, max_position_embeddings=2048) == 1024
+    with pytest.raises(ConfigError, match="4096 is longer than the model's 2048 positions"):
+        length(4096, max_position_embeddings=2048)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048, "rope_theta": 1e6}
+    assert length(8192, max_position_embeddings=2048, rope_parameters=yarn) == 8192

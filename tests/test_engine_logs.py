@@ -74,3 +74,14 @@ def test_an_engine_with_its_own_console_handler_is_routed_too(loggers):
 def test_unknown_level_is_refused():
     with pytest.raises(ValueError, match="'LOUD'"):
         route_engine_logs("LOUD")
+
+
+def test_debug_console_level_lets_debug_records_through(loggers):
+    engine, root, console, stream, log_file, path = loggers
+    engine.handlers, engine.propagate = [], True
+    engine.setLevel(logging.NOTSET)
+    root.setLevel(logging.DEBUG)
+    root.addHandler(console)
+    route_engine_logs("DEBUG")
+    logging.getLogger("vllm.core").debug("scheduler detail")
+    assert "scheduler detail" in stream.getvalue()

@@ -66,6 +66,33 @@ def test_logprobs_with_top_p_are_those_of_the_sampled_distribution(tiny_model, t
     assert all(bool((torch.tensor(c.logprobs) - u > 0.05).all()) for c, u in zip(comps, untruncated))
 
 
+def test_checkpoint_generation_defaults_do_not_change_what_is_sampled(tiny_model, tokenizer):
+    """A checkpoint's generation config (here top_k 5 and a repetition penalty of 100) and
+    transformers' global default top_k of 50 must not act: greedy decoding is the argmax
+    of the model's raw logits, and sampling reaches tokens outside the top 50."""
+    tiny_model.generation_config.top_k = 5
+    tiny_model.generation_config.repetition_penalty = 100.0
+    backend = HFBackend(tiny_model, tokenizer)
+    prompts = prompts_of(tokenizer)
+    for c, p in zip(backend.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0)), prompts):
+        ids = list(p)
+        for tok in c.token_ids:
+            with torch.no_grad():
+                assert tok == int(tiny_model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(tok)
+    ranks = []
+    for seed in (None, 3):  # generate's own sampler and the seeded one
+        comps = backend.generate(prompts * 8, SamplingParams(max_tokens=8, temperature=1.0, seed=seed))
+        for c, p in zip(comps, prompts * 8):
+            ids = list(p)
+            for tok in c.token_ids:
+                with torch.no_grad():
+                    logits = tiny_model(input_ids=torch.tensor([ids])).logits[0, -1]
+                ranks.append(int((logits > logits[tok]).sum()))
+                ids.append(tok)
+        assert max(ranks) >= 50, seed  # the random model's distribution is flat: most draws fall past the top 50
+
+
 def test_greedy_is_deterministic_and_reports_length(tiny_model, tokenizer):
     backend = HFBackend(tiny_model, tokenizer)
     params = SamplingParams(max_tokens=5, temperature=0.0)

@@ -143,6 +143,10 @@ def test_bad_shapes_are_named():
         spa.shared_prefix_attention(x, x, x, [RowLayout(2, (2,)), RowLayout(1, (1,))], row_starts=[0, 3])
     with pytest.raises(ValueError, match="ends at token 12"):
         spa.shared_prefix_attention(x, x, x, [RowLayout(2, (2,)), RowLayout(1, (1,))], row_starts=[0, 10])
+    odd = torch.randn(4, 2, 80)  # the reference takes any head dim; the kernel says which it takes
+    assert spa.shared_prefix_attention_reference(odd, odd, odd, [RowLayout(2, (2,))]).shape == (4, 2, 80)
+    with pytest.raises(NotImplementedError, match="head dim 80.*trainer.attention=sdpa_shared_prefix"):
+        spa.shared_prefix_attention(odd, odd, odd, [RowLayout(2, (2,))])
 
 
 def test_tile_tables_put_the_heaviest_tiles_first():

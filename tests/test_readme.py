@@ -60,6 +60,11 @@ def test_every_readme_command_line_starts_and_trains_a_step(tmp_path):
     if not torch.cuda.is_available():  # vLLM's CPU engine, small and in this process
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    try:
+        import vllm  # noqa: F401
+        have_vllm = True
+    except ImportError:
+        have_vllm = False
     ran, skipped = [], []
     for n, overrides in enumerate(readme_train_commands()):
         settings = dict(o.split("=", 1) for o in overrides)
@@ -67,8 +72,9 @@ def test_every_readme_command_line_starts_and_trains_a_step(tmp_path):
             if not torch.cuda.is_available() or not Path(settings.get("model.name_or_path", "")).exists():
                 skipped.append(overrides)
                 continue
-        if settings.get("rollout") == "vllm":
-            pytest.importorskip("vllm")
+        if settings.get("rollout") == "vllm" and not have_vllm:  # the test extras install it; note it, go on
+            skipped.append(overrides)
+            continue
         settings.update(BUDGET)
         run_dir = tmp_path / f"run{n}"
         if "trainer.output_dir" in settings:
@@ -88,7 +94,8 @@ def test_every_readme_command_line_starts_and_trains_a_step(tmp_path):
         ran.append(overrides)
         del trainer
         gc.collect()
-    assert len(ran) >= len(readme_train_commands()) - 1, skipped  # only the GPU/real-model example may skip
+    # only the GPU/real-model example may skip, and the vLLM one where vLLM is not installed
+    assert len(ran) >= len(readme_train_commands()) - 1 - (not have_vllm), skipped
 
 
 def test_library_snippet_runs():

@@ -26,13 +26,17 @@ Choices stated:
   group with one outcome learns from the global stream only (the paper's "soft with
   forced" mode); ``"soft"`` keeps the sigmoid weight everywhere.
 - The std is Bessel-corrected; groups of one episode have ``lambda = 0``.
+- With a row penalty (``AdvantageInputs.penalty``, ``algo.penalty_placement=row``) the
+  local stream is GRPO's with it, and the global stream takes each episode's score as
+  its return minus the mean penalty of its rows, so that invalid actions cost in both
+  streams (under ``episode`` placement the penalty is in the returns already).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .grouping import dense_ids, group_moments, pair_ids, trajectory_table
+from .grouping import dense_ids, episode_weights, group_moments, pair_ids, trajectory_table
 from .grpo import grpo
 from .registry import AdvantageInputs, AdvantageOutput, register_estimator
 
@@ -72,6 +76,8 @@ def copo(
         return AdvantageOutput(local.advantages, local.metrics, {"global_advantages": torch.zeros(0), "local_weight": torch.zeros(0)})
     rewards = inputs.rewards.to(torch.float64)
     returns, traj_group, row_traj = trajectory_table(rewards, inputs.traj_id, inputs.group_id)
+    weight, _, _ = episode_weights(row_traj, traj_group)
+    returns = returns - torch.zeros_like(returns).index_add_(0, row_traj, weight * inputs.row_penalty())
     mean, _, size, _ = group_moments(returns, traj_group)
     # entropy of each group's outcome distribution (outcome = the episode's return)
     outcome, _ = dense_ids(returns)

@@ -224,6 +224,11 @@ def copo_loop(rewards, group_id, traj_id, b=0.5, k=1.0, entropy_coef=True, blend
     """Returns (local advantages, global advantages, local weights), one entry per row."""
     local = grpo_loop(rewards, group_id, traj_id, "group", eps, penalty)
     returns, by_group = _episodes(rewards, group_id, traj_id)
+    if penalty is not None:  # each episode's score: its return minus the mean penalty of its rows
+        paid: dict[int, list[float]] = defaultdict(list)
+        for t, p in zip(traj_id, penalty):
+            paid[t].append(p)
+        returns = {t: r - sum(paid[t]) / len(paid[t]) for t, r in returns.items()}
     global_reward, weight = {}, {}
     for g, trajs in by_group.items():
         values = [returns[t] for t in trajs]

@@ -242,7 +242,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3", cl
     - ``k3``: ``E_pi[(1 - ref / pi) grad log pi] = -sum ref grad log pi``, the gradient
       of the forward KL(reference || policy).
 
-    ``tests/test_losses.py`` checks each by exact expectation over a small vocabulary.
+    ``tests/test_loss_terms.py`` checks each by exact expectation over a small vocabulary.
     """
     d = logprobs - ref_logprobs
     if estimator == "k1":

@@ -228,17 +228,26 @@ class Trainer:
         route_engine_logs(self.config.logger.engine_console_level)  # and after it started
         return backend
 
+    #: the longest ``rollout.vllm_max_model_len`` taken by default (the KV cache must hold
+    #: one sequence this long; long-context models would not start at 128k)
+    DEFAULT_MAX_MODEL_LEN = 8192
+
     def _vllm_max_model_len(self) -> int:
-        """``rollout.vllm_max_model_len``, or the model's context length when unset; a
-        length past the model's positions is refused here, before vLLM would fail."""
+        """``rollout.vllm_max_model_len``, or, unset, the model's context length up to
+        :attr:`DEFAULT_MAX_MODEL_LEN`. A length past the model's positions is refused here,
+        before vLLM would fail, unless the model scales its RoPE (then vLLM decides)."""
         configured = self.config.rollout.vllm_max_model_len
-        positions = getattr(self.model.config, "max_position_embeddings", None)
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        positions = getattr(text, "max_position_embeddings", None)
         if configured is None:
             if positions is None:
                 raise ConfigError("rollout.vllm_max_model_len=null but the model's config has no max_position_embeddings: "
                                   "set rollout.vllm_max_model_len")
-            return int(positions)
-        if positions is not None and configured > positions:
+            return min(int(positions), self.DEFAULT_MAX_MODEL_LEN)
+        rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+        scaled = isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default"
+        if positions is not None and configured > positions and not scaled:
             raise ConfigError(f"rollout.vllm_max_model_len={configured} is longer than the model's {positions} positions "
                               f"(max_position_embeddings): set it to at most {positions}, or null for exactly that")
         return configured

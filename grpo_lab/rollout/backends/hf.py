@@ -48,7 +48,9 @@ class HFBackend:
     """Batched sampling with ``model.generate`` on left-padded prompts.
 
     Args:
-        model: a causal LM; it is deep-copied unless ``copy_model=False``.
+        model: a causal LM; it is deep-copied unless ``copy_model=False`` (then its
+            ``generation_config`` is replaced by a neutral one: sampling here is
+            temperature and top-p only, whatever defaults a checkpoint ships).
         tokenizer: its tokenizer (pad and EOS ids, stop-string matching).
         max_batch_size: prompts per ``generate`` call.
     """
@@ -72,6 +74,11 @@ class HFBackend:
         if eos is None:
             eos = tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        # ``generate`` fills every unset field from the model's generation config and then
+        # from global defaults (top_k 50; a checkpoint's repetition_penalty, min_p, ...),
+        # which would sample from another distribution than the one the log-probs report:
+        # this backend's copy gets a neutral config, and every call sets top_k=0.
+        self.model.generation_config = GenerationConfig(eos_token_id=sorted(self.eos_ids) or None, pad_token_id=self.pad_id)
         self._params = dict(self.model.named_parameters(remove_duplicate=False))  # tied aliases too
 
     @property
@@ -117,7 +124,7 @@ class HFBackend:
             do_sample=not greedy and not seeded,
             temperature=None if greedy or seeded else params.temperature,
             top_p=None if greedy or seeded else params.top_p,
-            top_k=None,
+            top_k=0,  # no top-k: the sampled distribution is temperature and top-p only
             max_new_tokens=params.max_tokens,
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids) or None,

@@ -79,8 +79,9 @@ def route_engine_logs(console_level: str = "WARNING") -> None:
         raise ValueError(f"unknown log level {console_level!r}")
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     engine, root = logging.getLogger("vllm"), logging.getLogger()
-    if engine.level == logging.NOTSET or engine.level > logging.INFO:
-        engine.setLevel(logging.INFO)  # its INFO records reach the log file
+    wanted = min(logging.INFO, level)  # INFO records reach the log file; DEBUG ones too when asked for
+    if engine.level == logging.NOTSET or engine.level > wanted:
+        engine.setLevel(wanted)
     own = [h for h in engine.handlers if _is_console(h)]
     targets = own + ([h for h in root.handlers if _is_console(h)] if engine.propagate else [])
     for handler in targets:
@@ -148,7 +149,10 @@ class VLLMBackend:
         self.llm = vllm.LLM(
             model=model, tokenizer=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode,
-            logprobs_mode="processed_logprobs", enable_prefix_caching=True, **engine_kwargs,
+            logprobs_mode="processed_logprobs", enable_prefix_caching=True,
+            # a checkpoint's generation_config.json (top_k, repetition_penalty, ...) must not
+            # change what is sampled: the request's parameters are the whole story
+            **{"generation_config": "vllm", **engine_kwargs},
         )
         self.sleep_mode = enable_sleep_mode
         self._asleep = False
