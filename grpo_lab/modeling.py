@@ -17,6 +17,12 @@ EOS, PAD = "<|endoftext|>", "<|pad|>"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+def text_config(model: torch.nn.Module):
+    """The language model's config: ``model.config``, or its text config for multimodal models."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def torch_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r}; valid: {sorted(_DTYPES)}")

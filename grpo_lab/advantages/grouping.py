@@ -55,16 +55,13 @@ def group_moments(values: Tensor, group: Tensor, num_groups: int | None = None) 
     Returns:
         ``mean`` ``[K]``, ``std`` ``[K]`` (Bessel-corrected; 0 for groups of one),
         ``count`` ``[K]`` and ``constant`` ``[K]`` (bool: every value in the group is equal,
-        which includes groups of one).
+        which includes groups of one). :func:`weighted_group_moments` with unit weights.
     """
     k = (int(group.max()) + 1 if group.numel() else 0) if num_groups is None else num_groups
-    count = torch.zeros(k, dtype=values.dtype).index_add_(0, group, torch.ones_like(values))
-    mean = torch.zeros(k, dtype=values.dtype).index_add_(0, group, values) / count.clamp(min=1)
-    sq = torch.zeros(k, dtype=values.dtype).index_add_(0, group, (values - mean[group]) ** 2)
-    std = torch.where(count > 1, (sq / (count - 1).clamp(min=1)).sqrt(), torch.zeros_like(sq))
-    vmax = torch.full((k,), -torch.inf, dtype=values.dtype).scatter_reduce(0, group, values, "amax")
-    vmin = torch.full((k,), torch.inf, dtype=values.dtype).scatter_reduce(0, group, values, "amin")
-    return mean, std, count, vmax == vmin
+    ones = torch.ones_like(values)
+    count = torch.zeros(k, dtype=values.dtype).index_add_(0, group, ones)
+    mean, std, constant = weighted_group_moments(values, ones, group, count)
+    return mean, std, count, constant
 
 
 def episode_weights(row_traj: Tensor, traj_group: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -127,16 +124,11 @@ def normalize_in_groups(values: Tensor, group: Tensor, mode: str, eps: float) ->
     """``values`` ``[M]`` minus their group's mean (``mean_norm``), and over the group's std
     plus ``eps`` (``mean_std_norm``). A group whose values are all equal, a group of one
     included, gets exactly 0, and so does a group whose std underflows to 0. Returns the
-    normalised values ``[M]`` and the per-group "no signal" flags ``[K]``."""
-    if mode not in NORM_MODES:
-        raise ValueError(f"normalisation mode must be one of {NORM_MODES}, got {mode!r}")
-    mean, std, _, constant = group_moments(values, group)
-    out = values - mean[group]
-    if mode == "mean_std_norm":
-        # values too close for their std to be represented count as equal (no 0 / 0)
-        constant = constant | (std + eps == 0)
-        out = out / (std[group] + eps)
-    return torch.where(constant[group], torch.zeros_like(out), out), constant
+    normalised values ``[M]`` and the per-group "no signal" flags ``[K]``.
+    :func:`normalize_weighted` with unit weights."""
+    ones = torch.ones_like(values)
+    count = torch.zeros(int(group.max()) + 1 if group.numel() else 0, dtype=values.dtype).index_add_(0, group, ones)
+    return normalize_weighted(values, ones, group, count, mode, eps)
 
 
 def discounted_returns(rewards: Tensor, traj_id: Tensor, step: Tensor, gamma: float) -> Tensor:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .grouping import episode_weights, trajectory_table, weighted_group_moments
+from .grouping import episode_weights, normalize_weighted, trajectory_table, weighted_group_moments
 from .registry import AdvantageInputs, AdvantageOutput, register_estimator
 
 SCALE_MODES = ("group", "batch", "none")
@@ -56,18 +56,14 @@ def grpo(inputs: AdvantageInputs, *, scale_rewards: str = "group", eps: float = 
     returns, traj_group, row_traj = trajectory_table(rewards, inputs.traj_id, inputs.group_id)
     score = returns[row_traj] - inputs.row_penalty()  # [N] each row's episode score
     weight, units, row_group = episode_weights(row_traj, traj_group)
-    mean, std, constant = weighted_group_moments(score, weight, row_group, units)
-    constant = constant | (units <= 1)
-    centered = score - mean[row_group]
-    if scale_rewards == "group":
-        constant = constant | (std + eps == 0)  # a std that underflows to 0: no signal, not 0 / 0
-        adv = centered / (std[row_group] + eps)
-    elif scale_rewards == "batch":
-        everyone = torch.zeros_like(row_group)
-        _, batch_std, _ = weighted_group_moments(score, weight, everyone, units.sum().reshape(1))
-        adv = centered / (batch_std[0] + eps)
-    else:
-        adv = centered
-    adv = torch.where(constant[row_group], torch.zeros_like(adv), adv)
+    if scale_rewards == "batch":  # the group's mean, the batch's std
+        mean, _, constant = weighted_group_moments(score, weight, row_group, units)
+        constant = constant | (units <= 1)
+        _, batch_std, _ = weighted_group_moments(score, weight, torch.zeros_like(row_group), units.sum().reshape(1))
+        adv = (score - mean[row_group]) / (batch_std[0] + eps)
+        adv = torch.where(constant[row_group], torch.zeros_like(adv), adv)
+    else:  # a std that underflows to 0 is no signal, not 0 / 0
+        adv, constant = normalize_weighted(score, weight, row_group, units,
+                                           "mean_std_norm" if scale_rewards == "group" else "mean_norm", eps)
     metrics = {"frac_zero_std_groups": float(constant.float().mean())}
     return AdvantageOutput(adv.to(inputs.rewards.dtype), metrics)

@@ -274,20 +274,20 @@ def behaviour_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tens
     stale = stale.to(torch.bool).reshape(-1, 1).expand_as(mask)
     if tis_cap is None and not bool(stale.any()):
         return None, {}
-    raw = torch.exp((old_logprobs - rollout_logprobs).detach())
-    fresh = torch.clamp(raw, max=tis_cap) if tis_cap is not None else torch.ones_like(raw)
-    weights = torch.where(stale, torch.clamp(raw, max=stale_cap), fresh)
-    truncated = torch.where(stale, raw > stale_cap, raw > (tis_cap if tis_cap is not None else torch.inf)).to(weights.dtype)
-    mask = mask.to(weights.dtype)
-    fresh_mask, stale_mask = mask * (~stale).to(mask.dtype), mask * stale.to(mask.dtype)
+    stale_mask = mask * stale.to(mask.dtype)
+    fresh_mask = mask * (~stale).to(mask.dtype)
+    stale_weights, stale_metrics = truncated_is_weights(old_logprobs, rollout_logprobs, stale_mask, stale_cap)
     metrics: dict[str, Tensor] = {}
-    if tis_cap is not None and bool(fresh_mask.any()):
-        metrics["tis_weight_mean"] = _masked_mean(weights, fresh_mask)
-        metrics["tis_frac_truncated"] = _masked_mean(truncated, fresh_mask)
+    if tis_cap is None:
+        fresh_weights = torch.ones_like(stale_weights)
+    else:
+        fresh_weights, fresh_metrics = truncated_is_weights(old_logprobs, rollout_logprobs, fresh_mask, tis_cap)
+        if bool(fresh_mask.any()):
+            metrics.update(fresh_metrics)
     if bool(stale_mask.any()):
-        metrics["off_policy_weight_mean"] = _masked_mean(weights, stale_mask)
-        metrics["off_policy_frac_truncated"] = _masked_mean(truncated, stale_mask)
-    return weights, metrics
+        metrics["off_policy_weight_mean"] = stale_metrics["tis_weight_mean"]
+        metrics["off_policy_frac_truncated"] = stale_metrics["tis_frac_truncated"]
+    return torch.where(stale, stale_weights, fresh_weights), metrics
 
 
 def truncated_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, cap: float) -> tuple[Tensor, dict[str, Tensor]]:

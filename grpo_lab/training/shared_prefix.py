@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..modeling import text_config
 from .forward import pad_rows, response_logprobs, token_entropy
 
 ATTENTION_NAME = "grpo_shared_prefix"
@@ -206,10 +207,7 @@ def _model_type(model: torch.nn.Module) -> str:
 def _attention_layers(model: torch.nn.Module) -> int | None:
     """The number of attention layers a forward must reach: the decoder's
     ``num_hidden_layers`` (of the text config for multimodal models)."""
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    n = getattr(config, "num_hidden_layers", None)
+    n = getattr(text_config(model), "num_hidden_layers", None) if hasattr(model, "config") else None
     return int(n) if n is not None else None
 
 
@@ -301,7 +299,7 @@ def verify_shared_prefix(model: torch.nn.Module, attention: str = "reference") -
     or (float32 and float64 models, where the comparison is meaningful) when the
     log-probs differ by more than 1e-3."""
     parameter = next(model.parameters())
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, int(config.vocab_size), (9,), generator=g)
     responses = [torch.randint(0, int(config.vocab_size), (n,), generator=g) for n in (3, 5)]

@@ -39,7 +39,7 @@ from ..config import Config, ConfigError
 from ..data import RolloutBatch
 from ..envs import make_env
 from ..envs.base import Env
-from ..modeling import build_tiny_model, frozen, load_pretrained, torch_dtype, train_tokenizer
+from ..modeling import build_tiny_model, frozen, load_pretrained, text_config, torch_dtype, train_tokenizer
 from ..rollout import AgentLoopConfig, HFBackend, LengthPredictor, PromptEncoder, SamplingParams, SchedulerConfig, run_episodes, run_scheduled
 from ..rollout.adaptive import ReuseBuffer, adaptive_rollout
 from ..rollout.prompts import ACTION_STOP
@@ -237,8 +237,7 @@ class Trainer:
         :attr:`DEFAULT_MAX_MODEL_LEN`. A length past the model's positions is refused here,
         before vLLM would fail, unless the model scales its RoPE (then vLLM decides)."""
         configured = self.config.rollout.vllm_max_model_len
-        config = self.model.config
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config(self.model)
         positions = getattr(text, "max_position_embeddings", None)
         if configured is None:
             if positions is None:
