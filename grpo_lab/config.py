@@ -7,12 +7,14 @@ checks values (ranges, names) and raises :class:`ConfigError` naming the bad one
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from .envs import env_names
 from .modeling import _DTYPES
 from .rollout.adaptive import AdaptiveConfig
+from .rollout.agent_loop import OVERLONG_POLICIES
 from .rollout.tree import TreeSamplerConfig
 from .advantages.shaping import PENALTY_PLACEMENTS, default_penalty_placement
 from .training.losses import KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, RATIO_LEVELS
@@ -141,17 +143,24 @@ class AlgoConfig:
 
 @dataclass
 class EnvConfig:
-    """The environment, by name, with its constructor arguments in ``kwargs``."""
+    """The environment, by name (any name given to :func:`grpo_lab.envs.register_env`),
+    with its constructor arguments in ``kwargs``. ``step_timeout_s`` bounds every
+    ``reset`` and ``step`` of an environment in a worker process
+    (``rollout.env_workers > 0``; in process nothing can interrupt a hung step): the
+    worker is replaced and the episode dropped. ``null``: no bound."""
 
     name: str = "frozenlake"
     max_steps: int = 10
+    step_timeout_s: Optional[float] = 60.0
     kwargs: Dict[str, Any] = field(
         default_factory=lambda: {"size": 4, "num_holes": 3, "map_mode": "fixed", "map_seed": 0}
     )
 
     def validate(self) -> None:
-        _check(self.name in env_names(), "env.name", self.name, f"one of {env_names()}")
+        _check(self.name in env_names(), "env.name", self.name, f"one of {env_names()} (or a name given to register_env)")
         _check(self.max_steps >= 1, "env.max_steps", self.max_steps, "an integer >= 1")
+        _check(self.step_timeout_s is None or self.step_timeout_s > 0, "env.step_timeout_s", self.step_timeout_s,
+               "null (no bound) or a number of seconds > 0")
 
 
 @dataclass
@@ -176,6 +185,8 @@ class ModelConfig:
     lora_target_modules: Any = "all-linear"  # "all-linear" or a list of module names
 
     def validate(self) -> None:
+        if self.name_or_path is not None:
+            check_model_source(str(self.name_or_path))
         _check(self.dtype in _DTYPES, "model.dtype", self.dtype, f"one of {sorted(_DTYPES)}")
         _check(self.tiny_architecture in ("qwen2", "qwen3", "llama"), "model.tiny_architecture", self.tiny_architecture, "qwen2, qwen3 or llama")
         for key in ("tiny_hidden_size", "tiny_num_layers", "tiny_num_heads", "tiny_num_kv_heads", "tiny_intermediate_size"):
@@ -192,6 +203,27 @@ class ModelConfig:
         _check(self.tokenizer_vocab_size >= 300, "model.tokenizer_vocab_size", self.tokenizer_vocab_size, "an integer >= 300 (256 byte symbols and merges)")
 
 
+def looks_like_local_path(name: str) -> bool:
+    """A model name that can only be a local path: absolute, relative with ``.`` or ``~``,
+    more than one ``/``, or a backslash (a hub id is ``name`` or ``org/name``)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or os.path.isabs(name)
+
+
+def check_model_source(name: str) -> None:
+    """Refuse a ``model.name_or_path`` that names a local directory that is not there
+    (before anything is loaded or downloaded)."""
+    path = os.path.expanduser(name)
+    _check(bool(name.strip()), "model.name_or_path", name, "a hub model id or a local directory")
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise ConfigError(f"model.name_or_path={name!r} is a file, not a directory: give the directory that holds "
+                          "config.json and the weights")
+    if looks_like_local_path(name):
+        raise ConfigError(f"model.name_or_path={name!r}: the directory {os.path.abspath(path)} does not exist "
+                          "(a local model is a directory with config.json; a hub model is 'org/name')")
+
+
 @dataclass
 class RolloutConfig:
     """Generation: the backend and its sampling parameters, the prompt's history window,
@@ -203,9 +235,18 @@ class RolloutConfig:
     ``full`` plays every episode of a step in lock-step turns (one batch per
     turn); ``micro`` runs rounds of micro-groups of ``micro_group_size`` members in
     ``max_inflight`` slots; ``continuous`` refills a slot as soon as its episode ends.
-    ``order`` is the length-aware admission order, ``env_workers`` the threads that step
-    environments while the engine generates. ``request_seeds`` gives every request its own
-    seed, so episodes do not depend on the schedule."""
+    ``order`` is the length-aware admission order. ``request_seeds`` gives every request
+    its own seed, so episodes do not depend on the schedule.
+
+    ``env_workers``: environments live in this many worker processes, stepped that many
+    at a time (while the engine generates, under the micro and continuous schedulers); a
+    step past ``env.step_timeout_s`` is abandoned. 0: in this process, one at a time
+    (faults that raise are still caught; a hung step hangs the run).
+    ``max_env_fault_rate``: the run stops when a step loses more than this fraction of
+    its episodes to faults (:mod:`grpo_lab.rollout.faults`) rather than train on the
+    episodes that happened to run. ``overlong_prompt``: ``truncate_history`` (show fewer
+    past turns until the prompt fits the model's context; the episode is dropped when
+    even none is too long), ``drop_episode`` or ``error``."""
 
     backend: str = "hf"
     sampler: str = "chain"  # chain | tree | adaptive
@@ -215,7 +256,9 @@ class RolloutConfig:
     micro_group_size: Optional[int] = None  # None: the whole group
     max_inflight: Optional[int] = None  # episode slots; None: every episode of the step
     order: str = "fifo"  # fifo | shortest_first | longest_first
-    env_workers: int = 0
+    env_workers: int = 2
+    max_env_fault_rate: float = 0.2
+    overlong_prompt: str = "truncate_history"  # truncate_history | drop_episode | error
     request_seeds: bool = False
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -253,7 +296,10 @@ class RolloutConfig:
                "null or an integer >= 1")
         _check(self.order in ("fifo", "shortest_first", "longest_first"), "rollout.order", self.order,
                "fifo, shortest_first or longest_first")
-        _check(self.env_workers >= 0, "rollout.env_workers", self.env_workers, "an integer >= 0")
+        _check(self.env_workers >= 0, "rollout.env_workers", self.env_workers, "an integer >= 0 (0: in this process)")
+        _check(0 <= self.max_env_fault_rate <= 1, "rollout.max_env_fault_rate", self.max_env_fault_rate, "a number in [0, 1]")
+        _check(self.overlong_prompt in OVERLONG_POLICIES, "rollout.overlong_prompt", self.overlong_prompt,
+               f"one of {list(OVERLONG_POLICIES)}")
 
 
 @dataclass
@@ -274,7 +320,15 @@ class WarmupConfig:
 
 @dataclass
 class TrainerConfig:
-    """The RL loop."""
+    """The RL loop.
+
+    ``resume``: ``true`` continues the run in ``output_dir`` from its newest complete
+    checkpoint (and refuses a directory without one); ``auto`` continues it when there
+    is one and starts afresh otherwise (a run that died before its first checkpoint
+    starts again, its old ``metrics.jsonl`` kept aside); ``false`` refuses a directory
+    that holds a run. A resumed run must have the saved run's config, except the keys in
+    :attr:`HARMLESS_ON_RESUME` and ``logger.*``; ``resume_allow_changes=true`` accepts
+    other changes (a new ``lr`` or ``weight_decay`` is then set in the optimizer)."""
 
     total_steps: int = 50
     tasks_per_step: int = 8
@@ -293,8 +347,20 @@ class TrainerConfig:
     output_dir: Optional[str] = None  # default: Hydra's run directory, or ./outputs
     checkpoint_every: int = 0  # steps between checkpoints (0: none; the final model is saved anyway)
     keep_checkpoints: int = 2  # the newest ones kept
-    resume: bool = False  # continue the run in output_dir from its newest checkpoint
+    resume: str = "false"  # false | true | auto (see the class docstring)
+    resume_allow_changes: bool = False  # resume even when the config differs from the saved one
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+
+    #: keys a resumed run may change without ``resume_allow_changes`` (they change
+    #: neither the data nor the updates of the steps to come); ``logger.*`` too
+    HARMLESS_ON_RESUME = ("trainer.total_steps", "trainer.checkpoint_every", "trainer.keep_checkpoints",
+                          "trainer.resume", "trainer.resume_allow_changes", "trainer.output_dir", "trainer.save_final",
+                          "trainer.micro_batch_size",  # the gradient does not depend on it
+                          "rollout.env_workers", "env.step_timeout_s", "rollout.max_env_fault_rate")
+
+    def resume_mode(self) -> str:
+        """``resume`` as one of ``false``, ``true``, ``auto``."""
+        return str(self.resume).lower()
 
     def validate(self) -> None:
         for key in ("total_steps", "tasks_per_step", "epochs_per_batch", "minibatches_per_epoch", "micro_batch_size"):
@@ -309,6 +375,8 @@ class TrainerConfig:
         _check(self.checkpoint_every >= 0, "trainer.checkpoint_every", self.checkpoint_every, "an integer >= 0 (0: none)")
         _check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
         _check(self.eval_episodes >= 0, "trainer.eval_episodes", self.eval_episodes, "an integer >= 0")
+        _check(self.resume_mode() in ("false", "true", "auto"), "trainer.resume", self.resume, "false, true or auto")
+        self.resume = self.resume_mode()
         _check(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             "trainer.device", self.device, "auto, cpu, cuda or cuda:N",

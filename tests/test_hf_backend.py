@@ -189,5 +189,8 @@ def test_seeded_requests_do_not_depend_on_their_batch(tiny_model, tokenizer):
     again = backend.generate(prompts[:1], base.with_seed(5))
     other = backend.generate(prompts[:1], base.with_seed(99))
     assert again[0].token_ids == together[0].token_ids and other[0].token_ids != together[0].token_ids
-    with pytest.raises(ValueError, match="one set of sampling parameters"):
-        backend.generate(prompts[:2], [base, SamplingParams(max_tokens=3)])
+    # requests with their own max_tokens (capped to the context left) keep their order and their cap
+    mixed = backend.generate(prompts, [base.with_seed(5), base.with_max_tokens(3).with_seed(6), base.with_seed(7)])
+    capped = backend.generate(prompts[1:2], base.with_max_tokens(3).with_seed(6))
+    assert [c.token_ids for c in mixed[::2]] == [together[0].token_ids, together[2].token_ids]
+    assert mixed[1].token_ids == capped[0].token_ids and len(mixed[1].token_ids) <= 3

@@ -140,7 +140,8 @@ def adaptive_rollout(
     Args:
         play: ``play(seeds, n, stage)`` plays ``n`` episodes from each seed and returns
             them as a batch (rows grouped by trajectory; groups numbered consecutively
-            in the order of ``seeds``), e.g. through
+            in the order of ``seeds``), or ``(batch, first_group_id)`` when failed
+            episodes may have left groups out of the batch, e.g. through
             :func:`~grpo_lab.rollout.agent_loop.run_episodes`. Give every stage its own
             group (and so trajectory) ids when requests are seeded by trajectory.
         keys: each task's buffer key.
@@ -162,8 +163,8 @@ def adaptive_rollout(
         if not pool:
             break
         stages_run += 1
-        batch = play([seeds[i] for i in pool], config.responses_per_stage, stage)
-        base = int(batch.group_id.min())
+        out = play([seeds[i] for i in pool], config.responses_per_stage, stage)
+        batch, base = out if isinstance(out, tuple) else (out, int(out.group_id.min()) if len(out) else 0)
         for ep in episodes_of(batch):
             i = pool[int(ep.group_id[0]) - base]
             episodes[i].append(ep)
@@ -174,7 +175,7 @@ def adaptive_rollout(
     if buffer is not None and config.reuse:
         for i in unsolved:
             old = buffer.sample(keys[i])
-            if old is None:
+            if old is None or not episodes[i]:  # nothing to replace when every episode failed
                 continue
             old = replace(old, off_policy=torch.ones_like(old.off_policy))
             if config.reuse_mode == "stop_gradient":

@@ -4,10 +4,18 @@ Every turn, the prompts of all running episodes go to the backend in one call; t
 action is parsed from each answer, the environment steps, and an episode that ends
 leaves the batch at once (it never generates again). Each agent step becomes one row of
 a :class:`~grpo_lab.data.RolloutBatch`, with the exact prompt and response tokens.
+
+Faults cost their episode, not the rollout: an environment that raises, hangs (with
+worker processes, :mod:`~grpo_lab.rollout.env_pool`) or returns a non-finite reward ends
+its episode, which leaves the batch whole (:mod:`~grpo_lab.rollout.faults`). A prompt
+longer than ``max_context`` is never sent: ``overlong`` says whether to drop the oldest
+turns of its history window until it fits, drop the episode, or stop; every request's
+``max_tokens`` is capped so that prompt and answer fit.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Sequence
 
@@ -16,7 +24,15 @@ import torch
 from ..data import RolloutBatch
 from ..envs.base import Env, Observation, StepResult
 from .backend import Backend, Completion, SamplingParams
+from .env_pool import EnvFault, guard
+from .faults import FaultLog, drop_failed
 from .prompts import ACTION_STOP, PromptEncoder, Turn, parse_action, render_prompt
+
+OVERLONG_POLICIES = ("truncate_history", "drop_episode", "error")
+
+
+class OverlongPromptError(RuntimeError):
+    """A prompt longer than the model's context, with ``overlong="error"``."""
 
 
 @dataclass
@@ -27,6 +43,14 @@ class AgentLoopConfig:
     ``request_seed``: when set, the request of turn ``t`` of trajectory ``j`` samples with
     seed :func:`request_seed_of` ``(request_seed, j, t)``, so an episode does not depend
     on which other requests share its batch (any scheduler gives the same episodes).
+
+    ``max_context``: the model's context in tokens (``None``: unbounded); a prompt must
+    leave room for at least one answer token, and each request's ``max_tokens`` is capped
+    at the room left. ``overlong``: what happens to a prompt that does not fit
+    (:data:`OVERLONG_POLICIES`): ``truncate_history`` shows fewer past turns until it
+    fits (the episode is dropped when even the bare observation does not), ``drop_episode``
+    drops the episode, ``error`` raises :class:`OverlongPromptError`. ``env_threads``:
+    threads that step a turn's environments at once (0: one after another).
     """
 
     group_size: int = 8
@@ -34,11 +58,19 @@ class AgentLoopConfig:
     history_window: int = 2
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=16, stop=(ACTION_STOP,)))
     request_seed: int | None = None
+    max_context: int | None = None
+    overlong: str = "truncate_history"
+    env_threads: int = 0
 
-    def params_for(self, traj_id: int, step: int) -> SamplingParams:
-        if self.request_seed is None:
-            return self.sampling
-        return self.sampling.with_seed(request_seed_of(self.request_seed, traj_id, step))
+    def params_for(self, traj_id: int, step: int, prompt_len: int | None = None) -> SamplingParams:
+        """The sampling parameters of one request (its seed; ``max_tokens`` capped to the
+        context left after a prompt of ``prompt_len`` tokens)."""
+        params = self.sampling
+        if self.request_seed is not None:
+            params = params.with_seed(request_seed_of(self.request_seed, traj_id, step))
+        if self.max_context is not None and prompt_len is not None and prompt_len + params.max_tokens > self.max_context:
+            params = params.with_max_tokens(self.max_context - prompt_len)
+        return params
 
     def __post_init__(self) -> None:
         if self.group_size < 1:
@@ -47,6 +79,12 @@ class AgentLoopConfig:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.history_window < 0:
             raise ValueError(f"history_window must be >= 0, got {self.history_window}")
+        if self.max_context is not None and self.max_context < 2:
+            raise ValueError(f"max_context must be None or >= 2, got {self.max_context}")
+        if self.overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"overlong={self.overlong!r} is not one of {list(OVERLONG_POLICIES)}")
+        if self.env_threads < 0:
+            raise ValueError(f"env_threads must be >= 0, got {self.env_threads}")
 
 
 def request_seed_of(base: int, traj_id: int, step: int) -> int:
@@ -62,10 +100,12 @@ class _Episode:
     env: Env
     group_id: int
     traj_id: int
-    obs: Observation
+    obs: Observation | None  # None: the reset failed
+    seed: int = 0
     history: list[Turn] = field(default_factory=list)
     steps: int = 0
     done: bool = False
+    fault: EnvFault | None = None  # set when the episode failed: it leaves the batch
 
 
 @dataclass
@@ -93,6 +133,7 @@ def run_episodes(
     seeds: Sequence[int],
     config: AgentLoopConfig,
     first_group_id: int = 0,
+    faults: FaultLog | None = None,
 ) -> RolloutBatch:
     """Play ``config.group_size`` episodes from each seed in ``seeds``.
 
@@ -101,37 +142,113 @@ def run_episodes(
 
     An answer without a parseable ``<action>`` does not reach the environment: the state
     stays, the step counts toward ``max_steps`` and is marked invalid. An action the
-    environment calls illegal is marked invalid too.
+    environment calls illegal is marked invalid too. Failed episodes are left out and
+    counted in ``faults`` (module docstring).
     """
+    faults = faults if faults is not None else FaultLog()
     episodes = [
-        _new_episode(env_factory, first_group_id + i, member, config.group_size, seed)
+        _new_episode(env_factory, first_group_id + i, member, config.group_size, seed, faults)
         for i, seed in enumerate(seeds)
         for member in range(config.group_size)
     ]
     rows: list[_Row] = []
     instruction = episodes[0].env.instruction if episodes else ""
-    while True:
-        running = [ep for ep in episodes if not ep.done]
-        if not running:
-            break
-        prompts = [episode_prompt(ep, encoder, instruction, config) for ep in running]
-        completions = backend.generate(prompts, [config.params_for(ep.traj_id, ep.steps) for ep in running])
-        if len(completions) != len(running):
-            raise RuntimeError(f"backend returned {len(completions)} completions for {len(running)} prompts")
-        for ep, prompt, comp in zip(running, prompts, completions):
-            text = completion_text(comp, encoder)
-            rows.append(finish_turn(ep, prompt, comp, act(ep.env, text), config))
-    return rows_to_batch(rows)
+    pool = ThreadPoolExecutor(config.env_threads) if config.env_threads > 0 else None
+    try:
+        while True:
+            running = [ep for ep in episodes if not ep.done]
+            prompts = [episode_prompt(ep, encoder, instruction, config, faults) for ep in running]
+            running, prompts = [ep for ep, p in zip(running, prompts) if p is not None], [p for p in prompts if p is not None]
+            if not running:
+                break
+            completions = backend.generate(prompts, [config.params_for(ep.traj_id, ep.steps, len(p))
+                                                     for ep, p in zip(running, prompts)])
+            if len(completions) != len(running):
+                raise RuntimeError(f"backend returned {len(completions)} completions for {len(running)} prompts")
+            texts = [completion_text(comp, encoder) for comp in completions]
+            steps = (pool.map(guarded_act, running, texts) if pool is not None else map(guarded_act, running, texts))
+            for ep, prompt, comp, outcome in zip(running, prompts, completions, list(steps)):
+                if isinstance(outcome, EnvFault):
+                    fail(ep, outcome, faults)
+                else:
+                    rows.append(finish_turn(ep, prompt, comp, outcome, config))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for ep in episodes:
+            close_env(ep.env)
+    failed = {ep.traj_id: ep.group_id for ep in episodes if ep.fault is not None}
+    return rows_to_batch(drop_failed(rows, failed, faults, min(2, config.group_size)))
 
 
-def _new_episode(env_factory: Callable[[], Env], group: int, member: int, group_size: int, seed: int) -> _Episode:
-    env = env_factory()
-    return _Episode(env, group, group * group_size + member, env.reset(int(seed)))
+def _new_episode(env_factory: Callable[[], Env], group: int, member: int, group_size: int, seed: int,
+                 faults: FaultLog | None = None) -> _Episode:
+    """A new episode, reset from ``seed``; a failed reset gives a failed episode."""
+    env = guard(env_factory())
+    ep = _Episode(env, group, group * group_size + member, None, int(seed))
+    if faults is not None:
+        faults.episodes += 1
+    try:
+        ep.obs = env.reset(int(seed))
+    except EnvFault as fault:
+        fail(ep, fault, faults)
+    return ep
 
 
-def episode_prompt(ep: _Episode, encoder: PromptEncoder, instruction: str, config: AgentLoopConfig) -> list[int]:
-    """Token ids of the episode's next prompt."""
-    return encoder.encode(render_prompt(instruction, ep.history, ep.obs.text, config.history_window))
+def fail(ep: _Episode, fault: EnvFault, faults: FaultLog | None) -> None:
+    """End ``ep`` as failed (it will leave the batch) and count the fault."""
+    ep.fault, ep.done = fault, True
+    if faults is not None:
+        faults.record(fault)
+
+
+def close_env(env: Env) -> None:
+    """Release an environment that has an ``close`` method (worker proxies, gymnasium)."""
+    close = getattr(env, "close", None)
+    if callable(close):
+        close()
+
+
+def env_name(env: Env) -> str:
+    return getattr(env, "name", type(env).__name__)
+
+
+def fit_prompt(
+    encoder: PromptEncoder, instruction: str, history: Sequence[Turn], observation: str, config: AgentLoopConfig,
+    where: tuple[str, int | None, int], faults: FaultLog | None,
+) -> list[int]:
+    """Token ids of a prompt that fits ``config.max_context`` (see
+    :class:`AgentLoopConfig`); ``where`` is ``(environment, seed, step)`` for the fault or
+    error raised when it cannot fit."""
+    ids = encoder.encode(render_prompt(instruction, history, observation, config.history_window))
+    limit = config.max_context
+    if limit is None or len(ids) < limit:
+        return ids
+    detail = (f"the prompt has {len(ids)} tokens and the model's context is {limit} (showing "
+              f"{min(len(history), config.history_window)} past turns)")
+    if config.overlong == "error":
+        raise OverlongPromptError(f"env {where[0]!r} seed {where[1]} step {where[2]}: {detail}; "
+                                  "set rollout.overlong_prompt=truncate_history or drop_episode to go on without it")
+    if config.overlong == "truncate_history":
+        for window in range(min(len(history), config.history_window) - 1, -1, -1):
+            ids = encoder.encode(render_prompt(instruction, history, observation, window))
+            if len(ids) < limit:
+                if faults is not None:
+                    faults.overlong_truncated += 1
+                return ids
+        detail += f"; without past turns it still has {len(ids)}"
+    raise EnvFault("overlong", *where, detail)
+
+
+def episode_prompt(ep: _Episode, encoder: PromptEncoder, instruction: str, config: AgentLoopConfig,
+                   faults: FaultLog | None = None) -> list[int] | None:
+    """Token ids of the episode's next prompt; ``None`` when it cannot fit the context
+    (the episode is then failed and counted)."""
+    try:
+        return fit_prompt(encoder, instruction, ep.history, ep.obs.text, config, (env_name(ep.env), ep.seed, ep.steps), faults)
+    except EnvFault as fault:
+        fail(ep, fault, faults)
+        return None
 
 
 def completion_text(comp: Completion, encoder: PromptEncoder) -> str:
@@ -144,6 +261,14 @@ def act(env: Env, text: str) -> tuple[str | None, StepResult | None]:
     so a scheduler may run it in a worker thread."""
     action = parse_action(text)
     return action, (env.step(action) if action is not None else None)
+
+
+def guarded_act(ep: _Episode, text: str) -> tuple[str | None, StepResult | None] | EnvFault:
+    """:func:`act` on the episode's environment, its fault returned instead of raised."""
+    try:
+        return act(ep.env, text)
+    except EnvFault as fault:
+        return fault
 
 
 def turn_outcome(result: StepResult | None, obs: Observation) -> tuple[float, bool, bool, bool, Observation]:

@@ -45,13 +45,17 @@ from .agent_loop import (
     _Episode,
     _new_episode,
     _Row,
-    act,
+    close_env,
     completion_text,
     episode_prompt,
+    fail,
     finish_turn,
+    guarded_act,
     rows_to_batch,
 )
 from .backend import RequestStream, StreamStats
+from .env_pool import EnvFault, guard
+from .faults import FaultLog, drop_failed
 from .prompts import PromptEncoder
 
 SCHEDULER_MODES = ("micro", "continuous")
@@ -138,12 +142,15 @@ def run_scheduled(
     scheduler: SchedulerConfig,
     first_group_id: int = 0,
     predictor: LengthPredictor | None = None,
+    faults: FaultLog | None = None,
 ) -> tuple[RolloutBatch, ScheduleStats]:
     """Play ``config.group_size`` episodes from each seed, as ``run_episodes`` does, under
     ``scheduler``. Returns the batch (same ids and row order as ``run_episodes``) and
     what the schedule cost. ``predictor`` learns from every finished episode (pass the
-    same one across calls to predict from earlier steps)."""
+    same one across calls to predict from earlier steps). A failed episode frees its slot
+    at once; it leaves the batch as in ``run_episodes`` and is counted in ``faults``."""
     t0 = time.perf_counter()
+    faults = faults if faults is not None else FaultLog()
     predictor = predictor or LengthPredictor()
     stats = ScheduleStats(stream=stream.stats)
     G = config.group_size
@@ -153,17 +160,21 @@ def run_scheduled(
         raise ValueError(f"micro_group_size {unit} does not fit in max_inflight={slots} slots")
 
     # plan: one probe reset per group gives the initial state's key (and member 0's env)
-    probes: dict[int, Env] = {}
+    probes: dict[int, tuple[Env, object]] = {}  # group -> (member 0's env, its first observation or its fault)
     pending: list[_Pending] = []
     instruction = ""
     for i, seed in enumerate(seeds):
         group = first_group_id + i
-        env = env_factory()
-        obs = env.reset(int(seed))
+        env = guard(env_factory())
+        try:
+            obs: object = env.reset(int(seed))
+        except EnvFault as fault:
+            obs = fault
         instruction = env.instruction
-        probes[group] = env
+        probes[group] = (env, obs)
+        key = obs.anchor if not isinstance(obs, EnvFault) else ("failed reset", group)
         for start in range(0, G, unit):
-            pending.append(_Pending(group, list(range(start, min(start + unit, G))), int(seed), obs.anchor))
+            pending.append(_Pending(group, list(range(start, min(start + unit, G))), int(seed), key))
 
     def next_unit() -> int:
         """Index in ``pending`` of the unit that gets the next free slots."""
@@ -180,6 +191,7 @@ def run_scheduled(
     tokens: dict[int, int] = defaultdict(int)  # traj_id -> generated tokens so far
     prompts: dict[int, list[int]] = {}
     rows: list[_Row] = []
+    failed: dict[int, int] = {}  # traj_id -> group of the failed episodes
     futures: dict[Future, tuple[_Episode, object]] = {}
     pool = ThreadPoolExecutor(scheduler.env_workers) if scheduler.env_workers > 0 else None
 
@@ -193,31 +205,56 @@ def run_scheduled(
             item = pending.pop(k)
             for member in item.members:
                 if member == 0 and item.group in probes:
-                    env = probes.pop(item.group)
-                    ep = _Episode(env, item.group, item.group * G, env.reset(item.seed))
+                    env, obs = probes.pop(item.group)
+                    ep = _Episode(env, item.group, item.group * G, None, item.seed)
+                    faults.episodes += 1
+                    if isinstance(obs, EnvFault):
+                        fail(ep, obs, faults)
+                    else:
+                        ep.obs = obs
                 else:
-                    ep = _new_episode(env_factory, item.group, member, G, item.seed)
+                    ep = _new_episode(env_factory, item.group, member, G, item.seed, faults)
+                stats.admissions.append(ep.traj_id)
+                if ep.fault is not None:
+                    end_failed(ep)
+                    continue
                 running[ep.traj_id] = ep
                 keys[ep.traj_id] = item.key
-                stats.admissions.append(ep.traj_id)
                 submit(ep)
         stats.max_running_episodes = max(stats.max_running_episodes, len(running))
 
+    def end_failed(ep: _Episode) -> None:
+        failed[ep.traj_id] = ep.group_id
+        running.pop(ep.traj_id, None)
+        keys.pop(ep.traj_id, None)
+        tokens.pop(ep.traj_id, None)
+        close_env(ep.env)
+
     def submit(ep: _Episode) -> None:
-        prompts[ep.traj_id] = episode_prompt(ep, encoder, instruction, config)
-        stream.submit(ep.traj_id, prompts[ep.traj_id], config.params_for(ep.traj_id, ep.steps))
+        prompt = episode_prompt(ep, encoder, instruction, config, faults)
+        if prompt is None:
+            end_failed(ep)
+            return
+        prompts[ep.traj_id] = prompt
+        stream.submit(ep.traj_id, prompt, config.params_for(ep.traj_id, ep.steps, len(prompt)))
 
     def env_step(ep: _Episode, text: str):
         start = time.perf_counter()
-        outcome = act(ep.env, text)
+        outcome = guarded_act(ep, text)
         return outcome, time.perf_counter() - start
 
     def after_env(ep: _Episode, comp, outcome, seconds: float) -> None:
         stats.env_seconds += seconds
+        if isinstance(outcome, EnvFault):
+            prompts.pop(ep.traj_id, None)
+            fail(ep, outcome, faults)
+            end_failed(ep)
+            return
         rows.append(finish_turn(ep, prompts.pop(ep.traj_id), comp, outcome, config))
         if ep.done:
             del running[ep.traj_id]
             predictor.observe(keys.pop(ep.traj_id), tokens.pop(ep.traj_id))
+            close_env(ep.env)
         else:
             submit(ep)
 
@@ -246,5 +283,9 @@ def run_scheduled(
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        for ep in running.values():
+            close_env(ep.env)
+        for env, _ in probes.values():
+            close_env(env)
     stats.wall_seconds = time.perf_counter() - t0
-    return rows_to_batch(rows), stats
+    return rows_to_batch(drop_failed(rows, failed, faults, min(2, G))), stats

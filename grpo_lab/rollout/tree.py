@@ -25,6 +25,10 @@ Departures, stated:
   environment reset from the same seed (environments are deterministic in their seed,
   :class:`~grpo_lab.envs.base.Env`); replayed steps are counted apart from new tool calls
   and the replay is checked against the node's recorded state.
+- A fault (the environment raised, hung or gave a non-finite reward; a prompt that
+  cannot fit the context) drops the whole tree it happened in: its nodes' advantages
+  depend on the leaves below them, which the failed branch would have added. The
+  prompt keeps its other trees when they hold at least two leaves.
 
 Rows of the batch are nodes: ``tree_id`` (unique in the batch), ``node_id`` (unique in its
 tree), ``parent_id`` (-1 for the first node of the initial chain), ``group_id`` (the
@@ -37,13 +41,15 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from ..data import RolloutBatch
 from ..envs.base import Env, Observation
-from .agent_loop import AgentLoopConfig, _Row, act, rows_to_batch, turn_outcome
+from .agent_loop import AgentLoopConfig, _Row, act, close_env, env_name, fit_prompt, rows_to_batch, turn_outcome
 from .backend import Backend
-from .prompts import ACTION_STOP, PromptEncoder, Turn, render_prompt
+from .env_pool import EnvFault, guard
+from .faults import FaultLog, drop_failed
+from .prompts import ACTION_STOP, PromptEncoder, Turn
 
 NODE_KINDS = ("step", "segment")
 
@@ -119,12 +125,13 @@ class _Branch:
     nodes: list[_Node] = field(default_factory=list)
 
 
-def _render(state: _Node, encoder: PromptEncoder, instruction: str, config: AgentLoopConfig) -> tuple[list[int], list[int]]:
-    """(the turn's prompt, the tokens already generated in it) for the next node."""
+def _render(state: _Node, encoder: PromptEncoder, instruction: str, config: AgentLoopConfig, name: str,
+            faults: FaultLog) -> tuple[list[int], list[int]]:
+    """(the turn's prompt, the tokens already generated in it) for the next node; raises
+    :class:`EnvFault` when the prompt cannot fit the context."""
     if state.turn_prompt is not None:
         return list(state.turn_prompt), list(state.partial)
-    text = render_prompt(instruction, state.history, state.obs.text, config.history_window)
-    return encoder.encode(text), []
+    return fit_prompt(encoder, instruction, state.history, state.obs.text, config, (name, state.seed, state.steps), faults), []
 
 
 def sample_trees(
@@ -136,22 +143,33 @@ def sample_trees(
     tree: TreeSamplerConfig,
     rng: random.Random,
     first_group_id: int = 0,
+    faults: FaultLog | None = None,
 ) -> tuple[RolloutBatch, TreeStats]:
     """Sample ``tree.trees_per_prompt`` trees for each seed (prompt ``first_group_id + i``).
 
     ``config`` gives the turn limit, the history window and the sampling parameters
     (its ``group_size`` is not used: a prompt gets ``tree.leaves_per_prompt()`` leaves);
-    ``rng`` picks the nodes to expand."""
+    ``rng`` picks the nodes to expand. Faults drop their tree (module docstring) and
+    are counted in ``faults``; every branch counts as an episode."""
+    faults = faults if faults is not None else FaultLog()
     stats = TreeStats()
     rows: list[_Row] = []
     nodes_of_tree: dict[int, list[_Node]] = {}
     next_node: dict[int, int] = {}
+    failed_trees: dict[int, int] = {}  # tree -> group
     branch_counter = [first_group_id * 10_000]
-    instruction = env_factory().instruction
+    probe = guard(env_factory())
+    instruction, name = probe.instruction, env_name(probe)
+    close_env(probe)
 
     def new_branch(state: _Node, env: Env) -> _Branch:
         branch_counter[0] += 1
+        faults.episodes += 1
         return _Branch(branch_counter[0], state, env)
+
+    def tree_failed(tree_id: int, group: int, fault: EnvFault) -> None:
+        faults.record(fault)
+        failed_trees[tree_id] = group
 
     # initial chains: one per tree, from a virtual root (node -1) holding the reset state
     live: list[_Branch] = []
@@ -159,25 +177,47 @@ def sample_trees(
     tree_counter = first_group_id * tree.trees_per_prompt
     for i, seed in enumerate(seeds):
         for _ in range(tree.trees_per_prompt):
-            env = env_factory()
-            obs = env.reset(int(seed))
-            root = _Node(tree_counter, -1, -1, first_group_id + i, int(seed), (), (), obs, 0, False, None, ())
+            env = guard(env_factory())
             nodes_of_tree[tree_counter], next_node[tree_counter] = [], 0
+            try:
+                obs = env.reset(int(seed))
+            except EnvFault as fault:
+                faults.episodes += 1
+                tree_failed(tree_counter, first_group_id + i, fault)
+                close_env(env)
+                tree_counter += 1
+                continue
+            root = _Node(tree_counter, -1, -1, first_group_id + i, int(seed), (), (), obs, 0, False, None, ())
             roots[tree_counter] = root
             live.append(new_branch(root, env))
             tree_counter += 1
-    _grow(live, backend, encoder, instruction, config, tree, stats, rows, nodes_of_tree, next_node)
+    _grow(live, backend, encoder, instruction, config, tree, stats, rows, nodes_of_tree, next_node, name, faults, tree_failed,
+          failed_trees)
 
     for _ in range(tree.rounds):
         live = []
         for tree_id, nodes in nodes_of_tree.items():
+            if tree_id in failed_trees:
+                continue
             candidates = ([roots[tree_id]] if tree.expand_root else []) + [n for n in nodes if not n.done]
             picks = rng.sample(candidates, min(tree.nodes_per_round, len(candidates)))
             stats.expansions_short += tree.nodes_per_round - len(picks)
             for node in picks:
-                live.append(new_branch(node, _resume(env_factory, node, stats)))
-        _grow(live, backend, encoder, instruction, config, tree, stats, rows, nodes_of_tree, next_node)
+                if tree_id in failed_trees:
+                    break
+                try:
+                    env = _resume(env_factory, node, stats)
+                except EnvFault as fault:
+                    faults.episodes += 1
+                    tree_failed(tree_id, node.group, fault)
+                    break
+                live.append(new_branch(node, env))
+        _grow(live, backend, encoder, instruction, config, tree, stats, rows, nodes_of_tree, next_node, name, faults,
+              tree_failed, failed_trees)
 
+    failed = {r.traj_id: r.group_id for r in rows if r.tree_id in failed_trees}
+    failed.update({-1 - t: g for t, g in failed_trees.items()})  # trees that failed before their first node
+    rows = drop_failed(rows, failed, faults)
     stats.nodes = len(rows)
     stats.leaves = sum(r.done for r in rows)
     batch = rows_to_batch(rows, order=lambda r: (r.group_id, r.tree_id, r.node_id))
@@ -186,12 +226,16 @@ def sample_trees(
 
 def _resume(env_factory: Callable[[], Env], node: _Node, stats: TreeStats) -> Env:
     """A fresh environment in the state right after ``node`` (reset and replay)."""
-    env = env_factory()
-    obs = env.reset(node.seed)
-    for action in node.actions:
-        if action is not None:
-            obs = env.step(action).observation
-            stats.replayed_env_steps += 1
+    env = guard(env_factory())
+    try:
+        obs = env.reset(node.seed)
+        for action in node.actions:
+            if action is not None:
+                obs = env.step(action).observation
+                stats.replayed_env_steps += 1
+    except EnvFault:
+        close_env(env)
+        raise
     if obs.anchor != node.obs.anchor:
         raise RuntimeError(
             f"replaying {len(node.actions)} actions from seed {node.seed} reached state {obs.anchor!r}, not the node's "
@@ -203,19 +247,38 @@ def _resume(env_factory: Callable[[], Env], node: _Node, stats: TreeStats) -> En
 def _grow(
     live: list[_Branch], backend: Backend, encoder: PromptEncoder, instruction: str, config: AgentLoopConfig,
     tree: TreeSamplerConfig, stats: TreeStats, rows: list[_Row], nodes_of_tree: dict[int, list[_Node]],
-    next_node: dict[int, int],
+    next_node: dict[int, int], name: str, faults: FaultLog, tree_failed: Callable[[int, int, EnvFault], None],
+    failed: Mapping[int, int],
 ) -> None:
     """Generate every branch in ``live`` to the end of its episode, one node per branch
-    per ``generate`` call."""
+    per ``generate`` call; a branch whose tree failed (``failed``, kept up to date by
+    ``tree_failed``) stops."""
     tokenizer = encoder.tokenizer
     max_tokens = config.sampling.max_tokens
+
+    def fault(b: _Branch, err: EnvFault) -> None:
+        tree_failed(b.state.tree, b.state.group, err)
+
     while live:
-        rendered = [_render(b.state, encoder, instruction, config) for b in live]
+        rendered, ready = [], []
+        for b in live:
+            if b.state.tree in failed:  # another branch of its tree failed
+                close_env(b.env)
+                continue
+            try:
+                rendered.append(_render(b.state, encoder, instruction, config, name, faults))
+                ready.append(b)
+            except EnvFault as err:
+                fault(b, err)
+                close_env(b.env)
+        live = ready
+        if not live:
+            break
         params = []
-        for b, (_, partial) in zip(live, rendered):
-            sp = config.params_for(b.branch, b.state.steps * 1000 + len(partial))
+        for b, (prompt, partial) in zip(live, rendered):
+            sp = config.params_for(b.branch, b.state.steps * 1000 + len(partial), len(prompt) + len(partial))
             if tree.node == "segment":
-                sp = sp.with_max_tokens(min(tree.segment_tokens, max_tokens - len(partial)))
+                sp = sp.with_max_tokens(min(tree.segment_tokens, max_tokens - len(partial), sp.max_tokens))
             params.append(sp)
         comps = backend.generate([p + q for p, q in rendered], params)
         stats.generate_calls += 1
@@ -226,7 +289,9 @@ def _grow(
             answer = partial + list(comp.token_ids)
             text = tokenizer.decode(answer, skip_special_tokens=True) if tree.node == "segment" else (
                 comp.text or tokenizer.decode(comp.token_ids, skip_special_tokens=True))
-            turn_over = tree.node == "step" or comp.finish_reason == "stop" or ACTION_STOP in text or len(answer) >= max_tokens
+            full = config.max_context is not None and len(turn_prompt) + len(answer) >= config.max_context
+            turn_over = (tree.node == "step" or comp.finish_reason == "stop" or ACTION_STOP in text or len(answer) >= max_tokens
+                         or full)
             node_id = next_node[s.tree]
             next_node[s.tree] += 1
             row = dict(group_id=s.group, traj_id=b.branch, step=s.steps, prompt_ids=turn_prompt + partial,
@@ -237,7 +302,12 @@ def _grow(
                             tuple(turn_prompt), tuple(answer))
                 rows.append(_Row(**row, reward=0.0, done=False, valid=True, won=False))
             else:
-                action, result = act(b.env, text)
+                try:
+                    action, result = act(b.env, text)
+                except EnvFault as err:
+                    fault(b, err)
+                    close_env(b.env)
+                    continue
                 stats.env_steps += result is not None
                 reward, env_done, valid, won, obs = turn_outcome(result, s.obs)
                 steps = s.steps + 1
@@ -249,4 +319,6 @@ def _grow(
             b.state = new
             if not new.done:
                 still.append(b)
+            else:
+                close_env(b.env)
         live = still

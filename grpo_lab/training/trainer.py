@@ -14,6 +14,14 @@ One step:
    micro-batch size.
 4. The new weights go to the backend in process.
 
+A run survives its environments: they live in worker processes
+(``rollout.env_workers``), a failed episode leaves the batch and is counted
+(:mod:`grpo_lab.rollout.faults`), and a step that loses more than
+``rollout.max_env_fault_rate`` of its episodes stops the run. It survives its operator:
+SIGTERM and SIGINT save the last completed step and stop with a message saying how to
+resume (:mod:`grpo_lab.training.stop`); a resume checks the config against the saved
+run's (:mod:`grpo_lab.training.resume`).
+
 Rows with zero advantage contribute exactly zero to the clipped policy loss and its
 gradient, so they are not run through the model (unless a KL or entropy term is on);
 they still count in the loss normaliser, which keeps the gradient identical to running
@@ -37,14 +45,20 @@ from torch import Tensor
 from ..advantages import compute_advantages
 from ..config import Config, ConfigError
 from ..data import RolloutBatch
+from ..config import TrainerConfig
 from ..envs import make_env
 from ..envs.base import Env
 from ..modeling import build_tiny_model, frozen, load_pretrained, text_config, torch_dtype, train_tokenizer
 from ..rollout import AgentLoopConfig, HFBackend, LengthPredictor, PromptEncoder, SamplingParams, SchedulerConfig, run_episodes, run_scheduled
 from ..rollout.adaptive import ReuseBuffer, adaptive_rollout
+from ..rollout.agent_loop import OverlongPromptError
+from ..rollout.env_pool import EnvFault, EnvRunner, EnvSpec
+from ..rollout.faults import FaultLog
 from ..rollout.prompts import ACTION_STOP
 from ..rollout.tree import sample_trees
-from .checkpoint import checkpoint_dir, latest_checkpoint, load_model_weights, load_trainer_state, save_checkpoint
+from .checkpoint import checkpoint_dir, load_model_weights, load_trainer_state, save_checkpoint
+from .resume import check_resume_config, choose_start, metrics_until
+from .stop import Abandon, EnvFaultRateExceeded, RunStopped, StopSignals, TrainingInterrupted, signal_name
 from .forward import response_logprobs
 from .shared_prefix import check_attention_backend, enable_shared_prefix, verify_shared_prefix
 from .step import RunningMeans, informative_rows, policy_gradient_backward
@@ -113,7 +127,13 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed)
         self.rng = random.Random(cfg.trainer.seed)
         self.device = resolve_device(cfg.trainer.device)
-        self.env_factory = env_factory_from(cfg)
+        self.env_factory = env_factory_from(cfg)  # in this process: checks env.kwargs now
+        try:  # the episodes' environments: in worker processes with rollout.env_workers > 0
+            self.envs = EnvRunner(EnvSpec.from_registry(cfg.env.name, dict(cfg.env.kwargs)), cfg.rollout.env_workers,
+                                  cfg.env.step_timeout_s)
+            self.envs.start()
+        except (ValueError, RuntimeError) as err:
+            raise ConfigError(f"rollout.env_workers={cfg.rollout.env_workers}: {err}") from None
 
         if (model is None) != (tokenizer is None):
             raise ValueError("pass both model and tokenizer, or neither")
@@ -158,13 +178,21 @@ class Trainer:
             top_p=cfg.rollout.top_p,
             stop=(ACTION_STOP,),
         )
+        self.max_context = self._context_length()
         self.loop_config = AgentLoopConfig(
             group_size=cfg.algo.group_size,
             max_steps=cfg.env.max_steps,
             history_window=cfg.rollout.history_window,
             sampling=self.sampling,
             request_seed=cfg.trainer.seed if cfg.rollout.request_seeds else None,
+            max_context=self.max_context,
+            overlong=cfg.rollout.overlong_prompt,
+            env_threads=cfg.rollout.env_workers,
         )
+        self.faults = FaultLog()  # the current rollout's
+        self._end_state: dict[str, Any] | None = None  # sampler state at the end of the last completed step
+        self._done_step, self._saved_step = -1, -1
+        self._dirty = False  # a step's update has begun and the step has not completed
         self.scheduler = None if cfg.rollout.scheduler == "full" else SchedulerConfig(
             mode=cfg.rollout.scheduler, max_inflight=cfg.rollout.max_inflight,
             micro_group_size=cfg.rollout.micro_group_size, order=cfg.rollout.order, env_workers=cfg.rollout.env_workers,
@@ -186,7 +214,7 @@ class Trainer:
         dtype = torch_dtype(mc.dtype)
         if mc.name_or_path:
             return load_pretrained(mc.name_or_path, dtype, mc.trust_remote_code)
-        pairs = format_demonstrations(self.env_factory, 300, self.config.env.max_steps, self.config.rollout.history_window, seed=12345)
+        pairs = format_demonstrations(self.envs, 300, self.config.env.max_steps, self.config.rollout.history_window, seed=12345)
         corpus = [prompt + " " + answer for prompt, answer in pairs]
         tokenizer = train_tokenizer(corpus, vocab_size=mc.tokenizer_vocab_size)
         model = build_tiny_model(
@@ -201,6 +229,14 @@ class Trainer:
             seed=self.config.trainer.seed,
         )
         return model, tokenizer
+
+    def _context_length(self) -> int | None:
+        """Tokens a prompt and its answer may take together: vLLM's ``max_model_len``, or
+        the model's ``max_position_embeddings`` (``None`` when it states none)."""
+        if self.config.rollout.backend == "vllm":
+            return self._vllm_max_model_len()
+        positions = getattr(text_config(self.model), "max_position_embeddings", None)
+        return int(positions) if positions else None
 
     def _build_backend(self):
         rc = self.config.rollout
@@ -276,10 +312,10 @@ class Trainer:
         if wc.steps == 0:
             return []
         pairs = list(
-            format_demonstrations(self.env_factory, wc.episodes, self.config.env.max_steps, self.config.rollout.history_window,
+            format_demonstrations(self.envs, wc.episodes, self.config.env.max_steps, self.config.rollout.history_window,
                                   seed=self.config.trainer.seed + 7)
         )
-        examples = encode_demonstrations(pairs, self.encoder, self.tokenizer.eos_token_id)
+        examples = encode_demonstrations(pairs, self.encoder, self.tokenizer.eos_token_id, self.max_context)
         losses = supervised_warmup(self.model, examples, wc.steps, wc.batch_size, wc.lr, self.config.trainer.seed, self.pad_id)
         self.push_weights()
         return losses
@@ -293,19 +329,28 @@ class Trainer:
         seeds = [self.rng.randrange(2**31) for _ in range(T)]
         first = step * T
         self.rollout_stats = {}
+        self.faults = FaultLog()
+        try:
+            return self._collect(step, seeds, first)
+        finally:
+            self.envs.clear()
+
+    def _collect(self, step: int, seeds: list[int], first: int) -> RolloutBatch:
+        rc, T = self.config.rollout, self.config.trainer.tasks_per_step
         if rc.sampler == "tree":
-            batch, st = sample_trees(self.backend, self.encoder, self.env_factory, seeds, self.loop_config, self.config.rollout.tree,
-                                     self.tree_rng, first_group_id=first)
+            batch, st = sample_trees(self.backend, self.encoder, self.envs, seeds, self.loop_config, self.config.rollout.tree,
+                                     self.tree_rng, first_group_id=first, faults=self.faults)
             self.rollout_stats = {"responses_per_prompt": st.leaves / T, "rollout_env_steps": st.env_steps,
                                   "rollout_replayed_env_steps": st.replayed_env_steps, "tree_nodes": st.nodes,
                                   "tree_expansions_short": st.expansions_short}
             return batch
         if rc.sampler == "adaptive":
             ac = rc.adaptive
-            keys = [self.env_factory().reset(seed).anchor for seed in seeds]
+            keys = [self._initial_anchor(seed) for seed in seeds]
 
             def play(stage_seeds, n, stage):
-                return self._play(stage_seeds, n, (step * ac.stages + stage) * T)
+                first_of_stage = (step * ac.stages + stage) * T
+                return self._play(stage_seeds, n, first_of_stage), first_of_stage
 
             batch, st = adaptive_rollout(play, seeds, keys, ac, self.reuse_buffer if ac.reuse else None, first_group_id=first)
             self.rollout_stats.update({"responses_per_prompt": st.responses_per_prompt, "ar3po_stages_run": st.stages_run,
@@ -316,13 +361,26 @@ class Trainer:
         self.rollout_stats["responses_per_prompt"] = float(self.config.algo.group_size)
         return batch
 
+    def _initial_anchor(self, seed: int):
+        """The anchor of ``seed``'s initial state (AR3PO's buffer key); a failing reset
+        gives a key of its own (its episodes fail in the rollout and are counted there)."""
+        env = self.envs()
+        try:
+            return env.reset(seed).anchor
+        except EnvFault:
+            return ("reset failed", seed)
+        finally:
+            env.close()
+
     def _play(self, seeds: list[int], group_size: int, first_group_id: int) -> RolloutBatch:
         """``group_size`` episodes from each seed, under the configured scheduler."""
         loop = replace(self.loop_config, group_size=group_size)
         if self.scheduler is None:
-            return run_episodes(self.backend, self.encoder, self.env_factory, seeds, loop, first_group_id=first_group_id)
-        batch, stats = run_scheduled(self.backend.stream(), self.encoder, self.env_factory, seeds, loop,
-                                     self.scheduler, first_group_id=first_group_id, predictor=self.length_predictor)
+            return run_episodes(self.backend, self.encoder, self.envs, seeds, loop, first_group_id=first_group_id,
+                                faults=self.faults)
+        batch, stats = run_scheduled(self.backend.stream(), self.encoder, self.envs, seeds, loop,
+                                     self.scheduler, first_group_id=first_group_id, predictor=self.length_predictor,
+                                     faults=self.faults)
         for key, value in (("rollout_engine_steps", stats.stream.engine_steps), ("rollout_decode_steps", stats.stream.decode_steps),
                            ("rollout_env_seconds", stats.env_seconds)):
             self.rollout_stats[key] = self.rollout_stats.get(key, 0) + value
@@ -331,16 +389,24 @@ class Trainer:
         return batch
 
     def evaluate(self) -> dict[str, float]:
-        """Success rate and mean return of one sampled episode from each evaluation seed."""
+        """Success rate and mean return of one sampled episode from each evaluation seed
+        (over the episodes that did not fail; ``episodes_dropped`` counts the others)."""
         if not self.eval_seeds:
             return {}
-        config = AgentLoopConfig(group_size=1, max_steps=self.config.env.max_steps,
-                                 history_window=self.config.rollout.history_window, sampling=self.sampling)
-        batch = run_episodes(self.backend, self.encoder, self.env_factory, self.eval_seeds, config)
+        config = replace(self.loop_config, group_size=1, request_seed=None)
+        faults = FaultLog()
+        try:
+            batch = run_episodes(self.backend, self.encoder, self.envs, self.eval_seeds, config, faults=faults)
+        finally:
+            self.envs.clear()
+        if len(batch) == 0:
+            nan = float("nan")
+            return {"success_rate": nan, "reward_mean": nan, "invalid_action_rate": nan, "episodes_dropped": faults.episodes_dropped}
         return {
             "success_rate": float(batch.trajectory_success().float().mean()),
             "reward_mean": float(batch.trajectory_returns().mean()),
             "invalid_action_rate": float((~batch.valid_action).float().mean()),
+            "episodes_dropped": faults.episodes_dropped,
         }
 
     def update(self, batch: RolloutBatch, advantages: Tensor, extras: dict[str, Tensor] | None = None) -> dict[str, float]:
@@ -406,124 +472,218 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         """Warm-up, then ``total_steps`` RL steps. Returns the summary (also written to
-        ``summary.json``)."""
+        ``summary.json``).
+
+        Raises :class:`~grpo_lab.training.stop.RunStopped` when the run stops early (a
+        signal: :class:`TrainingInterrupted`; too many failed episodes:
+        :class:`EnvFaultRateExceeded`), after saving the last completed step and the
+        summary."""
         cfg = self.config
-        metrics_path = self.output_dir / "metrics.jsonl"
-        resume_point = latest_checkpoint(self.output_dir) if cfg.trainer.resume else None
-        if cfg.trainer.resume and resume_point is None:
-            raise FileNotFoundError(
-                f"trainer.resume=true but {checkpoint_dir(self.output_dir)} holds no complete checkpoint: set "
-                "trainer.output_dir to the directory of the run to continue (it needs trainer.checkpoint_every > 0)"
-            )
-        if resume_point is None and metrics_path.exists():
-            raise FileExistsError(
-                f"{metrics_path} already exists: this directory holds another run; choose a new output directory so "
-                "that its metrics and model are not overwritten, or set trainer.resume=true to continue it"
-            )
+        resume_point = choose_start(self.output_dir, cfg.trainer.resume_mode())
         history: list[dict[str, Any]] = []
-        if resume_point is not None:  # the metrics of steps after the checkpoint are dropped: they are redone
-            done = resume_point[0]
-            if metrics_path.exists():
-                history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-                history = [r for r in history if r.get("step", -1) <= done]
-            tmp = metrics_path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in history))
-            tmp.replace(metrics_path)
+        resume_state = None
+        if resume_point is not None:
+            resume_state = load_trainer_state(resume_point[1])
+            check_resume_config(resume_state.get("config"), asdict(cfg), TrainerConfig.HARMLESS_ON_RESUME,
+                                cfg.trainer.resume_allow_changes, defaults=asdict(Config().validate()))
+            history = metrics_until(self.output_dir, resume_point[0])
         self.logger = MetricsLogger(self.output_dir, cfg.logger.wandb, cfg.logger.wandb_project, asdict(cfg))
         self.logger.history.extend(history)
         summary: dict[str, Any] = {"output_dir": str(self.output_dir)}
+        self._done_step = self._saved_step = resume_point[0] if resume_point is not None else -1
+        stop = StopSignals()
         try:
-            t0 = time.perf_counter()
-            start = 0
-            if resume_point is not None:
-                start = self._restore(resume_point[1]) + 1
-                before = self._resumed_eval
-                log.info("resumed from %s: continuing at step %d", resume_point[1], start)
-            else:
-                warm = self.warmup()
-                if warm:
-                    summary["warmup_loss_first"], summary["warmup_loss_last"] = warm[0], warm[-1]
-                    log.info("warm-up: %d steps, loss %.3f -> %.3f", len(warm), warm[0], warm[-1])
-                if cfg.algo.kl_coef > 0:
-                    self.ref_model = frozen_copy(self.model)
-                    if cfg.trainer.checkpoint_every:
-                        save_reference(self.output_dir, self.ref_model)
-                before = self.evaluate()
-            self._resumed_eval = before
-            summary["eval_after_warmup"] = before
-            if before:
-                log.info("after warm-up: success rate %.3f (%d eval episodes)", before["success_rate"], len(self.eval_seeds))
-            bar = self._progress(cfg.trainer.total_steps)
-            if bar is not None and start:
-                bar.update(start)
-            for step in range(start, cfg.trainer.total_steps):
-                t_step = time.perf_counter()
-                batch = self.collect(step)
-                t_roll = time.perf_counter()
-                adv_out = compute_advantages(batch, cfg.algo.estimator, cfg.algo.invalid_action_penalty,
-                                             cfg.algo.params, cfg.algo.modifier_settings(), cfg.algo.penalty_placement)
-                record: dict[str, Any] = {"step": step, **self.step_metrics(batch), **adv_out.metrics, **self.rollout_stats}
-                train_batch, advantages, extras = batch, adv_out.advantages, adv_out.extras
-                if cfg.algo.drop_zero_std_groups:
-                    keep = informative_rows(batch.group_id, advantages)
-                    record["rows_dropped"] = len(batch) - int(keep.numel())
-                    train_batch, advantages = batch.select(keep), advantages[keep]
-                    extras = {key: value[keep] for key, value in extras.items()}
-                record.update(self.update(train_batch, advantages, extras))
-                record["rollout_time"] = t_roll - t_step
-                record["update_time"] = time.perf_counter() - t_roll
-                self.logger.log(record)
-                if bar is not None:
-                    bar.set_postfix(reward=f"{record['reward_mean']:.2f}", success=f"{record['success_rate']:.2f}")
-                    bar.update(1)
-                if cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0:
-                    save_checkpoint(self.output_dir, step, self.model, self._trainer_state(), cfg.trainer.keep_checkpoints)
-            if bar is not None:
-                bar.close()
-            after = self.evaluate()
-            summary["eval_final"] = after
-            if after:
-                log.info("final: success rate %.3f (after warm-up %.3f)", after["success_rate"], before["success_rate"])
-            summary["train_seconds"] = time.perf_counter() - t0
-            if cfg.logger.plot:
-                summary["plot"] = str(plot_metrics(self.logger.history, self.output_dir / "training_curves.png"))
-            if cfg.trainer.save_final:
-                final = self.output_dir / "final_model"
-                self.model.save_pretrained(final)
-                self.tokenizer.save_pretrained(final)
-                summary["final_model"] = str(final)
+            with stop:
+                try:
+                    self._run(summary, stop, resume_point, resume_state)
+                except Abandon as abandon:
+                    stop.shield()
+                    raise self._stop_run(summary, TrainingInterrupted, f"stopped by {signal_name(abandon.signum)}",
+                                         signum=abandon.signum) from None
+                except EnvFaultRateExceeded as err:
+                    stop.shield()
+                    raise self._stop_run(summary, EnvFaultRateExceeded, str(err)) from None
+                except OverlongPromptError as err:  # rollout.overlong_prompt=error
+                    stop.shield()
+                    raise self._stop_run(summary, RunStopped, str(err)) from None
         finally:
             self.logger.close()
+            self.envs.close()
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
+    def _run(self, summary: dict[str, Any], stop: StopSignals, resume_point, resume_state) -> None:
+        """The run itself (see :meth:`train`): phases a signal may cut short run inside
+        ``stop.abandonable()``."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        start = 0
+        if resume_point is not None:
+            start = self._restore(resume_point[1], resume_state) + 1
+            before = self._resumed_eval
+            log.info("resumed from %s: continuing at step %d", resume_point[1], start)
+        else:
+            with stop.abandonable():
+                warm = self.warmup()
+            if warm:
+                summary["warmup_loss_first"], summary["warmup_loss_last"] = warm[0], warm[-1]
+                log.info("warm-up: %d steps, loss %.3f -> %.3f", len(warm), warm[0], warm[-1])
+            if cfg.algo.kl_coef > 0:
+                self.ref_model = frozen_copy(self.model)
+                save_reference(self.output_dir, self.ref_model)
+            with stop.abandonable():
+                before = self.evaluate()
+        self._resumed_eval = before
+        summary["eval_after_warmup"] = before
+        if before:
+            log.info("after warm-up: success rate %.3f (%d eval episodes)", before["success_rate"], len(self.eval_seeds))
+        self._end_state = self._sampler_state()
+        bar = self._progress(cfg.trainer.total_steps)
+        if bar is not None and start:
+            bar.update(start)
+        try:
+            for step in range(start, cfg.trainer.total_steps):
+                record = self._step(step, stop)
+                if bar is not None:
+                    bar.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.2f}",
+                                    success=f"{record.get('success_rate', float('nan')):.2f}")
+                    bar.update(1)
+                if cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0:
+                    save_checkpoint(self.output_dir, step, self.model, self._trainer_state(), cfg.trainer.keep_checkpoints)
+                    self._saved_step = step
+                self._done_step, self._dirty = step, False
+                self._end_state = self._sampler_state()
+                if stop.requested is not None:  # a signal arrived during the update: the step is complete, stop now
+                    raise Abandon(stop.requested)
+        finally:
+            if bar is not None:
+                bar.close()
+        with stop.abandonable():
+            after = self.evaluate()
+        summary["eval_final"] = after
+        if after:
+            log.info("final: success rate %.3f (after warm-up %.3f)", after["success_rate"], before["success_rate"])
+        summary["train_seconds"] = time.perf_counter() - t0
+        if cfg.logger.plot:
+            summary["plot"] = str(plot_metrics(self.logger.history, self.output_dir / "training_curves.png"))
+        if cfg.trainer.save_final:
+            final = self.output_dir / "final_model"
+            self.model.save_pretrained(final)
+            self.tokenizer.save_pretrained(final)
+            summary["final_model"] = str(final)
+
+    def _step(self, step: int, stop: StopSignals) -> dict[str, Any]:
+        """One RL step: rollout (abandonable), fault check, advantages, update, log."""
+        cfg = self.config
+        t_step = time.perf_counter()
+        with stop.abandonable():
+            batch = self.collect(step)
+        t_roll = time.perf_counter()
+        self._check_fault_rate(step)
+        record: dict[str, Any] = {"step": step, **self.faults.metrics(), **self.rollout_stats}
+        if len(batch) == 0:  # every group lost to faults (possible only with a fault rate limit near 1)
+            log.warning("step %d: every episode failed or lost its group; no update", step)
+            record.update(num_rows=0, rollout_time=t_roll - t_step, update_time=0.0)
+            self.logger.log(record)
+            return record
+        adv_out = compute_advantages(batch, cfg.algo.estimator, cfg.algo.invalid_action_penalty,
+                                     cfg.algo.params, cfg.algo.modifier_settings(), cfg.algo.penalty_placement)
+        record.update({**self.step_metrics(batch), **adv_out.metrics})
+        train_batch, advantages, extras = batch, adv_out.advantages, adv_out.extras
+        if cfg.algo.drop_zero_std_groups:
+            keep = informative_rows(batch.group_id, advantages)
+            record["rows_dropped"] = len(batch) - int(keep.numel())
+            train_batch, advantages = batch.select(keep), advantages[keep]
+            extras = {key: value[keep] for key, value in extras.items()}
+        self._dirty = True  # from here until the step completes, the weights hold part of it
+        record.update(self.update(train_batch, advantages, extras))
+        record["rollout_time"] = t_roll - t_step
+        record["update_time"] = time.perf_counter() - t_roll
+        self.logger.log(record)
+        return record
+
+    def _check_fault_rate(self, step: int) -> None:
+        """Stop (:class:`EnvFaultRateExceeded`) when the rollout lost more than
+        ``rollout.max_env_fault_rate`` of its episodes."""
+        f, limit = self.faults, self.config.rollout.max_env_fault_rate
+        if f.episodes == 0 or f.fault_rate <= limit:
+            return
+        counts = ", ".join(f"{k}={v}" for k, v in f.metrics().items() if v and k != "episodes_dropped")
+        examples = "\n".join(f"  {line}" for line in f.examples)
+        raise EnvFaultRateExceeded(
+            f"step {step}: {f.episodes_dropped} of {f.episodes} episodes failed ({counts}), more than "
+            f"rollout.max_env_fault_rate={limit:g}; training on the episodes that happened to run would bias the "
+            f"batch. First faults:\n{examples}\nFix the environment (or raise rollout.max_env_fault_rate), then resume")
+
+    def _stop_run(self, summary: dict[str, Any], kind: type[RunStopped], reason: str, **extra) -> RunStopped:
+        """Save the last completed step (unless saved already) and the summary; the
+        exception to raise, with a message that says how to resume."""
+        checkpoint = None
+        if self._dirty:  # a second signal cut an update short: the weights are no step's; keep the last checkpoint
+            reason += f" during the update of step {self._done_step + 1} (the weights in memory are not saved)"
+            self._done_step = self._saved_step
+            self._end_state = None
+            if self._saved_step >= 0:
+                checkpoint = str(checkpoint_dir(self.output_dir) / f"step_{self._saved_step:06d}")
+        elif self._done_step >= 0:
+            if self._end_state is not None:
+                self._set_sampler_state(self._end_state)  # undo what the abandoned phase drew
+            if self._saved_step != self._done_step:
+                save_checkpoint(self.output_dir, self._done_step, self.model, self._trainer_state(),
+                                self.config.trainer.keep_checkpoints)
+                self._saved_step = self._done_step
+            checkpoint = str(checkpoint_dir(self.output_dir) / f"step_{self._done_step:06d}")
+        if checkpoint is not None:
+            how = (f"to continue from step {self._done_step + 1}, run again with trainer.output_dir={self.output_dir} "
+                   "trainer.resume=true (and the same other settings)")
+        else:
+            how = (f"there is no checkpoint to continue from: run again with trainer.output_dir={self.output_dir} "
+                   "trainer.resume=auto to start afresh")
+        message = f"{reason}; last completed step: {self._done_step}; {how}"
+        summary["stopped"] = {"reason": reason, "last_step": self._done_step, "checkpoint": checkpoint}
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.error("%s", message)
+        return kind(message, last_step=self._done_step, checkpoint=checkpoint, **extra)
+
     # ------------------------------------------------------------------ checkpoints
-    def _trainer_state(self) -> dict[str, Any]:
-        """Everything besides the weights that the next step depends on."""
+    def _sampler_state(self) -> dict[str, Any]:
+        """What a rollout changes besides the weights: the random generators and the
+        samplers' bookkeeping (copies, so that an abandoned rollout can be undone)."""
         return {
-            "optimizer": self.optimizer.state_dict(),
             "rng": self.rng.getstate(),
             "tree_rng": self.tree_rng.getstate(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "length_predictor": self.length_predictor,
-            "reuse_buffer": self.reuse_buffer,
+            "length_predictor": copy.deepcopy(self.length_predictor),
+            "reuse_buffer": copy.deepcopy(self.reuse_buffer),
             "eval_after_warmup": self._resumed_eval,
         }
 
-    def _restore(self, path: Path) -> int:
-        """Load the checkpoint at ``path`` into this trainer; returns its step."""
-        state = load_trainer_state(path)
-        load_model_weights(self.model, path)
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _set_sampler_state(self, state: dict[str, Any]) -> None:
         self.rng.setstate(state["rng"])
         self.tree_rng.setstate(state["tree_rng"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.length_predictor = state["length_predictor"]
-        self.reuse_buffer = state["reuse_buffer"]
+        self.length_predictor = copy.deepcopy(state["length_predictor"])
+        self.reuse_buffer = copy.deepcopy(state["reuse_buffer"])
         self._resumed_eval = state["eval_after_warmup"]
+
+    def _trainer_state(self) -> dict[str, Any]:
+        """Everything besides the weights that the next step depends on, and the config
+        (a resume compares it with its own)."""
+        return {"optimizer": self.optimizer.state_dict(), **self._sampler_state(), "config": asdict(self.config)}
+
+    def _restore(self, path: Path, state: dict[str, Any] | None = None) -> int:
+        """Load the checkpoint at ``path`` into this trainer; returns its step. The
+        configured ``trainer.lr`` and ``weight_decay`` replace the saved optimizer's (they
+        differ only when the resume allowed changes)."""
+        state = state if state is not None else load_trainer_state(path)
+        load_model_weights(self.model, path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:
+            group["lr"], group["weight_decay"] = self.config.trainer.lr, self.config.trainer.weight_decay
+        self._set_sampler_state(state)
         if self.config.algo.kl_coef > 0:
             self.ref_model = frozen_copy(self.model)
             load_model_weights(self.ref_model, checkpoint_dir(self.output_dir) / "reference")

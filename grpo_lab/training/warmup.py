@@ -8,6 +8,7 @@ never a good policy, so any rise in success afterwards comes from RL.
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Callable, Iterator
 
@@ -15,39 +16,63 @@ import torch
 from torch import Tensor
 
 from ..envs.base import Env
+from ..rollout.agent_loop import close_env
+from ..rollout.env_pool import EnvFault, guard
 from ..rollout.prompts import PromptEncoder, Turn, format_action, render_prompt
 from .forward import response_logprobs
+
+log = logging.getLogger("grpo_lab")
 
 
 def format_demonstrations(
     env_factory: Callable[[], Env], num_episodes: int, max_steps: int, history_window: int, seed: int
 ) -> Iterator[tuple[str, str]]:
-    """``(prompt_text, answer_text)`` pairs from episodes of uniformly random legal actions."""
+    """``(prompt_text, answer_text)`` pairs from episodes of uniformly random legal actions.
+    An episode whose environment fails ends there (its earlier pairs stay: they are
+    well-formed) and is logged."""
     rng = random.Random(seed)
-    env = env_factory()
+    env = guard(env_factory())
+    cut: list[str] = []
     for _ in range(num_episodes):
-        obs = env.reset(rng.randrange(2**31))
-        history: list[Turn] = []
-        for _ in range(max_steps):
-            action = rng.choice(env.legal_actions())
-            yield render_prompt(env.instruction, history, obs.text, history_window), format_action(action)
-            history.append(Turn(obs.text, action))
-            result = env.step(action)
-            obs = result.observation
-            if result.done:
-                break
+        try:
+            obs = env.reset(rng.randrange(2**31))
+            history: list[Turn] = []
+            for _ in range(max_steps):
+                action = rng.choice(env.legal_actions())
+                yield render_prompt(env.instruction, history, obs.text, history_window), format_action(action)
+                history.append(Turn(obs.text, action))
+                result = env.step(action)
+                obs = result.observation
+                if result.done:
+                    break
+        except EnvFault as fault:
+            cut.append(str(fault))
+            close_env(env)
+            env = guard(env_factory())
+    close_env(env)
+    if cut:
+        log.warning("%d of %d demonstration episodes were cut short by environment faults; the first: %s",
+                    len(cut), num_episodes, cut[0])
 
 
 def encode_demonstrations(
-    pairs: list[tuple[str, str]], encoder: PromptEncoder, eos_id: int | None
+    pairs: list[tuple[str, str]], encoder: PromptEncoder, eos_id: int | None, max_context: int | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
-    """Token ids of each (prompt, answer); the answer ends with EOS when there is one."""
-    out = []
+    """Token ids of each (prompt, answer); the answer ends with EOS when there is one.
+    Demonstrations longer than ``max_context`` tokens are left out (and logged)."""
+    out, skipped = [], 0
     for prompt, answer in pairs:
         answer_ids = encoder.tokenizer(answer, add_special_tokens=False)["input_ids"]
         if eos_id is not None:
             answer_ids = answer_ids + [eos_id]
-        out.append((torch.tensor(encoder.encode(prompt)), torch.tensor(answer_ids)))
+        prompt_ids = encoder.encode(prompt)
+        if max_context is not None and len(prompt_ids) + len(answer_ids) > max_context:
+            skipped += 1
+            continue
+        out.append((torch.tensor(prompt_ids), torch.tensor(answer_ids)))
+    if skipped:
+        log.warning("%d of %d warm-up demonstrations are longer than the model's context (%d tokens) and were left out",
+                    skipped, len(pairs), max_context)
     return out
 
 

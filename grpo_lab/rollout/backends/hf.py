@@ -91,18 +91,20 @@ class HFBackend:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
-        """``params`` may differ between prompts only in ``seed``."""
+        """``params`` may differ between prompts (``max_tokens`` capped to the context
+        left, seeds): prompts that share all but their seed are generated together, in
+        batches of ``max_batch_size``; completions come back in the order of ``prompts``."""
         each = per_request(params, len(prompts))
-        if each:
-            shared = each[0].with_seed(None)
-            for sp in each:
-                if sp.with_seed(None) != shared:
-                    raise ValueError(f"one generate call takes one set of sampling parameters (seeds apart): {shared} and {sp}")
-        out: list[Completion] = []
-        for start in range(0, len(prompts), self.max_batch_size):
-            end = start + self.max_batch_size
-            out.extend(self._generate_batch(prompts[start:end], each[start:end]))
-        return out
+        by_params: dict[SamplingParams, list[int]] = {}
+        for i, sp in enumerate(each):
+            by_params.setdefault(sp.with_seed(None), []).append(i)
+        out: list[Completion | None] = [None] * len(prompts)
+        for idx in by_params.values():
+            for start in range(0, len(idx), self.max_batch_size):
+                chunk = idx[start:start + self.max_batch_size]
+                for i, comp in zip(chunk, self._generate_batch([prompts[i] for i in chunk], [each[i] for i in chunk])):
+                    out[i] = comp
+        return out  # type: ignore[return-value]
 
     def _generate_batch(self, prompts: Sequence[Sequence[int]], each: list[SamplingParams]) -> list[Completion]:
         if any(len(p) == 0 for p in prompts):
