@@ -22,6 +22,7 @@ from typing import Any, Callable, TypeVar, overload
 
 from .base import Env, Observation, StepResult
 from .frozenlake import FrozenLakeEnv
+from .sokoban import SokobanEnv
 
 ENTRY_POINT_GROUP = "grpo_lab.envs"
 
@@ -99,6 +100,7 @@ def env_names() -> list[str]:
 
 
 register_env("frozenlake", FrozenLakeEnv)
+register_env("sokoban", SokobanEnv)
 
-__all__ = ["Env", "Observation", "StepResult", "FrozenLakeEnv", "make_env", "env_names", "register_env",
+__all__ = ["Env", "Observation", "StepResult", "FrozenLakeEnv", "SokobanEnv", "make_env", "env_names", "register_env",
            "unregister_env", "get_env_factory", "ENTRY_POINT_GROUP"]

@@ -152,9 +152,7 @@ class EnvConfig:
     name: str = "frozenlake"
     max_steps: int = 10
     step_timeout_s: Optional[float] = 60.0
-    kwargs: Dict[str, Any] = field(
-        default_factory=lambda: {"size": 4, "num_holes": 3, "map_mode": "fixed", "map_seed": 0}
-    )
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # empty: the environment's own defaults
 
     def validate(self) -> None:
         _check(self.name in env_names(), "env.name", self.name, f"one of {env_names()} (or a name given to register_env)")

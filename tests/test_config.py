@@ -24,7 +24,11 @@ def test_defaults_match_the_dataclasses():
     loaded = load()
     defaults = {k: p.default for k, p in inspect.signature(grpo).parameters.items() if p.kind is p.KEYWORD_ONLY}
     assert loaded.algo.params == defaults  # the YAML spells out the estimator's own defaults
-    loaded.algo.params = {}
+    from grpo_lab.envs import FrozenLakeEnv
+
+    env_defaults = {k: p.default for k, p in inspect.signature(FrozenLakeEnv).parameters.items()}
+    assert loaded.env.kwargs == env_defaults  # and the environment's
+    loaded.algo.params, loaded.env.kwargs = {}, {}
     assert loaded == Config().validate()
 
 
