@@ -431,10 +431,5 @@ class EnvRunner:
             pass
 
 
-def env_runner(name: str, kwargs: dict[str, Any], workers: int, step_timeout_s: float | None) -> EnvRunner:
-    """An :class:`EnvRunner` for the environment registered as ``name``."""
-    return EnvRunner(EnvSpec.from_registry(name, kwargs), workers, step_timeout_s)
-
-
-__all__ = ["EnvFault", "EnvRunner", "EnvSpec", "GuardedEnv", "RemoteEnv", "PoolStats", "check_reward", "env_runner",
+__all__ = ["EnvFault", "EnvRunner", "EnvSpec", "GuardedEnv", "RemoteEnv", "PoolStats", "check_reward",
            "first_line", "guard", "FAULT_KINDS"]

@@ -61,11 +61,6 @@ class FaultLog:
                 "overlong_dropped", "overlong_truncated")
         return {key: getattr(self, key) for key in keys}
 
-    def merge(self, other: "FaultLog") -> None:
-        for key in ("episodes", *self.metrics()):
-            setattr(self, key, getattr(self, key) + getattr(other, key))
-        self.examples.extend(other.examples[: max(0, self.MAX_EXAMPLES - len(self.examples))])
-
 
 def drop_failed(rows: list["_Row"], failed: Mapping[int, int], faults: FaultLog, min_members: int = 2) -> list["_Row"]:
     """``rows`` without the trajectories in ``failed`` (``{traj_id: group_id}``) and

@@ -127,7 +127,7 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed)
         self.rng = random.Random(cfg.trainer.seed)
         self.device = resolve_device(cfg.trainer.device)
-        self.env_factory = env_factory_from(cfg)  # in this process: checks env.kwargs now
+        env_factory_from(cfg)  # builds one environment in this process: bad env.kwargs stop here
         try:  # the episodes' environments: in worker processes with rollout.env_workers > 0
             self.envs = EnvRunner(EnvSpec.from_registry(cfg.env.name, dict(cfg.env.kwargs)), cfg.rollout.env_workers,
                                   cfg.env.step_timeout_s)
