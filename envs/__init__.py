@@ -8,7 +8,10 @@ name, so a config can say ``env.name=frozenlake``. Three ways to add one:
 - an entry point in the ``grpo_lab.envs`` group of an installed package
   (``[project.entry-points."grpo_lab.envs"] name = "my_pkg.envs:MyEnv"``), loaded the
   first time a name is looked up;
-- a module in this package, registered below.
+- a module in this package, registered below by its import path (``"module:attribute"``,
+  imported at first use, so an environment's optional packages load only when it runs).
+
+``python -m grpo_lab.envs --list`` lists every environment with its options.
 
 A factory takes the environment's keyword arguments (``env.kwargs``) and returns a new
 environment. With ``rollout.env_workers > 0`` environments run in worker processes, so
@@ -18,15 +21,16 @@ not a lambda).
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar, overload
+import importlib
+from typing import Any, Callable, TypeVar, Union, overload
 
-from .base import Env, Observation, StepResult
+from .base import ACTION_FORMAT, Env, Observation, StepResult, TextFormat, text_format_of
 from .frozenlake import FrozenLakeEnv
 from .sokoban import SokobanEnv
 
 ENTRY_POINT_GROUP = "grpo_lab.envs"
 
-_ENVS: dict[str, Callable[..., Env]] = {}
+_ENVS: dict[str, Union[Callable[..., Env], str]] = {}  # a factory, or its "module:attribute" path
 _entry_points_loaded = False
 
 F = TypeVar("F", bound=Callable[..., Env])
@@ -38,14 +42,22 @@ def register_env(name: str) -> Callable[[F], F]: ...
 def register_env(name: str, factory: F) -> F: ...
 
 
-def register_env(name: str, factory: Callable[..., Env] | None = None):
-    """Register ``factory`` (a class or a function returning an :class:`Env`) as
-    ``name``; usable as a decorator. A name registered twice raises ``ValueError``."""
+@overload
+def register_env(name: str, factory: str) -> str: ...
+
+
+def register_env(name: str, factory: Callable[..., Env] | str | None = None):
+    """Register ``factory`` (a class or a function returning an :class:`Env`, or its
+    import path ``"package.module:attribute"``, imported at first use) as ``name``; usable
+    as a decorator. A name registered twice raises ``ValueError``."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"an environment name must be a non-empty string, got {name!r}")
 
     def add(f: F) -> F:
-        if not callable(f):
+        if isinstance(f, str):
+            if f.count(":") != 1 or not all(f.split(":")):
+                raise ValueError(f"register_env({name!r}, {f!r}): an import path must read 'package.module:attribute'")
+        elif not callable(f):
             raise TypeError(f"register_env({name!r}, ...): the factory must be callable, got {f!r}")
         if name in _ENVS:
             raise ValueError(f"environment {name!r} is already registered (by {_qualname(_ENVS[name])}); "
@@ -62,7 +74,22 @@ def unregister_env(name: str) -> None:
 
 
 def _qualname(f: Any) -> str:
+    if isinstance(f, str):
+        return f.replace(":", ".")
     return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}"
+
+
+def _resolve(name: str, path: str) -> Callable[..., Env]:
+    module, attribute = path.split(":")
+    try:
+        factory = getattr(importlib.import_module(module), attribute)
+    except ImportError as err:
+        raise ImportError(f"environment {name!r} could not be imported from {path}: {err}") from err
+    except AttributeError:
+        raise ImportError(f"environment {name!r}: module {module} has no attribute {attribute!r}") from None
+    if not callable(factory):
+        raise TypeError(f"environment {name!r}: {path} is not callable")
+    return factory
 
 
 def _load_entry_points() -> None:
@@ -76,7 +103,7 @@ def _load_entry_points() -> None:
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name not in _ENVS:
-            _ENVS[ep.name] = ep.load()
+            _ENVS[ep.name] = ep.value if ep.value.count(":") == 1 and " " not in ep.value else ep.load()
 
 
 def get_env_factory(name: str) -> Callable[..., Env]:
@@ -86,10 +113,13 @@ def get_env_factory(name: str) -> Callable[..., Env]:
         _load_entry_points()
     if name not in _ENVS:
         raise ValueError(f"unknown environment {name!r}; valid names: {env_names()}")
-    return _ENVS[name]
+    factory = _ENVS[name]
+    if isinstance(factory, str):
+        factory = _ENVS[name] = _resolve(name, factory)
+    return factory
 
 
-def make_env(name: str, **kwargs: Any) -> Env:
+def make_env(name: str, /, **kwargs: Any) -> Env:
     """Build the environment registered as ``name`` with its keyword arguments."""
     return get_env_factory(name)(**kwargs)
 
@@ -101,6 +131,13 @@ def env_names() -> list[str]:
 
 register_env("frozenlake", FrozenLakeEnv)
 register_env("sokoban", SokobanEnv)
+register_env("countdown", "grpo_lab.envs.countdown:CountdownEnv")
+register_env("dataset", "grpo_lab.envs.dataset:DatasetEnv")
+register_env("search_qa", "grpo_lab.envs.search_qa:SearchQAEnv")
+register_env("textworld", "grpo_lab.envs.textworld:TextWorldEnv")
+register_env("alfworld", "grpo_lab.envs.alfworld:ALFWorldEnv")
+register_env("webshop", "grpo_lab.envs.webshop:WebShopEnv")
 
-__all__ = ["Env", "Observation", "StepResult", "FrozenLakeEnv", "SokobanEnv", "make_env", "env_names", "register_env",
-           "unregister_env", "get_env_factory", "ENTRY_POINT_GROUP"]
+__all__ = ["Env", "Observation", "StepResult", "TextFormat", "ACTION_FORMAT", "text_format_of", "FrozenLakeEnv",
+           "SokobanEnv", "make_env", "env_names", "register_env", "unregister_env", "get_env_factory",
+           "ENTRY_POINT_GROUP"]

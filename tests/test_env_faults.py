@@ -60,15 +60,15 @@ def test_register_env_as_a_decorator_and_from_entry_points(monkeypatch):
     finally:
         unregister_env("decorated_test")
 
-    class EP:
-        name, load = "plugin_test", staticmethod(lambda: Corridor)
-
     import importlib.metadata
 
-    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [EP()] if group == "grpo_lab.envs" else [])
+    ep = importlib.metadata.EntryPoint(name="plugin_test", value="fault_envs:Corridor", group="grpo_lab.envs")
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [ep] if group == "grpo_lab.envs" else [])
     monkeypatch.setattr(envs_pkg, "_entry_points_loaded", False)
     try:
-        assert "plugin_test" in envs_pkg.env_names() and isinstance(make_env("plugin_test"), Corridor)
+        assert "plugin_test" in envs_pkg.env_names()
+        assert envs_pkg._ENVS["plugin_test"] == "fault_envs:Corridor"  # imported at first use, not at listing
+        assert isinstance(make_env("plugin_test"), Corridor)
     finally:
         unregister_env("plugin_test")
 

@@ -1,6 +1,11 @@
-"""FrozenLake rules: moves, walls, holes, goal, determinism and anchors."""
+"""FrozenLake rules: moves, walls, holes, goal, determinism and anchors; gymnasium's
+maps, map generator and slipping."""
+
+import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from grpo_lab.envs import Env, FrozenLakeEnv, make_env
 from grpo_lab.envs.frozenlake import generate_map, _reachable
@@ -92,6 +97,8 @@ def test_generated_map_has_requested_holes():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"size": 1}, "size"), ({"num_holes": 20}, "num_holes"), ({"map_mode": "maze"}, "map_mode"),
+    ({"map_name": "9x9"}, "map_name must be null or one of .*'9x9'"), ({"generator": "maze"}, "generator.*'maze'"),
+    ({"map_name": "4x4", "map_mode": "random"}, "needs map_mode='fixed'"), ({"frozen_prob": 0}, "frozen_prob.*got 0"),
 ])
 def test_bad_arguments_name_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -101,3 +108,62 @@ def test_bad_arguments_name_the_value(kwargs, match):
 def test_make_env_unknown_name_lists_valid_names():
     with pytest.raises(ValueError, match="frozenlake"):
         make_env("sokobann")
+
+
+def test_named_maps_are_gymnasium_s_and_start_at_s():
+    from gymnasium.envs.toy_text.frozen_lake import MAPS
+
+    for name in ("4x4", "8x8"):
+        env = FrozenLakeEnv(map_name=name)
+        obs = env.reset(123)
+        assert env.pos == (0, 0) and env.grid == tuple(row.replace("S", ".").replace("F", ".") for row in MAPS[name])
+        assert obs.anchor == (env.grid, 0, 0)
+
+
+def test_the_gymnasium_generator_gives_generate_random_map_s_maps():
+    from gymnasium.envs.toy_text.frozen_lake import generate_random_map
+
+    env = FrozenLakeEnv(size=6, generator="gymnasium", frozen_prob=0.7, map_mode="random")
+    env.reset(42)
+    expected = generate_random_map(size=6, p=0.7, seed=42)
+    assert env.grid == tuple(row.replace("S", ".").replace("F", ".") for row in expected) and env.pos == (0, 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.lists(st.sampled_from(["left", "right", "up", "down"]), max_size=12))
+def test_without_slipping_a_legal_move_goes_where_it_says(seed, moves):
+    env = FrozenLakeEnv(map_mode="random", size=5, num_holes=4)
+    env.reset(seed)
+    for move in moves:
+        if env.done:
+            break
+        (r, c), legal = env.pos, move in env.legal_actions()
+        result = env.step(move)
+        dr, dc = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}[move]
+        assert env.pos == ((r + dr, c + dc) if legal else (r, c)) and result.info["valid_action"] == legal
+        cell = env.grid[env.pos[0]][env.pos[1]]
+        assert result.done == (cell in "GH") and result.reward == float(cell == "G") == float(result.info["won"])
+
+
+def test_slipping_goes_sideways_sometimes_never_backwards_and_replays_exactly():
+    seen = set()
+    for seed in range(60):
+        env = FrozenLakeEnv(size=4, num_holes=0, is_slippery=True)
+        env.set_state(("....", "....", "....", "...G"), (1, 1), seed=seed)
+        env.step("right")
+        seen.add(env.pos)
+        again = FrozenLakeEnv(size=4, num_holes=0, is_slippery=True)
+        again.set_state(("....", "....", "....", "...G"), (1, 1), seed=seed)
+        again.step("right")
+        assert again.pos == env.pos  # the slip is a function of the seed
+    assert seen == {(1, 2), (0, 1), (2, 1)}  # intended, or either perpendicular; never left
+
+
+def test_a_slippery_episode_is_a_function_of_its_seed_and_actions():
+    rng = random.Random(0)
+    for seed in range(10):
+        a, b = FrozenLakeEnv(is_slippery=True, map_mode="random"), FrozenLakeEnv(is_slippery=True, map_mode="random")
+        assert a.reset(seed) == b.reset(seed)
+        while not a.done:
+            move = rng.choice(a.legal_actions())
+            assert a.step(move) == b.step(move)

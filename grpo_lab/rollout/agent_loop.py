@@ -22,11 +22,11 @@ from typing import Callable, Hashable, Sequence
 import torch
 
 from ..data import RolloutBatch
-from ..envs.base import Env, Observation, StepResult
+from ..envs.base import ACTION_FORMAT, Env, Observation, StepResult, TextFormat, text_format_of
 from .backend import Backend, Completion, SamplingParams
 from .env_pool import EnvFault, guard
 from .faults import FaultLog, drop_failed
-from .prompts import ACTION_STOP, PromptEncoder, Turn, parse_action, render_prompt
+from .prompts import ACTION_STOP, PromptEncoder, Turn, render_prompt
 
 OVERLONG_POLICIES = ("truncate_history", "drop_episode", "error")
 
@@ -140,7 +140,8 @@ def run_episodes(
     Group ``first_group_id + i`` holds the episodes of ``seeds[i]``; trajectory ids are
     ``group * group_size + member``. Rows come out grouped by episode, in step order.
 
-    An answer without a parseable ``<action>`` does not reach the environment: the state
+    An answer without a parseable action (``<action>`` tags, or the environment's
+    ``text_format``) does not reach the environment: the state
     stays, the step counts toward ``max_steps`` and is marked invalid. An action the
     environment calls illegal is marked invalid too. Failed episodes are left out and
     counted in ``faults`` (module docstring).
@@ -215,12 +216,12 @@ def env_name(env: Env) -> str:
 
 def fit_prompt(
     encoder: PromptEncoder, instruction: str, history: Sequence[Turn], observation: str, config: AgentLoopConfig,
-    where: tuple[str, int | None, int], faults: FaultLog | None,
+    where: tuple[str, int | None, int], faults: FaultLog | None, fmt: TextFormat = ACTION_FORMAT,
 ) -> list[int]:
     """Token ids of a prompt that fits ``config.max_context`` (see
     :class:`AgentLoopConfig`); ``where`` is ``(environment, seed, step)`` for the fault or
-    error raised when it cannot fit."""
-    ids = encoder.encode(render_prompt(instruction, history, observation, config.history_window))
+    error raised when it cannot fit; ``fmt`` is the environment's text format."""
+    ids = encoder.encode(render_prompt(instruction, history, observation, config.history_window, fmt))
     limit = config.max_context
     if limit is None or len(ids) < limit:
         return ids
@@ -231,7 +232,7 @@ def fit_prompt(
                                   "set rollout.overlong_prompt=truncate_history or drop_episode to go on without it")
     if config.overlong == "truncate_history":
         for window in range(min(len(history), config.history_window) - 1, -1, -1):
-            ids = encoder.encode(render_prompt(instruction, history, observation, window))
+            ids = encoder.encode(render_prompt(instruction, history, observation, window, fmt))
             if len(ids) < limit:
                 if faults is not None:
                     faults.overlong_truncated += 1
@@ -245,7 +246,8 @@ def episode_prompt(ep: _Episode, encoder: PromptEncoder, instruction: str, confi
     """Token ids of the episode's next prompt; ``None`` when it cannot fit the context
     (the episode is then failed and counted)."""
     try:
-        return fit_prompt(encoder, instruction, ep.history, ep.obs.text, config, (env_name(ep.env), ep.seed, ep.steps), faults)
+        return fit_prompt(encoder, instruction, ep.history, ep.obs.text, config, (env_name(ep.env), ep.seed, ep.steps), faults,
+                          text_format_of(ep.env))
     except EnvFault as fault:
         fail(ep, fault, faults)
         return None
@@ -256,10 +258,10 @@ def completion_text(comp: Completion, encoder: PromptEncoder) -> str:
 
 
 def act(env: Env, text: str) -> tuple[str | None, StepResult | None]:
-    """Parse the action from an answer and step the environment with it (no step when
-    there is no parseable action). The only part of a turn that touches the environment,
-    so a scheduler may run it in a worker thread."""
-    action = parse_action(text)
+    """Parse the action from an answer (in the environment's text format) and step the
+    environment with it (no step when there is no parseable action). The only part of a
+    turn that touches the environment, so a scheduler may run it in a worker thread."""
+    action = text_format_of(env).parse(text)
     return action, (env.step(action) if action is not None else None)
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Hashable
 
-from ..envs.base import Env, Observation, StepResult
+from ..envs.base import Env, Observation, StepResult, TextFormat, text_format_of
 from ..envs.worker import EnvSpec, first_line
 
 FAULT_KINDS = ("error", "timeout", "nonfinite", "overlong")
@@ -77,6 +77,7 @@ class GuardedEnv:
     def __init__(self, env: Env, name: str) -> None:
         self._env, self.name = env, name
         self.instruction = env.instruction
+        self.text_format = text_format_of(env)
         self.seed: int | None = None
         self.steps = 0
 
@@ -219,6 +220,7 @@ class RemoteEnv:
         self._runner, self._worker, self.key = runner, worker, key
         self.name = runner.spec.name
         self.instruction = runner.instruction
+        self.text_format = runner.text_format
         self.seed: int | None = None
         self.actions: list[str] = []
         self.anchor: Hashable = None
@@ -298,7 +300,7 @@ class EnvRunner:
         self._pool: list[_Worker] = []
         self._lock = threading.Lock()
         self._keys = itertools.count()
-        self._instruction: str | None = None
+        self._probed: tuple[str, TextFormat] | None = None
         if workers > 0:
             if getattr(spec.factory, "__module__", None) == "__main__":
                 raise ValueError(
@@ -332,11 +334,26 @@ class EnvRunner:
             with worker.lock:
                 worker.wait_ready()
 
+    def _probe(self) -> tuple[str, TextFormat]:
+        """The environment's instruction and text format, read once from an instance built
+        in this process."""
+        if self._probed is None:
+            env = self.spec.make()
+            try:
+                self._probed = (env.instruction, text_format_of(env))
+            finally:
+                close = getattr(env, "close", None)
+                if callable(close):
+                    close()
+        return self._probed
+
     @property
     def instruction(self) -> str:
-        if self._instruction is None:
-            self._instruction = self.spec.make().instruction
-        return self._instruction
+        return self._probe()[0]
+
+    @property
+    def text_format(self) -> TextFormat:
+        return self._probe()[1]
 
     def __call__(self) -> Env:
         if self.workers == 0:

@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-ACTION_RE = re.compile(r"<action>(.*?)</action>", re.DOTALL)
+from ..envs.base import ACTION_FORMAT, TextFormat
+
 ACTION_STOP = "</action>"
 
 
 def parse_action(text: str) -> str | None:
     """The text inside the last ``<action>...</action>`` of an answer, stripped; ``None``
-    when there is none or it is empty."""
-    matches = ACTION_RE.findall(text)
-    if not matches:
-        return None
-    action = matches[-1].strip()
-    return action or None
+    when there is none or it is empty (:data:`~grpo_lab.envs.base.ACTION_FORMAT`; an
+    environment with its own ``text_format`` parses with that)."""
+    return ACTION_FORMAT.parse(text)
 
 
 def format_action(action: str) -> str:
-    return f"<action>{action}</action>"
+    return ACTION_FORMAT.format(action)
 
 
 @dataclass(frozen=True)
@@ -35,16 +32,21 @@ class Turn:
     action: str | None
 
 
-def render_prompt(instruction: str, history: Sequence[Turn], observation: str, window: int) -> str:
-    """The prompt text of one agent step: the task, the last ``window`` turns, and the
-    current observation."""
+def render_prompt(instruction: str, history: Sequence[Turn], observation: str, window: int,
+                  fmt: TextFormat = ACTION_FORMAT) -> str:
+    """The prompt text of one agent step: the task, the last ``window`` turns (their
+    actions written in ``fmt``), and the current observation. An unframed format
+    (``fmt.framed=False``, single-turn datasets) gives the instruction and the observation
+    alone."""
+    if not fmt.framed:
+        return f"{instruction}\n\n{observation}" if instruction else observation
     parts = [instruction]
     shown = list(history)[-window:] if window > 0 else []
     if shown:
         first = len(history) - len(shown) + 1
         parts.append(f"Your last {len(shown)} turns:")
         for k, turn in enumerate(shown, start=first):
-            answer = format_action(turn.action) if turn.action is not None else "(no valid action)"
+            answer = fmt.format(turn.action) if turn.action is not None else "(no valid action)"
             parts.append(f"Turn {k}:\n{turn.observation}\nYou answered: {answer}")
     parts.append(f"Now:\n{observation}\nYour answer:")
     return "\n".join(parts)

@@ -44,12 +44,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 from ..data import RolloutBatch
-from ..envs.base import Env, Observation
+from ..envs.base import Env, Observation, TextFormat, text_format_of
 from .agent_loop import AgentLoopConfig, _Row, act, close_env, env_name, fit_prompt, rows_to_batch, turn_outcome
 from .backend import Backend
 from .env_pool import EnvFault, guard
 from .faults import FaultLog, drop_failed
-from .prompts import ACTION_STOP, PromptEncoder, Turn
+from .prompts import PromptEncoder, Turn
 
 NODE_KINDS = ("step", "segment")
 
@@ -126,12 +126,13 @@ class _Branch:
 
 
 def _render(state: _Node, encoder: PromptEncoder, instruction: str, config: AgentLoopConfig, name: str,
-            faults: FaultLog) -> tuple[list[int], list[int]]:
+            faults: FaultLog, fmt: TextFormat) -> tuple[list[int], list[int]]:
     """(the turn's prompt, the tokens already generated in it) for the next node; raises
     :class:`EnvFault` when the prompt cannot fit the context."""
     if state.turn_prompt is not None:
         return list(state.turn_prompt), list(state.partial)
-    return fit_prompt(encoder, instruction, state.history, state.obs.text, config, (name, state.seed, state.steps), faults), []
+    return fit_prompt(encoder, instruction, state.history, state.obs.text, config, (name, state.seed, state.steps), faults,
+                      fmt), []
 
 
 def sample_trees(
@@ -266,7 +267,7 @@ def _grow(
                 close_env(b.env)
                 continue
             try:
-                rendered.append(_render(b.state, encoder, instruction, config, name, faults))
+                rendered.append(_render(b.state, encoder, instruction, config, name, faults, text_format_of(b.env)))
                 ready.append(b)
             except EnvFault as err:
                 fault(b, err)
@@ -290,8 +291,8 @@ def _grow(
             text = tokenizer.decode(answer, skip_special_tokens=True) if tree.node == "segment" else (
                 comp.text or tokenizer.decode(comp.token_ids, skip_special_tokens=True))
             full = config.max_context is not None and len(turn_prompt) + len(answer) >= config.max_context
-            turn_over = (tree.node == "step" or comp.finish_reason == "stop" or ACTION_STOP in text or len(answer) >= max_tokens
-                         or full)
+            stopped = any(stop in text for stop in text_format_of(b.env).stop)
+            turn_over = tree.node == "step" or comp.finish_reason == "stop" or stopped or len(answer) >= max_tokens or full
             node_id = next_node[s.tree]
             next_node[s.tree] += 1
             row = dict(group_id=s.group, traj_id=b.branch, step=s.steps, prompt_ids=turn_prompt + partial,

@@ -54,7 +54,6 @@ from ..rollout.adaptive import ReuseBuffer, adaptive_rollout
 from ..rollout.agent_loop import OverlongPromptError
 from ..rollout.env_pool import EnvFault, EnvRunner, EnvSpec
 from ..rollout.faults import FaultLog
-from ..rollout.prompts import ACTION_STOP
 from ..rollout.tree import sample_trees
 from .checkpoint import checkpoint_dir, load_model_weights, load_trainer_state, save_checkpoint
 from .resume import check_resume_config, choose_start, metrics_until
@@ -63,7 +62,7 @@ from .forward import response_logprobs
 from .shared_prefix import check_attention_backend, enable_shared_prefix, verify_shared_prefix
 from .step import RunningMeans, informative_rows, policy_gradient_backward
 from .metrics_log import MetricsLogger, plot_metrics
-from .warmup import encode_demonstrations, format_demonstrations, supervised_warmup
+from .warmup import encode_demonstrations, format_demonstrations, prompt_corpus, supervised_warmup
 
 log = logging.getLogger("grpo_lab")
 
@@ -87,7 +86,7 @@ def env_factory_from(config: Config) -> Callable[[], Env]:
 
     try:
         factory()
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, ImportError, KeyError) as err:
         raise ConfigError(f"env.kwargs={dict(config.env.kwargs)!r} is invalid for env {config.env.name!r}: {err}") from err
     return factory
 
@@ -176,7 +175,7 @@ class Trainer:
             max_tokens=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p,
-            stop=(ACTION_STOP,),
+            stop=self.envs.text_format.stop,
         )
         self.max_context = self._context_length()
         self.loop_config = AgentLoopConfig(
@@ -216,6 +215,8 @@ class Trainer:
             return load_pretrained(mc.name_or_path, dtype, mc.trust_remote_code)
         pairs = format_demonstrations(self.envs, 300, self.config.env.max_steps, self.config.rollout.history_window, seed=12345)
         corpus = [prompt + " " + answer for prompt, answer in pairs]
+        if not corpus:  # an environment without legal actions: its prompts
+            corpus = list(prompt_corpus(self.envs, 300, seed=12345))
         tokenizer = train_tokenizer(corpus, vocab_size=mc.tokenizer_vocab_size)
         model = build_tiny_model(
             tokenizer,
@@ -315,6 +316,10 @@ class Trainer:
             format_demonstrations(self.envs, wc.episodes, self.config.env.max_steps, self.config.rollout.history_window,
                                   seed=self.config.trainer.seed + 7)
         )
+        if not pairs:
+            log.info("warm-up skipped: environment %r has no legal actions to demonstrate the answer format with",
+                     self.config.env.name)
+            return []
         examples = encode_demonstrations(pairs, self.encoder, self.tokenizer.eos_token_id, self.max_context)
         losses = supervised_warmup(self.model, examples, wc.steps, wc.batch_size, wc.lr, self.config.trainer.seed, self.pad_id)
         self.push_weights()

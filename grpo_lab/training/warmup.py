@@ -15,10 +15,10 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from ..envs.base import Env
+from ..envs.base import Env, text_format_of
 from ..rollout.agent_loop import close_env
 from ..rollout.env_pool import EnvFault, guard
-from ..rollout.prompts import PromptEncoder, Turn, format_action, render_prompt
+from ..rollout.prompts import PromptEncoder, Turn, render_prompt
 from .forward import response_logprobs
 
 log = logging.getLogger("grpo_lab")
@@ -27,19 +27,25 @@ log = logging.getLogger("grpo_lab")
 def format_demonstrations(
     env_factory: Callable[[], Env], num_episodes: int, max_steps: int, history_window: int, seed: int
 ) -> Iterator[tuple[str, str]]:
-    """``(prompt_text, answer_text)`` pairs from episodes of uniformly random legal actions.
-    An episode whose environment fails ends there (its earlier pairs stay: they are
-    well-formed) and is logged."""
+    """``(prompt_text, answer_text)`` pairs from episodes of uniformly random legal actions,
+    written in the environment's text format. An episode whose environment fails ends
+    there (its earlier pairs stay: they are well-formed) and is logged. An environment
+    without legal actions (``legal_actions() == []``, e.g. a dataset scored by reward
+    functions) yields no pairs: see :func:`has_demonstrations`."""
     rng = random.Random(seed)
     env = guard(env_factory())
+    fmt = text_format_of(env)
     cut: list[str] = []
     for _ in range(num_episodes):
         try:
             obs = env.reset(rng.randrange(2**31))
             history: list[Turn] = []
             for _ in range(max_steps):
-                action = rng.choice(env.legal_actions())
-                yield render_prompt(env.instruction, history, obs.text, history_window), format_action(action)
+                legal = env.legal_actions()
+                if not legal:
+                    break
+                action = rng.choice(legal)
+                yield render_prompt(env.instruction, history, obs.text, history_window, fmt), fmt.format(action)
                 history.append(Turn(obs.text, action))
                 result = env.step(action)
                 obs = result.observation
@@ -53,6 +59,25 @@ def format_demonstrations(
     if cut:
         log.warning("%d of %d demonstration episodes were cut short by environment faults; the first: %s",
                     len(cut), num_episodes, cut[0])
+
+
+def prompt_corpus(env_factory: Callable[[], Env], num_episodes: int, seed: int) -> Iterator[str]:
+    """The first prompt's text of ``num_episodes`` episodes (for a tokenizer's corpus when
+    the environment has no demonstrations); episodes whose reset fails are left out."""
+    rng = random.Random(seed)
+    env = guard(env_factory())
+    fmt = text_format_of(env)
+    try:
+        for _ in range(num_episodes):
+            try:
+                obs = env.reset(rng.randrange(2**31))
+            except EnvFault:
+                close_env(env)
+                env = guard(env_factory())
+                continue
+            yield render_prompt(env.instruction, [], obs.text, 0, fmt)
+    finally:
+        close_env(env)
 
 
 def encode_demonstrations(

@@ -1,0 +1,157 @@
+"""Reward functions for single-turn tasks, and how they are named in a config.
+
+A reward function takes ``(prompt, completion, row)`` (the prompt text, the model's
+whole answer, and the dataset row as a dict with every column) and returns a float.
+A config names it as ``package.module:function`` (importable from the working directory
+or ``PYTHONPATH``) or by a built-in name:
+
+- ``exact_match``: 1 when the answer equals ``row[answer_column]`` after normalisation
+  (case, surrounding whitespace and punctuation, inner runs of spaces), else 0. The
+  answer is the text of the last ``<answer>...</answer>`` when there is one, else the
+  last ``\\boxed{...}``, else the whole completion.
+- ``math``: 1 when ``math-verify`` finds the completion's final answer (LaTeX or plain,
+  ``\\boxed{}`` first) mathematically equal to ``row[answer_column]``, else 0.
+- ``format``: 1 when the completion holds exactly one ``<answer>...</answer>`` with
+  something in it (after an optional ``<think>...</think>``), else 0.
+
+Several functions add up with weights (:func:`combine`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import re
+import string
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+RewardFn = Callable[[str, str, Mapping[str, Any]], float]
+
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+FORMAT_RE = re.compile(r"^\s*(<think>.*?</think>\s*)?<answer>(?!\s*</answer>)(?:(?!<answer>).)*?</answer>\s*$", re.DOTALL)
+
+
+def final_answer(completion: str) -> str:
+    """The answer part of a completion: the last ``<answer>`` element's text, else the
+    last ``\\boxed{...}`` (balanced braces), else the whole completion."""
+    tagged = ANSWER_RE.findall(completion)
+    if tagged:
+        return tagged[-1]
+    boxed = last_boxed(completion)
+    return boxed if boxed is not None else completion
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` in ``text`` (nested braces allowed)."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1:j]
+    return None
+
+
+def normalize_text(text: str) -> str:
+    """Lower case, inner whitespace collapsed, surrounding whitespace and punctuation dropped."""
+    return " ".join(str(text).lower().split()).strip(string.punctuation + " ")
+
+
+def _gold(row: Mapping[str, Any], column: str) -> Any:
+    if column not in row:
+        raise KeyError(f"the reward needs the answer column {column!r}, which the row lacks (columns: {sorted(row)}); "
+                       "set env.kwargs.answer_column")
+    return row[column]
+
+
+def exact_match(prompt: str, completion: str, row: Mapping[str, Any], answer_column: str = "answer") -> float:
+    """1.0 when the completion's final answer equals the gold answer (normalised); a list
+    of gold answers accepts any of them."""
+    gold = _gold(row, answer_column)
+    golds = gold if isinstance(gold, (list, tuple)) else [gold]
+    answer = normalize_text(final_answer(completion))
+    return float(any(answer == normalize_text(g) for g in golds))
+
+
+def math_answer(prompt: str, completion: str, row: Mapping[str, Any], answer_column: str = "answer") -> float:
+    """1.0 when ``math-verify`` finds the completion's answer equal to the gold answer."""
+    try:
+        from math_verify import parse, verify
+    except ImportError as err:
+        raise ImportError("the 'math' reward needs math-verify: pip install math-verify") from err
+    gold = str(_gold(row, answer_column))
+    gold_parsed = parse(gold if "$" in gold or "\\boxed" in gold else f"${gold}$")
+    tagged = ANSWER_RE.findall(completion)
+    answer_parsed = parse(tagged[-1] if tagged else completion)
+    if not gold_parsed or not answer_parsed:
+        return 0.0
+    return float(verify(gold_parsed, answer_parsed))
+
+
+def format_reward(prompt: str, completion: str, row: Mapping[str, Any], answer_column: str = "answer") -> float:
+    """1.0 for ``[<think>...</think>] <answer>...</answer>`` and nothing else around it."""
+    return float(FORMAT_RE.match(completion) is not None)
+
+
+BUILTIN_REWARDS: dict[str, Callable[..., float]] = {"exact_match": exact_match, "math": math_answer,
+                                                    "format": format_reward}
+
+
+def resolve_reward(spec: str) -> Callable[..., float]:
+    """The reward function named by ``spec``: a built-in name or ``module:function``. The
+    working directory is searched after ``sys.path``, as ``python -m`` would."""
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]
+    if spec.count(":") != 1 or not all(spec.split(":")):
+        raise ValueError(f"reward {spec!r} is neither a built-in ({sorted(BUILTIN_REWARDS)}) nor 'module:function'")
+    module_name, attribute = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if os.getcwd() in sys.path or err.name != module_name.split(".")[0]:
+            raise ImportError(f"reward {spec!r}: cannot import {module_name!r} ({err})") from err
+        sys.path.append(os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err2:
+            raise ImportError(f"reward {spec!r}: no module {module_name!r} on PYTHONPATH or in the working directory "
+                              f"{os.getcwd()} ({err2})") from err2
+    fn = getattr(module, attribute, None)
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r}: module {module_name!r} has no function {attribute!r}")
+    return fn
+
+
+def combine(specs: Sequence[str], weights: Sequence[float] | None, answer_column: str) -> Callable[..., tuple[float, dict]]:
+    """A function ``(prompt, completion, row) -> (total, {spec: reward})`` adding the named
+    rewards with ``weights`` (all 1 when ``None``). A reward that raises, or returns
+    something that is not a finite number, raises ``ValueError`` naming it."""
+    if not specs:
+        raise ValueError("rewards must name at least one reward function")
+    weights = [1.0] * len(specs) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(specs):
+        raise ValueError(f"reward_weights has {len(weights)} entries for {len(specs)} rewards {list(specs)}")
+    fns = [resolve_reward(s) for s in specs]
+    builtin = [s in BUILTIN_REWARDS for s in specs]
+
+    def total(prompt: str, completion: str, row: Mapping[str, Any]) -> tuple[float, dict]:
+        parts = {}
+        for spec, fn, is_builtin in zip(specs, fns, builtin):
+            value = fn(prompt, completion, row, answer_column=answer_column) if is_builtin else fn(prompt, completion, row)
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"reward {spec!r} returned {value!r}, not a number") from None
+            if not math.isfinite(value):
+                raise ValueError(f"reward {spec!r} returned {value!r}")
+            parts[spec] = value
+        return sum(w * parts[s] for s, w in zip(specs, weights)), parts
+
+    return total

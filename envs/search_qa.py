@@ -1,0 +1,232 @@
+"""Question answering with a search tool: the setting of the Tree-GRPO paper (multi-turn).
+
+Each episode asks one question. The agent may write ``<search>query</search>``, and sees
+the ``top_k`` passages that BM25 (``bm25s``) ranks highest for the query over a local
+corpus; it ends the episode with ``<answer>...</answer>``. Passages that share no term
+with the query are not shown. The reward is the exact match of the answer with the gold
+answer (SQuAD normalisation: case, punctuation, articles and spacing ignored), or its
+token F1 with ``reward="f1"``; ``info`` carries both, and ``won`` is the exact match.
+
+The corpus and questions are a synthetic knowledge base by default
+(:mod:`grpo_lab.envs.knowledge`, from ``kb_seed``: single- and multi-hop questions with
+verifiable answers, no download), or your own files: ``corpus_path`` (JSONL with a
+``text`` field per passage, optionally ``title``) and ``questions_path`` (JSONL with
+``question`` and ``answer``, a string or a list of accepted strings).
+
+Departures from the paper's setup (Search-R1's): a BM25 index over a small local corpus
+instead of an E5 dense retriever over Wikipedia, and no ``<think>`` block (the tiny
+default model has no room for one; a real model may still write text before its tag).
+
+The anchor is the question and every result list seen so far: ``(question index,
+((doc ids of search 1), (doc ids of search 2), ...))``. An answer without a search or
+answer element is invalid (the state stays). ``legal_actions()`` returns random searches
+and random answers (entity names drawn from the corpus titles, or words of the corpus),
+not good ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import random
+import re
+import string
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+from .base import Observation, StepResult, TextFormat
+from .knowledge import build_knowledge_base
+
+INSTRUCTION = (
+    "Answer the question. You can search a knowledge base: write <search>words</search> to see the passages that "
+    "match best. When you know the answer, write <answer>short answer</answer>."
+)
+ACTION_RE = re.compile(r"^<(search|answer)>(.*)</\1>$", re.DOTALL)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = str(text).lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match_score(answer: str, golds: Sequence[str]) -> float:
+    return float(any(normalize_answer(answer) == normalize_answer(g) for g in golds))
+
+
+def f1_score(answer: str, golds: Sequence[str]) -> float:
+    """The best token F1 of ``answer`` against any gold answer (SQuAD's definition)."""
+    best = 0.0
+    pred = normalize_answer(answer).split()
+    for gold in golds:
+        ref = normalize_answer(gold).split()
+        common = sum((Counter(pred) & Counter(ref)).values())
+        if common:
+            precision, recall = common / len(pred), common / len(ref)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def _read_jsonl(path: str, fields: Sequence[str]) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {n}: not JSON ({err})") from None
+            missing = [k for k in fields if k not in row]
+            if missing:
+                raise ValueError(f"{path} line {n}: missing field(s) {missing}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    return rows
+
+
+class SearchIndex:
+    """BM25 over passages (``bm25s``, English stop words removed)."""
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        try:
+            import bm25s
+        except ImportError as err:
+            raise ImportError("search_qa needs bm25s: pip install bm25s") from err
+        self._bm25s = bm25s
+        self.retriever = bm25s.BM25()
+        self.retriever.index(bm25s.tokenize(list(texts), stopwords="en", show_progress=False), show_progress=False)
+        self.size = len(texts)
+
+    def search(self, query: str, k: int) -> list[int]:
+        """Ids of the ``k`` best passages with a positive score, best first."""
+        tokens = self._bm25s.tokenize([query], stopwords="en", show_progress=False, return_ids=False)
+        if not tokens[0]:
+            return []
+        docs, scores = self.retriever.retrieve(tokens, k=min(k, self.size), show_progress=False)
+        return [int(d) for d, s in zip(docs[0], scores[0]) if s > 0]
+
+
+@functools.lru_cache(maxsize=4)
+def _load(kb_seed: int, num_people: int, max_hops: int, corpus_path: str | None, questions_path: str | None):
+    """(passages, questions as (text, [answers]), index): built once per process."""
+    if (corpus_path is None) != (questions_path is None):
+        raise ValueError("give both corpus_path and questions_path, or neither (the synthetic knowledge base)")
+    if corpus_path is None:
+        kb = build_knowledge_base(kb_seed, num_people=num_people, max_hops=max_hops)
+        passages = [dict(p) for p in kb.passages]
+        questions = [(q.question, (q.answer,)) for q in kb.questions]
+    else:
+        passages = _read_jsonl(corpus_path, ["text"])
+        questions = []
+        for row in _read_jsonl(questions_path, ["question", "answer"]):
+            golds = row["answer"] if isinstance(row["answer"], list) else [row["answer"]]
+            questions.append((str(row["question"]), tuple(str(g) for g in golds)))
+    texts = [f"{p['title']}: {p['text']}" if p.get("title") and p["title"] not in p["text"] else p["text"]
+             for p in passages]
+    return tuple(texts), tuple(questions), SearchIndex(texts), tuple(p.get("title") or "" for p in passages)
+
+
+class SearchQAEnv:
+    """See the module docstring. One instance runs one episode at a time."""
+
+    instruction = INSTRUCTION
+    text_format = TextFormat(tags=("search", "answer"), keep_tags=True)
+
+    def __init__(self, top_k: int = 3, reward: str = "em", kb_seed: int = 0, num_people: int = 40, max_hops: int = 2,
+                 corpus_path: str | None = None, questions_path: str | None = None,
+                 max_passage_chars: int = 300) -> None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if reward not in ("em", "f1"):
+            raise ValueError(f"reward must be 'em' or 'f1', got {reward!r}")
+        if max_passage_chars < 20:
+            raise ValueError(f"max_passage_chars must be >= 20, got {max_passage_chars}")
+        self.texts, self.questions, self.index, titles = _load(kb_seed, num_people, max_hops, corpus_path, questions_path)
+        self._vocabulary = sorted({t for t in titles if t}) or sorted({w for t in self.texts[:200] for w in t.split()})
+        self.top_k, self.reward, self.max_passage_chars = top_k, reward, max_passage_chars
+        self.qid = -1
+        self.seed = 0
+        self.searches: list[tuple[int, ...]] = []
+        self.last = "No search yet."
+        self.done = True
+
+    @property
+    def question(self) -> str:
+        return self.questions[self.qid][0]
+
+    def reset(self, seed: int) -> Observation:
+        self.seed = int(seed)
+        self.qid = self.seed % len(self.questions)
+        self.searches, self.last, self.done = [], "No search yet.", False
+        return self._observe()
+
+    def legal_actions(self) -> list[str]:
+        self._check_running()
+        rng = random.Random(self.seed * 1_000_003 + len(self.searches))
+        picks = rng.sample(self._vocabulary, min(4, len(self._vocabulary)))
+        return [f"<search>{w}</search>" for w in picks[:2]] + [f"<answer>{w}</answer>" for w in picks[2:]]
+
+    def step(self, action: str) -> StepResult:
+        self._check_running()
+        match = ACTION_RE.match(action.strip())
+        if match is None or not match.group(2).strip():
+            return StepResult(self._observe(), 0.0, False, {"won": False, "valid_action": False})
+        kind, text = match.group(1), match.group(2).strip()
+        if kind == "search":
+            hits = tuple(self.index.search(text, self.top_k))
+            self.searches.append(hits)
+            if hits:
+                shown = [self.texts[d] if len(self.texts[d]) <= self.max_passage_chars
+                         else self.texts[d][:self.max_passage_chars] + "..." for d in hits]
+                self.last = f"Results for \"{text}\":\n" + "\n".join(f"[{i}] {t}" for i, t in enumerate(shown, 1))
+            else:
+                self.last = f"Results for \"{text}\": no passage matches."
+            return StepResult(self._observe(), 0.0, False, {"won": False, "valid_action": True})
+        golds = self.questions[self.qid][1]
+        em, f1 = exact_match_score(text, golds), f1_score(text, golds)
+        self.done = True
+        self.last = f"You answered: {text}"
+        info = {"won": em == 1.0, "valid_action": True, "exact_match": em, "f1": f1}
+        return StepResult(self._observe(), em if self.reward == "em" else f1, True, info)
+
+    def _observe(self) -> Observation:
+        return Observation(f"Question: {self.question}\n{self.last}", (self.qid, tuple(self.searches)))
+
+    def _check_running(self) -> None:
+        if self.done:
+            raise RuntimeError("the episode is over or was never started: call reset(seed) first")
+
+
+def write_corpus(directory: str, kb_seed: int = 0, num_people: int = 40, max_hops: int = 2) -> tuple[Path, Path]:
+    """Write the synthetic knowledge base as ``corpus.jsonl`` and ``questions.jsonl`` in
+    ``directory`` (the files ``corpus_path`` and ``questions_path`` read)."""
+    kb = build_knowledge_base(kb_seed, num_people=num_people, max_hops=max_hops)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus, questions = out / "corpus.jsonl", out / "questions.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in kb.passages), encoding="utf-8")
+    questions.write_text("".join(json.dumps({"question": q.question, "answer": q.answer, "hops": q.hops}) + "\n"
+                                 for q in kb.questions), encoding="utf-8")
+    return corpus, questions
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m grpo_lab.envs.search_qa",
+                                     description="Write the synthetic knowledge base of search_qa as JSONL.")
+    parser.add_argument("--write", metavar="DIR", required=True, help="directory for corpus.jsonl and questions.jsonl")
+    parser.add_argument("--kb-seed", type=int, default=0)
+    parser.add_argument("--num-people", type=int, default=40)
+    parser.add_argument("--max-hops", type=int, default=2)
+    args = parser.parse_args(argv)
+    corpus, questions = write_corpus(args.write, args.kb_seed, args.num_people, args.max_hops)
+    print(f"wrote {corpus} and {questions}")
+
+
+if __name__ == "__main__":
+    main()
