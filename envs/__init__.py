@@ -134,7 +134,7 @@ register_env("sokoban", SokobanEnv)
 register_env("countdown", "grpo_lab.envs.countdown:CountdownEnv")
 register_env("dataset", "grpo_lab.envs.dataset:DatasetEnv")
 register_env("search_qa", "grpo_lab.envs.search_qa:SearchQAEnv")
-register_env("textworld", "grpo_lab.envs.textworld:TextWorldEnv")
+register_env("textworld", "grpo_lab.envs.textworld_games:TextWorldEnv")
 register_env("alfworld", "grpo_lab.envs.alfworld:ALFWorldEnv")
 register_env("webshop", "grpo_lab.envs.webshop:WebShopEnv")
 

@@ -113,3 +113,21 @@ def test_ci_runs_the_readme_test_command():
     assert "test-command" in ci
     command = README.split("<!-- test-command -->", 1)[1].split("```bash\n", 1)[1].split("\n", 1)[0]
     assert "pytest --runslow" in command and ".[dev" in command
+
+
+def readme_task_commands() -> list[list[str]]:
+    section = README.split("## Tasks", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)[0]
+    return [shlex.split(line.split(" #", 1)[0])[3:] for line in block.splitlines() if line.startswith("python -m")]
+
+
+def test_the_tasks_section_has_a_line_per_shipped_environment():
+    names = [dict(o.split("=", 1) for o in overrides)["env"] for overrides in readme_task_commands()]
+    shipped = sorted(p.stem for p in (ROOT / "configs" / "env").glob("*.yaml"))
+    assert sorted(names) == shipped
+
+
+@pytest.mark.parametrize("overrides", readme_task_commands(), ids=lambda o: o[0])
+def test_readme_task_line_loads_and_validates(overrides):
+    """(Training on each task is tested in ``test_task_training.py`` and the tasks' own tests.)"""
+    load(*overrides)

@@ -86,7 +86,7 @@ def env_factory_from(config: Config) -> Callable[[], Env]:
 
     try:
         factory()
-    except (TypeError, ValueError, ImportError, KeyError) as err:
+    except (TypeError, ValueError, ImportError, KeyError, FileNotFoundError) as err:
         raise ConfigError(f"env.kwargs={dict(config.env.kwargs)!r} is invalid for env {config.env.name!r}: {err}") from err
     return factory
 
