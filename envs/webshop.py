@@ -23,6 +23,7 @@ Needs ``pip install 'grpo_lab[webshop]'`` (requests, beautifulsoup4).
 
 from __future__ import annotations
 
+import random
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -165,9 +166,22 @@ class WebShopEnv:
         self.done = False
         return self._observe()
 
-    def legal_actions(self) -> list[str]:
+    def available_actions(self) -> list[str]:
+        """The actions the page offers, as the observation lists them (``search[<words>]``
+        stands for any search)."""
         self._check_running()
         return (["search[<words>]"] if self.page.has_search else []) + [f"click[{c}]" for c in self.page.clickables]
+
+    def legal_actions(self) -> list[str]:
+        """Concrete legal actions: every click, and on a page with a search bar two
+        searches for random words of the page (the format warm-up's answers)."""
+        self._check_running()
+        searches = []
+        if self.page.has_search:
+            words = sorted({w.strip(",.").lower() for w in " ".join([self.task, *self.page.lines]).split() if w.isalpha()})
+            rng = random.Random(f"{self.goal}:{self.page.url}")
+            searches = [f"search[{' '.join(rng.sample(words, min(2, len(words))))}]" for _ in range(2)] if words else []
+        return searches + [f"click[{c}]" for c in self.page.clickables]
 
     def step(self, action: str) -> StepResult:
         self._check_running()
@@ -190,7 +204,7 @@ class WebShopEnv:
         page = self.page
         text = f"Instruction: {self.task}\n" + "\n".join(page.lines)
         if not self.done:
-            text += "\nAvailable actions: " + ", ".join(self.legal_actions())
+            text += "\nAvailable actions: " + ", ".join(self.available_actions())
         return Observation(text, (self.goal, self._address(page.url)))
 
     def _address(self, url: str) -> str:

@@ -99,3 +99,23 @@ def test_each_env_config_composes_and_spells_out_its_environment_s_defaults(path
         if key == "path" or default is inspect.Parameter.empty:
             continue
         assert value == (list(default) if isinstance(default, tuple) else default), f"{path.name}: {key}"
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("frozenlake", {}), ("frozenlake", {"is_slippery": True, "map_name": "8x8"}), ("sokoban", {}), ("countdown", {}),
+    ("search_qa", {}), ("textworld", {"num_games": 1}),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_every_demonstrated_action_survives_its_format_and_is_valid(name, kwargs, tmp_path_factory):
+    """What the format warm-up shows (a legal action written in the environment's format)
+    parses back to that action and is valid when played, for every shipped task."""
+    if name == "textworld":
+        pytest.importorskip("textworld", reason="the optional textworld package is not installed")
+        kwargs = {**kwargs, "cache_dir": str(tmp_path_factory.mktemp("tw"))}
+    env = envs.make_env(name, **kwargs)
+    fmt = envs.text_format_of(env)
+    for seed in range(3):
+        env.reset(seed)
+        for action in env.legal_actions()[:3]:
+            assert fmt.parse("Let me think. " + fmt.format(action)) == action
+        action = env.legal_actions()[0]
+        assert env.step(fmt.parse(fmt.format(action))).info["valid_action"]

@@ -96,7 +96,10 @@ def test_the_first_page_shows_the_instruction_and_a_search_bar(server):
     env = make(server)
     obs = env.reset(7)
     assert env.task == GOALS[3] and obs.text.splitlines()[0] == f"Instruction: {GOALS[3]}"
-    assert env.legal_actions() == ["search[<words>]"]  # the Search button is the search action itself
+    assert env.available_actions() == ["search[<words>]"]  # the Search button is the search action itself
+    searches = env.legal_actions()  # concrete searches for the format warm-up, drawn from the page's words
+    assert len(searches) == 2 and all(re.fullmatch(r"search\[[a-z]+ [a-z]+\]", a) for a in searches)
+    assert searches == env.legal_actions()
     assert obs.anchor == (3, "/S")
     assert re.fullmatch(r"fixed[0-9a-f]{12}_3", env.session)
 
@@ -109,6 +112,7 @@ def test_a_search_a_product_an_option_and_buy_now(server):
     assert server.requests[-1][0] == "POST" and server.requests[-1][2] == {"search_query": "red mug"}
     assert "[B0001]" in results_page.observation.text and "Ceramic Mug" in results_page.observation.text
     assert env.legal_actions() == ["click[back to search]", "click[next >]", "click[b0001]", "click[b0002]"]
+    assert env.available_actions() == env.legal_actions()  # no search bar here
     item_page = env.step("click[B0001]")
     assert set(env.legal_actions()) == {"click[back to search]", "click[< prev]", "click[red]", "click[blue]",
                                         "click[buy now]"}
@@ -168,4 +172,4 @@ def test_a_real_server_when_one_runs():
     except (WebShopUnavailable, ImportError) as err:
         pytest.skip(f"no WebShop server here: {str(err).splitlines()[0]}")
     obs = env.reset(0)
-    assert env.task and env.legal_actions()[0] == "search[<words>]" and obs.anchor[1] == "/S"
+    assert env.task and env.available_actions()[0] == "search[<words>]" and obs.anchor[1] == "/S"
