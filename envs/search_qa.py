@@ -32,6 +32,7 @@ import json
 import random
 import re
 import string
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -90,16 +91,32 @@ def _read_jsonl(path: str, fields: Sequence[str]) -> list[dict]:
     return rows
 
 
+def import_bm25s():
+    """``bm25s`` on its numpy backend. It imports numba whenever numba is installed (vLLM
+    installs it), and numba's llvmlite objects break the scan of ``sys.modules`` that vLLM
+    runs when it starts an engine in the same process: numba is hidden while bm25s loads."""
+    try:
+        if "numba" in sys.modules or "bm25s" in sys.modules:
+            import bm25s
+        else:
+            sys.modules["numba"] = None  # type: ignore[assignment]  # "import numba" raises ImportError
+            try:
+                import bm25s
+            finally:
+                del sys.modules["numba"]
+    except ImportError as err:
+        raise ImportError(f"search_qa needs bm25s ({err}): pip install bm25s") from err
+    return bm25s
+
+
 class SearchIndex:
     """BM25 over passages (``bm25s``, English stop words removed)."""
 
     def __init__(self, texts: Sequence[str]) -> None:
-        try:
-            import bm25s
-        except ImportError as err:
-            raise ImportError("search_qa needs bm25s: pip install bm25s") from err
-        self._bm25s = bm25s
-        self.retriever = bm25s.BM25()
+        self._bm25s = import_bm25s()
+        bm25s = self._bm25s
+        # numpy, not numba: numba's llvmlite objects break vLLM's scan of sys.modules when both share a process
+        self.retriever = bm25s.BM25(backend="numpy")
         self.retriever.index(bm25s.tokenize(list(texts), stopwords="en", show_progress=False), show_progress=False)
         self.size = len(texts)
 
@@ -108,7 +125,7 @@ class SearchIndex:
         tokens = self._bm25s.tokenize([query], stopwords="en", show_progress=False, return_ids=False)
         if not tokens[0]:
             return []
-        docs, scores = self.retriever.retrieve(tokens, k=min(k, self.size), show_progress=False)
+        docs, scores = self.retriever.retrieve(tokens, k=min(k, self.size), show_progress=False, backend_selection="numpy")
         return [int(d) for d, s in zip(docs[0], scores[0]) if s > 0]
 
 

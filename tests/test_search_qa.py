@@ -139,3 +139,10 @@ def test_the_corpus_writer_command(tmp_path):
     out = subprocess.run([sys.executable, "-m", "grpo_lab.envs.search_qa", "--write", str(tmp_path / "kb")],
                          capture_output=True, text=True, check=True).stdout
     assert "corpus.jsonl" in out and (tmp_path / "kb" / "questions.jsonl").read_text().count("\n") > 100
+
+
+def test_the_index_does_not_load_numba_which_would_break_a_vllm_engine_in_the_process():
+    code = ("import sys\nfrom grpo_lab.envs import make_env\ne = make_env('search_qa'); e.reset(0); e.step('<search>city</search>')\n"
+            "print('llvmlite' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
