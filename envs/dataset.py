@@ -52,7 +52,7 @@ def load_rows(path: str, split: str = "train", config_name: str | None = None, d
             if builder is None:
                 raise ValueError(f"unknown data file type {local.suffix!r}; use one of {sorted(FILE_BUILDERS)}")
             ds = load_dataset(builder, data_files=str(local), split="train")
-        elif local.is_dir() and (local / "state.json").exists() or (local / "dataset_dict.json").exists():
+        elif local.is_dir() and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
             ds = load_from_disk(str(local))
             if isinstance(ds, DatasetDict):
                 if split not in ds:

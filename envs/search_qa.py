@@ -131,7 +131,8 @@ class SearchIndex:
 
 @functools.lru_cache(maxsize=4)
 def _load(kb_seed: int, num_people: int, max_hops: int, corpus_path: str | None, questions_path: str | None):
-    """(passages, questions as (text, [answers]), index): built once per process."""
+    """(passage texts, questions as (text, (answers...)), index, words for random actions):
+    built once per process."""
     if (corpus_path is None) != (questions_path is None):
         raise ValueError("give both corpus_path and questions_path, or neither (the synthetic knowledge base)")
     if corpus_path is None:
@@ -146,7 +147,9 @@ def _load(kb_seed: int, num_people: int, max_hops: int, corpus_path: str | None,
             questions.append((str(row["question"]), tuple(str(g) for g in golds)))
     texts = [f"{p['title']}: {p['text']}" if p.get("title") and p["title"] not in p["text"] else p["text"]
              for p in passages]
-    return tuple(texts), tuple(questions), SearchIndex(texts), tuple(p.get("title") or "" for p in passages)
+    titles = {p["title"] for p in passages if p.get("title")}
+    vocabulary = sorted(titles) or sorted({w for t in texts[:200] for w in t.split()})  # random actions draw from it
+    return tuple(texts), tuple(questions), SearchIndex(texts), tuple(vocabulary)
 
 
 class SearchQAEnv:
@@ -164,8 +167,8 @@ class SearchQAEnv:
             raise ValueError(f"reward must be 'em' or 'f1', got {reward!r}")
         if max_passage_chars < 20:
             raise ValueError(f"max_passage_chars must be >= 20, got {max_passage_chars}")
-        self.texts, self.questions, self.index, titles = _load(kb_seed, num_people, max_hops, corpus_path, questions_path)
-        self._vocabulary = sorted({t for t in titles if t}) or sorted({w for t in self.texts[:200] for w in t.split()})
+        self.texts, self.questions, self.index, self._vocabulary = _load(kb_seed, num_people, max_hops, corpus_path,
+                                                                         questions_path)
         self.top_k, self.reward, self.max_passage_chars = top_k, reward, max_passage_chars
         self.qid = -1
         self.seed = 0

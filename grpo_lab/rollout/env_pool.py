@@ -338,13 +338,9 @@ class EnvRunner:
         """The environment's instruction and text format, read once from an instance built
         in this process."""
         if self._probed is None:
-            env = self.spec.make()
-            try:
-                self._probed = (env.instruction, text_format_of(env))
-            finally:
-                close = getattr(env, "close", None)
-                if callable(close):
-                    close()
+            env = GuardedEnv(self.spec.make(), self.spec.name)
+            self._probed = (env.instruction, env.text_format)
+            env.close()
         return self._probed
 
     @property

@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..envs.base import ACTION_FORMAT, TextFormat
 
-ACTION_STOP = "</action>"
+ACTION_STOP = ACTION_FORMAT.stop[0]  # "</action>"
 
 
 def parse_action(text: str) -> str | None:

@@ -31,7 +31,8 @@ def format_demonstrations(
     written in the environment's text format. An episode whose environment fails ends
     there (its earlier pairs stay: they are well-formed) and is logged. An environment
     without legal actions (``legal_actions() == []``, e.g. a dataset scored by reward
-    functions) yields no pairs: see :func:`has_demonstrations`."""
+    functions) yields no pairs (the trainer then skips the warm-up, and its tokenizer learns
+    from :func:`prompt_corpus`)."""
     rng = random.Random(seed)
     env = guard(env_factory())
     fmt = text_format_of(env)
