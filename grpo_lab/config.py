@@ -268,9 +268,12 @@ class RolloutConfig:
     vllm_max_model_len: Optional[int] = None  # None: the model's context length, at most 8192
     vllm_sleep_mode: bool = False  # GPU only: free the KV cache during updates
     vllm_enforce_eager: bool = True
+    vllm_tensor_parallel_size: int = 1  # GPUs one engine spans (single-process runs; see docs/cluster.md)
 
     def validate(self) -> None:
         _check(self.backend in ("hf", "vllm"), "rollout.backend", self.backend, "hf or vllm")
+        _check(self.vllm_tensor_parallel_size >= 1, "rollout.vllm_tensor_parallel_size", self.vllm_tensor_parallel_size,
+               "an integer >= 1")
         _check(0 < self.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization",
                self.vllm_gpu_memory_utilization, "a number in (0, 1]")
         _check(self.vllm_max_model_len is None or self.vllm_max_model_len >= 16, "rollout.vllm_max_model_len",
@@ -281,7 +284,9 @@ class RolloutConfig:
         _check(self.history_window >= 0, "rollout.history_window", self.history_window, "an integer >= 0")
         _check(str(self.use_chat_template).lower() in ("auto", "true", "false"), "rollout.use_chat_template", self.use_chat_template, "auto, true or false")
         _check(self.max_batch_size >= 1, "rollout.max_batch_size", self.max_batch_size, "an integer >= 1")
-        _check(self.sampler in ("chain", "tree", "adaptive"), "rollout.sampler", self.sampler, "chain, tree or adaptive")
+        from .rollout.samplers import sampler_names
+
+        _check(self.sampler in sampler_names(), "rollout.sampler", self.sampler, f"one of {sampler_names()}")
         for key, section in (("rollout.tree", self.tree), ("rollout.adaptive", self.adaptive)):
             try:  # the sampler's own checks (they also run when the section is built)
                 section.__post_init__()
@@ -316,6 +321,11 @@ class WarmupConfig:
         _check(self.episodes >= 1, "trainer.warmup.episodes", self.episodes, "an integer >= 1")
 
 
+STRATEGIES = ("auto", "ddp", "fsdp")
+MIXED_PRECISION = ("auto", "no", "bf16")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+
+
 @dataclass
 class TrainerConfig:
     """The RL loop.
@@ -348,6 +358,12 @@ class TrainerConfig:
     resume: str = "false"  # false | true | auto (see the class docstring)
     resume_allow_changes: bool = False  # resume even when the config differs from the saved one
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    strategy: str = "auto"  # auto | ddp | fsdp: data parallelism under torchrun / accelerate launch (auto: ddp, or fsdp
+    # when the accelerate config says so)
+    mixed_precision: str = "auto"  # auto | no | bf16: bf16 compute over fp32 weights (auto: the accelerate config's, else no)
+    gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, ~30% more compute)
+    lr_scheduler: str = "constant"  # constant | linear | cosine (over the run's optimizer steps)
+    lr_warmup_steps: int = 0  # optimizer steps of linear warm-up from 0 to trainer.lr
 
     #: keys a resumed run may change without ``resume_allow_changes`` (they change
     #: neither the data nor the updates of the steps to come); ``logger.*`` too
@@ -379,7 +395,16 @@ class TrainerConfig:
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             "trainer.device", self.device, "auto, cpu, cuda or cuda:N",
         )
+        _check(self.strategy in STRATEGIES, "trainer.strategy", self.strategy, f"one of {list(STRATEGIES)}")
+        _check(self.mixed_precision in MIXED_PRECISION, "trainer.mixed_precision", self.mixed_precision,
+               f"one of {list(MIXED_PRECISION)}")
+        _check(self.lr_scheduler in LR_SCHEDULERS, "trainer.lr_scheduler", self.lr_scheduler, f"one of {list(LR_SCHEDULERS)}")
+        _check(self.lr_warmup_steps >= 0, "trainer.lr_warmup_steps", self.lr_warmup_steps, "an integer >= 0")
         self.warmup.validate()
+
+    def optimizer_steps(self) -> int:
+        """Optimizer steps in the whole run (the learning-rate schedule's length)."""
+        return self.total_steps * self.epochs_per_batch * self.minibatches_per_epoch
 
 
 @dataclass
@@ -425,6 +450,9 @@ class Config:
         unit = 1 if rc.scheduler == "continuous" else (rc.micro_group_size or self.algo.group_size)
         _check(rc.max_inflight is None or rc.scheduler == "full" or rc.max_inflight >= unit, "rollout.max_inflight",
                rc.max_inflight, f"at least one micro-group ({unit} episodes)")
+        _check(self.trainer.mixed_precision in ("auto", "no") or self.model.dtype == "float32", "trainer.mixed_precision",
+               self.trainer.mixed_precision, f"no with model.dtype={self.model.dtype!r}: mixed precision keeps float32 "
+               "weights and computes in half precision, so set model.dtype=float32")
         passes = self.trainer.epochs_per_batch * self.trainer.minibatches_per_epoch
         _check(self.algo.policy_loss != "reinforce" or passes == 1, "algo.policy_loss", self.algo.policy_loss,
                "ppo_clip when trainer.epochs_per_batch * trainer.minibatches_per_epoch > 1 (REINFORCE is on-policy only)")

@@ -60,9 +60,17 @@ def build_config(cfg: DictConfig) -> Config:
 
 @hydra.main(version_base="1.3", config_path="pkg://grpo_lab.configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
+    from .training import distributed
     from .training.trainer import Trainer
+
+    try:
+        _run(cfg, Trainer)
+    finally:
+        distributed.shutdown()
+
+
+def _run(cfg: DictConfig, Trainer) -> None:
+    from hydra.core.hydra_config import HydraConfig
 
     try:
         config = build_config(cfg)
@@ -83,7 +91,7 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     before = summary.get("eval_after_warmup", {}).get("success_rate")
     after = summary.get("eval_final", {}).get("success_rate")
-    if before is not None and after is not None:
+    if before is not None and after is not None and trainer.dist.is_main:
         print(f"success rate: {before:.3f} after warm-up -> {after:.3f} after RL  ({trainer.output_dir})")
 
 

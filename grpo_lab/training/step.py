@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 import torch
 from torch import Tensor
 
 from ..advantages.grouping import dense_ids
 from ..data import RolloutBatch
+from .distributed import SINGLE, DistContext, global_sums, gradient_sync, lockstep_count
 from .forward import pad_rows, response_logprobs
 from .shared_prefix import shared_prefix_logprobs
 from .losses import LossScale, aggregate, behaviour_weights, clipped_policy_loss, kl_penalty, reinforce_loss
@@ -47,6 +49,10 @@ class RunningMeans:
     def count(self, name: str) -> int:
         return int(self._weights.get(name, 0))
 
+    def weighted(self) -> dict[str, tuple[float, float]]:
+        """``{name: (mean, total weight)}``."""
+        return {k: (self._sums[k] / self._weights[k], self._weights[k]) for k in self._sums if self._weights[k] > 0}
+
     def means(self) -> dict[str, float]:
         return {k: self._sums[k] / self._weights[k] for k in self._sums if self._weights[k] > 0}
 
@@ -67,8 +73,16 @@ def policy_gradient_backward(
     attention: str = "reference",
     temperature: float = 1.0,
     pad_id: int = 0,
+    dist: DistContext = SINGLE,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> dict[str, tuple[float, float]]:
     """Accumulate into ``.grad`` the gradient of the policy loss of mini-batch ``rows``.
+
+    Under data parallelism (``dist``; ``model`` is then the DDP or FSDP module) the
+    mini-batch is the union of every rank's ``rows``: the normalisers are summed over
+    ranks, each rank's loss is multiplied by the world size (DDP and FSDP average the
+    gradients), every rank runs the same number of micro-batches (a rank with fewer runs
+    gradient-free passes), and gradients are reduced in the last one only.
 
     The loss (``algo.policy_loss``, ``algo.loss_agg`` and the other loss settings of
     ``algo``, plus ``algo.kl_coef`` times the KL penalty to ``ref_model``, minus
@@ -93,6 +107,7 @@ def policy_gradient_backward(
             before the micro-batch split (the order does not change the gradient). The
             model must have gone through ``enable_shared_prefix``.
         attention: the packed attention: ``"reference"`` or ``"triton"``.
+        autocast: a context for each forward (mixed precision).
 
     Returns:
         ``{name: (value, weight)}`` for logging (token-weighted means); empty when no row
@@ -105,29 +120,61 @@ def policy_gradient_backward(
     if extras and algo.policy_loss != "ppo_clip":
         raise ValueError(f"the estimator's extra streams {sorted(extras)} need algo.policy_loss=ppo_clip")
     masks = batch.loss_mask
-    scale = LossScale(
-        num_tokens=float(sum(float(masks[i].sum()) for i in rows.tolist())),
-        num_seqs=float(rows.numel()),
-        max_tokens=float(max_tokens),
-    )
+    num_tokens, num_seqs = global_sums(dist, [sum(float(masks[i].sum()) for i in rows.tolist()), float(rows.numel())])
+    scale = LossScale(num_tokens=num_tokens, num_seqs=num_seqs, max_tokens=float(max_tokens))
+    world = float(dist.world_size)
     signal = advantages != 0
     if "global_advantages" in extras:
         signal = signal | ((extras["global_advantages"] != 0) & (extras["local_weight"] < 1))
     every_row = algo.kl_coef > 0 or algo.entropy_coef > 0  # terms that train rows without advantage too
     active = rows if every_row else rows[signal[rows]]
     out: dict[str, tuple[float, float]] = {}
-    if active.numel() == 0:
-        return out
     if shared_prefix:
         active = active[torch.sort(batch.group_id[active], stable=True).indices]
+    micros = list(active.split(micro_batch_size)) if active.numel() else []
+    passes = lockstep_count(dist, len(micros))
+    if passes == 0:  # no rank has a row with a learning signal
+        return out
 
     def add(name: str, value: float, weight: float) -> None:
         total, w = out.get(name, (0.0, 0.0))
         out[name] = (total + value * weight, w + weight)
 
-    for micro in active.split(micro_batch_size):
-        idx = micro.tolist()
-        prompts, responses = [batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx]
+    for k in range(passes):
+        with gradient_sync(model, k == passes - 1):
+            if k >= len(micros):  # this rank is out of rows: a pass that adds nothing, for the collectives
+                idle_backward(model, pad_id, autocast)
+                continue
+            metrics, loss, tokens, diff = _micro_batch_backward(
+                model, batch, micros[k], advantages, old_logprobs, algo, scale, extras, ref_model, shared_prefix,
+                attention, temperature, pad_id, clip_low, clip_high, loss_agg, world, autocast)
+        for key, value in metrics.items():
+            add(key, float(value), tokens)
+        add("logprob_diff_rollout", diff, tokens)
+        add("loss", loss, 1.0)
+    # "loss" sums over micro-batches: it is the mini-batch loss
+    return {k: (v / w, w) if k != "loss" else (v, 1.0) for k, (v, w) in out.items()}
+
+
+def idle_backward(model: torch.nn.Module, pad_id: int, autocast: Callable[[], ContextManager] = contextlib.nullcontext
+                  ) -> None:
+    """A forward and backward of one token whose loss is multiplied by zero: it adds
+    nothing to any gradient, and takes part in DDP's and FSDP's collectives."""
+    device = next(model.parameters()).device
+    with autocast():
+        logits = model(input_ids=torch.full((1, 1), pad_id, dtype=torch.long, device=device)).logits
+    (logits.float().sum() * 0.0).backward()
+
+
+def _micro_batch_backward(model, batch, micro, advantages, old_logprobs, algo, scale, extras, ref_model, shared_prefix,
+                          attention, temperature, pad_id, clip_low, clip_high, loss_agg, world, autocast):
+    """One micro-batch's forward and backward (the loss times ``world``, the number of
+    ranks whose gradients are averaged); returns its metrics, its loss, its token count
+    and its mean |log-prob - rollout log-prob|."""
+    masks = batch.loss_mask
+    idx = micro.tolist()
+    prompts, responses = [batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx]
+    with autocast():
         if shared_prefix:
             groups: dict[int, list[int]] = {}
             for k, i in enumerate(idx):
@@ -138,35 +185,34 @@ def policy_gradient_backward(
         else:
             logp, mask, entropy = response_logprobs(model, prompts, responses, temperature=temperature,
                                                     with_entropy=True, pad_id=pad_id, entropy_grad=algo.entropy_coef > 0)
-        mask = mask * pad_rows([masks[i] for i in idx], 0.0).to(mask.device)
-        old = logp.detach() if old_logprobs is None else pad_rows([old_logprobs[i] for i in idx], 0.0).to(logp.device)
-        rollout = pad_rows([batch.rollout_logprobs[i] for i in idx], 0.0).to(logp.device)
-        tis, metrics = behaviour_weights(old, rollout, mask, batch.off_policy[micro].to(logp.device), algo.tis_cap,
-                                         algo.off_policy_is_cap)
-        adv = advantages[micro].to(logp.device)
-        if algo.policy_loss == "reinforce":
-            loss, pg_metrics = reinforce_loss(logp, adv, mask, loss_agg=loss_agg, scale=scale, entropy=entropy,
-                                              tis_weights=tis)
-        else:
-            loss, pg_metrics = clipped_policy_loss(
-                logp, old, adv, mask, clip_low=clip_low, clip_high=clip_high, loss_agg=loss_agg,
-                scale=scale, entropy=entropy, dual_clip_c=algo.dual_clip_c, ratio_level=algo.ratio_level,
-                tis_weights=tis, **{key: value[micro].to(logp.device) for key, value in extras.items()},
-            )
-        metrics.update(pg_metrics)
-        if algo.entropy_coef > 0:
-            loss = loss - algo.entropy_coef * aggregate(entropy, mask, loss_agg, scale)
+        ref = None
         if algo.kl_coef > 0:
             with torch.no_grad():
                 ref, _, _ = response_logprobs(ref_model, prompts, responses, temperature=temperature, pad_id=pad_id)
-            kl = kl_penalty(logp, ref, algo.kl_estimator)
-            loss = loss + algo.kl_coef * aggregate(kl, mask, loss_agg, scale)
-            metrics["kl_ref"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
-        loss.backward()
-        tokens = float(mask.sum())
-        for key, value in metrics.items():
-            add(key, float(value), tokens)
-        add("logprob_diff_rollout", float(((logp.detach() - rollout).abs() * mask).sum()) / max(tokens, 1.0), tokens)
-        add("loss", float(loss.detach()), 1.0)
-    # "loss" sums over micro-batches: it is the mini-batch loss
-    return {k: (v / w, w) if k != "loss" else (v, 1.0) for k, (v, w) in out.items()}
+    logp = logp.float()
+    mask = mask * pad_rows([masks[i] for i in idx], 0.0).to(mask.device)
+    old = logp.detach() if old_logprobs is None else pad_rows([old_logprobs[i] for i in idx], 0.0).to(logp.device)
+    rollout = pad_rows([batch.rollout_logprobs[i] for i in idx], 0.0).to(logp.device)
+    tis, metrics = behaviour_weights(old, rollout, mask, batch.off_policy[micro].to(logp.device), algo.tis_cap,
+                                     algo.off_policy_is_cap)
+    adv = advantages[micro].to(logp.device)
+    if algo.policy_loss == "reinforce":
+        loss, pg_metrics = reinforce_loss(logp, adv, mask, loss_agg=loss_agg, scale=scale, entropy=entropy,
+                                          tis_weights=tis)
+    else:
+        loss, pg_metrics = clipped_policy_loss(
+            logp, old, adv, mask, clip_low=clip_low, clip_high=clip_high, loss_agg=loss_agg,
+            scale=scale, entropy=entropy, dual_clip_c=algo.dual_clip_c, ratio_level=algo.ratio_level,
+            tis_weights=tis, **{key: value[micro].to(logp.device) for key, value in extras.items()},
+        )
+    metrics.update(pg_metrics)
+    if algo.entropy_coef > 0:
+        loss = loss - algo.entropy_coef * aggregate(entropy, mask, loss_agg, scale)
+    if ref is not None:
+        kl = kl_penalty(logp, ref.float(), algo.kl_estimator)
+        loss = loss + algo.kl_coef * aggregate(kl, mask, loss_agg, scale)
+        metrics["kl_ref"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
+    (loss * world if world != 1 else loss).backward()
+    tokens = float(mask.sum())
+    diff = float(((logp.detach() - rollout).abs() * mask).sum()) / max(tokens, 1.0)
+    return metrics, float(loss.detach()), tokens, diff

@@ -56,11 +56,16 @@ class Abandon(BaseException):
 class StopSignals:
     """Installs SIGTERM and SIGINT handlers for the duration of a ``with`` block (only in
     the main thread; elsewhere it does nothing). ``requested`` holds the first signal
-    received; inside :meth:`abandonable` a signal raises :class:`Abandon` at once."""
+    received; inside :meth:`abandonable` a signal raises :class:`Abandon` at once.
+
+    ``deferred``: signals are only recorded, and nothing is abandoned (data-parallel
+    runs, whose processes must stop at the same point: the trainer stops after the step
+    in progress, once every process has heard of the signal)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, deferred: bool = False) -> None:
+        self.deferred = deferred  # only record signals; the caller stops where all processes agree
         self.requested: int | None = None
         self._abandonable = False
         self._shielded = False
@@ -81,7 +86,7 @@ class StopSignals:
         first = self.requested is None
         if first:
             self.requested = signum
-        if self._shielded:
+        if self._shielded or self.deferred:
             return
         if self._abandonable or not first:
             self._abandonable = False
@@ -94,6 +99,9 @@ class StopSignals:
     @contextmanager
     def abandonable(self) -> Iterator[None]:
         """A phase a signal may cut short (raising :class:`Abandon`)."""
+        if self.deferred:
+            yield
+            return
         if self.requested is not None:
             raise Abandon(self.requested)
         self._abandonable = True

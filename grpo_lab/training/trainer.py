@@ -34,6 +34,7 @@ import copy
 import json
 import logging
 import random
+import signal
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -49,25 +50,58 @@ from ..config import TrainerConfig
 from ..envs import make_env
 from ..envs.base import Env
 from ..modeling import build_tiny_model, frozen, load_pretrained, text_config, torch_dtype, train_tokenizer
-from ..rollout import AgentLoopConfig, HFBackend, LengthPredictor, PromptEncoder, SamplingParams, SchedulerConfig, run_episodes, run_scheduled
-from ..rollout.adaptive import ReuseBuffer, adaptive_rollout
+from ..rollout import AgentLoopConfig, HFBackend, LengthPredictor, PromptEncoder, SamplingParams, SchedulerConfig, run_episodes
+from ..rollout.adaptive import ReuseBuffer
 from ..rollout.agent_loop import OverlongPromptError
-from ..rollout.env_pool import EnvFault, EnvRunner, EnvSpec
+from ..rollout.env_pool import EnvRunner, EnvSpec
 from ..rollout.faults import FaultLog
-from ..rollout.tree import sample_trees
-from .checkpoint import checkpoint_dir, load_model_weights, load_trainer_state, save_checkpoint
+from ..rollout.samplers import GroupNumbering, RolloutContext, get_sampler
+from . import distributed as dp
+from .checkpoint import (checkpoint_dir, load_model_weights, load_sharded_state, load_trainer_state, save_checkpoint,
+                         sharded_state)
 from .resume import check_resume_config, choose_start, metrics_until
 from .stop import Abandon, EnvFaultRateExceeded, RunStopped, StopSignals, TrainingInterrupted, signal_name
 from .forward import response_logprobs
 from .shared_prefix import check_attention_backend, enable_shared_prefix, verify_shared_prefix
-from .step import RunningMeans, informative_rows, policy_gradient_backward
+from .step import informative_rows
+from .update import ATTENTION_OPTIONS, PolicyUpdate, build_lr_scheduler, build_optimizer, enable_gradient_checkpointing
 from .metrics_log import MetricsLogger, plot_metrics
 from .warmup import encode_demonstrations, format_demonstrations, prompt_corpus, supervised_warmup
 
 log = logging.getLogger("grpo_lab")
 
-#: ``trainer.attention`` values and the packed-attention backend each selects
-ATTENTION_OPTIONS = {"sdpa_shared_prefix": "reference", "triton_shared_prefix": "triton"}
+#: step metrics that add up over ranks (the others are means, weighted by rows, or maxima)
+SUMMED = ("num_rows", "response_tokens", "rows_dropped", "episodes", "episodes_dropped", "groups_dropped", "env_errors",
+          "env_timeouts", "env_nonfinite_rewards", "overlong_dropped", "overlong_truncated", "rollout_env_steps",
+          "rollout_replayed_env_steps", "tree_nodes", "tree_expansions_short", "ar3po_reused", "ar3po_unsolved",
+          "ar3po_buffer_size")
+MAXED = ("rollout_time", "update_time", "rollout_peak_inflight_tokens", "rollout_engine_steps", "rollout_decode_steps",
+         "rollout_env_seconds", "ar3po_stages_run", "num_updates", "lr")
+
+
+def reduce_record(dist: "dp.DistContext", record: dict[str, Any], rows: int) -> dict[str, Any]:
+    """One step's metrics over all ranks: counts summed (:data:`SUMMED`), times and peaks
+    maximised (:data:`MAXED`), every other number a mean weighted by each rank's rows."""
+    if not dist.enabled:
+        return record
+    numeric = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+    everyone = dp.gather_objects(dist, (numeric, rows))
+    total_rows = sum(r for _, r in everyone)
+    out: dict[str, Any] = {"step": record["step"]} if "step" in record else {}
+    for key in sorted(set().union(*(m.keys() for m, _ in everyone))):
+        values = [(m[key], r) for m, r in everyone if key in m]
+        if key in SUMMED:
+            out[key] = sum(v for v, _ in values)
+        elif key in MAXED:
+            out[key] = max(v for v, _ in values)
+        else:
+            weight = sum(r for _, r in values)
+            out[key] = (sum(v * r for v, r in values) / weight if weight > 0
+                        else sum(v for v, _ in values) / len(values))
+    out["world_size"] = dist.world_size
+    if total_rows == 0:
+        out["num_rows"] = 0
+    return out
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,11 +155,25 @@ class Trainer:
     def __init__(self, config: Config, output_dir: str | Path | None = None, model=None, tokenizer=None) -> None:
         self.config = config.validate()
         cfg = self.config
-        self.output_dir = Path(output_dir or cfg.trainer.output_dir or "outputs")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.trainer.seed)
-        self.rng = random.Random(cfg.trainer.seed)
-        self.device = resolve_device(cfg.trainer.device)
+        tc = cfg.trainer
+        try:
+            self.mixed_precision = dp.resolve_mixed_precision(tc.mixed_precision)
+        except ValueError as err:
+            raise ConfigError(f"trainer.mixed_precision={tc.mixed_precision!r}: {err}") from None
+        if self.mixed_precision != "no" and cfg.model.dtype != "float32":
+            raise ConfigError(f"trainer.mixed_precision={self.mixed_precision!r} needs model.dtype=float32 (the master "
+                              f"weights), got model.dtype={cfg.model.dtype!r}")
+        world = dp.launched_world_size()
+        if world > 1:
+            self._check_data_parallel(world)
+        self.dist, rank_device = dp.init_distributed(tc.strategy, tc.device)
+        # rank 0's directory for all (Hydra names one per process, by the second it started)
+        self.output_dir = Path(dp.broadcast_object(self.dist, str(output_dir or tc.output_dir or "outputs")))
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(tc.seed)
+        self.rng = random.Random(tc.seed)  # the step's task seeds: the same on every rank, each plays its slice
+        self.device = rank_device or resolve_device(tc.device)
         env_factory_from(cfg)  # builds one environment in this process: bad env.kwargs stop here
         try:  # the episodes' environments: in worker processes with rollout.env_workers > 0
             self.envs = EnvRunner(EnvSpec.from_registry(cfg.env.name, dict(cfg.env.kwargs)), cfg.rollout.env_workers,
@@ -139,14 +187,14 @@ class Trainer:
         if model is None:
             model, tokenizer = self._build_model()
         self.model = model.to(self.device)
-        if cfg.trainer.shared_prefix:
+        if tc.shared_prefix:
             try:
-                check_attention_backend(ATTENTION_OPTIONS[cfg.trainer.attention])
+                check_attention_backend(ATTENTION_OPTIONS[tc.attention])
             except RuntimeError as err:
-                raise ConfigError(f"trainer.attention={cfg.trainer.attention!r}: {err}") from None
+                raise ConfigError(f"trainer.attention={tc.attention!r}: {err}") from None
             try:  # refuse a model the packed forward cannot be exact for, before any rollout
                 enable_shared_prefix(self.model)
-                verify_shared_prefix(self.model, ATTENTION_OPTIONS[cfg.trainer.attention])
+                verify_shared_prefix(self.model, ATTENTION_OPTIONS[tc.attention])
             except NotImplementedError as err:
                 raise ConfigError(f"trainer.shared_prefix=true: {err}") from None
         self.tokenizer = tokenizer
@@ -155,8 +203,10 @@ class Trainer:
         if cfg.rollout.backend == "vllm" and not mc.name_or_path:
             # the tiny model lives in memory: vLLM starts from a copy of the base model on disk
             self._vllm_source = str(self.output_dir / "initial_model")
-            self.model.save_pretrained(self._vllm_source)
-            tokenizer.save_pretrained(self._vllm_source)
+            if self.dist.is_main:
+                self.model.save_pretrained(self._vllm_source)
+                tokenizer.save_pretrained(self._vllm_source)
+            dp.barrier(self.dist)
         self.lora = mc.lora_r > 0
         if self.lora:
             from .lora import apply_lora
@@ -165,12 +215,25 @@ class Trainer:
                 self.model = apply_lora(self.model, mc.lora_r, mc.lora_alpha, mc.lora_dropout, mc.lora_target_modules)
             except ImportError as err:
                 raise ConfigError(str(err)) from None
+        if tc.gradient_checkpointing:
+            try:
+                enable_gradient_checkpointing(self.model)
+            except ValueError as err:
+                raise ConfigError(f"trainer.gradient_checkpointing=true: {err}") from None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         chat = {"auto": "auto", "true": True, "false": False}[str(cfg.rollout.use_chat_template).lower()]
         self.encoder = PromptEncoder(tokenizer, chat)
-        self.backend = self._build_backend()
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
+        self.backend = self._build_backend()  # before sharding: the HF engine holds a full copy
+        if self.dist.rank > 0:  # ranks sample differently; rank 0 draws as a single process does
+            torch.manual_seed(tc.seed + 7919 * self.dist.rank)
+        try:
+            self.train_module = dp.wrap_model(self.dist, self.model, self.device, self.mixed_precision)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, tc.lr_scheduler, tc.lr_warmup_steps, tc.optimizer_steps())
+        self.policy_update = PolicyUpdate(self.train_module, self.optimizer, self.lr_scheduler, cfg, self.pad_id, self.device,
+                                   self.mixed_precision, self.dist)
         self.sampling = SamplingParams(
             max_tokens=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature,
@@ -183,29 +246,68 @@ class Trainer:
             max_steps=cfg.env.max_steps,
             history_window=cfg.rollout.history_window,
             sampling=self.sampling,
-            request_seed=cfg.trainer.seed if cfg.rollout.request_seeds else None,
+            request_seed=tc.seed if cfg.rollout.request_seeds else None,
             max_context=self.max_context,
             overlong=cfg.rollout.overlong_prompt,
             env_threads=cfg.rollout.env_workers,
         )
-        self.faults = FaultLog()  # the current rollout's
+        rc = cfg.rollout
+        scheduler = None if rc.scheduler == "full" else SchedulerConfig(
+            mode=rc.scheduler, max_inflight=rc.max_inflight,
+            micro_group_size=rc.micro_group_size, order=rc.order, env_workers=rc.env_workers,
+        )
+        rank_seed = tc.seed + 104729 * self.dist.rank
+        self.rollout = RolloutContext(
+            backend=self.backend, encoder=self.encoder, envs=self.envs, loop=self.loop_config, rollout=rc,
+            scheduler=scheduler, length_predictor=LengthPredictor(),
+            reuse_buffer=ReuseBuffer(rc.adaptive.buffer_size, random.Random(rank_seed + 17)),
+            tree_rng=random.Random(rank_seed + 29),
+        )
+        self.sampler = get_sampler(rc.sampler)
         self._end_state: dict[str, Any] | None = None  # sampler state at the end of the last completed step
         self._done_step, self._saved_step = -1, -1
         self._dirty = False  # a step's update has begun and the step has not completed
-        self.scheduler = None if cfg.rollout.scheduler == "full" else SchedulerConfig(
-            mode=cfg.rollout.scheduler, max_inflight=cfg.rollout.max_inflight,
-            micro_group_size=cfg.rollout.micro_group_size, order=cfg.rollout.order, env_workers=cfg.rollout.env_workers,
-        )
-        self.length_predictor = LengthPredictor()
-        self.rollout_stats: dict[str, float] = {}
-        rc = cfg.rollout
-        self.reuse_buffer = ReuseBuffer(rc.adaptive.buffer_size, random.Random(cfg.trainer.seed + 17))
-        self.tree_rng = random.Random(cfg.trainer.seed + 29)
         self._resumed_eval: dict[str, float] = {}
-        eval_rng = random.Random(cfg.trainer.seed + 1_000_003)
-        self.eval_seeds = [eval_rng.randrange(2**31) for _ in range(cfg.trainer.eval_episodes)]
+        eval_rng = random.Random(tc.seed + 1_000_003)
+        self.eval_seeds = [eval_rng.randrange(2**31) for _ in range(tc.eval_episodes)]
         self.logger: MetricsLogger | None = None
-        self.ref_model: torch.nn.Module | None = None  # frozen at the start of RL when algo.kl_coef > 0
+
+    @property
+    def ref_model(self) -> torch.nn.Module | None:
+        """The frozen KL reference: the policy when RL starts (when ``algo.kl_coef > 0``)."""
+        return self.policy_update.ref_model
+
+    @ref_model.setter
+    def ref_model(self, model: torch.nn.Module | None) -> None:
+        self.policy_update.ref_model = model
+
+    def update(self, batch: RolloutBatch, advantages: Tensor, extras: dict[str, Tensor] | None = None) -> dict[str, float]:
+        """The update phase on this rank's rows (:class:`~grpo_lab.training.update.PolicyUpdate`)."""
+        return self.policy_update(batch, advantages, extras)
+
+    def _check_data_parallel(self, world: int) -> None:
+        """Settings that cannot run on ``world`` ranks, refused before anything starts."""
+        cfg = self.config
+        tc = cfg.trainer
+        if tc.tasks_per_step % world:
+            raise ConfigError(f"trainer.tasks_per_step={tc.tasks_per_step} must be divisible by the {world} processes "
+                              "(each rank plays whole groups of an equal share of the step's tasks)")
+        if dp.resolve_strategy(tc.strategy, world) == "fsdp" and cfg.model.lora_r > 0:
+            raise ConfigError(f"model.lora_r={cfg.model.lora_r} with trainer.strategy=fsdp: a LoRA run trains only its "
+                              "adapter; use trainer.strategy=ddp")
+        if cfg.rollout.backend == "vllm" and cfg.rollout.vllm_tensor_parallel_size > 1:
+            raise ConfigError(f"rollout.vllm_tensor_parallel_size={cfg.rollout.vllm_tensor_parallel_size} under {world} "
+                              "training processes: each rank runs its own one-GPU engine; tensor-parallel engines are "
+                              "supported in single-process runs only")
+
+    # properties kept for readers of the single-process trainer
+    @property
+    def rollout_stats(self) -> dict[str, float]:
+        return self.rollout.stats
+
+    @property
+    def faults(self) -> FaultLog:
+        return self.rollout.faults
 
     # ------------------------------------------------------------------ set-up
     def _build_model(self):
@@ -253,6 +355,8 @@ class Trainer:
         source = self.config.model.name_or_path or self._vllm_source
         max_len = self._vllm_max_model_len()
         extra = {}
+        if rc.vllm_tensor_parallel_size > 1:
+            extra["tensor_parallel_size"] = rc.vllm_tensor_parallel_size
         if rc.request_seeds and not torch.cuda.is_available():
             # vLLM's CPU runner cannot resume a seeded request's generator after a partial
             # prefill: give one step room for every prompt of a rollout step
@@ -298,13 +402,14 @@ class Trainer:
     def push_weights(self) -> None:
         """Send the training weights to the backend: with LoRA the adapter alone, else the
         whole state dict. The state dict keeps tied aliases (``lm_head.weight`` beside the
-        embedding): vLLM needs both names to update a tied output layer."""
+        embedding): vLLM needs both names to update a tied output layer. Under FSDP each
+        tensor is gathered as the engine takes it, so no full state dict is held."""
         if self.lora:
             from .lora import adapter_state
 
             self.backend.load_adapter(*adapter_state(self.model))
             return
-        self.backend.load_weights(self.model.state_dict().items())
+        self.backend.load_weights(dp.full_tensors(self.model))
 
     # ------------------------------------------------------------------ phases
     def warmup(self) -> list[float]:
@@ -321,77 +426,25 @@ class Trainer:
                      self.config.env.name)
             return []
         examples = encode_demonstrations(pairs, self.encoder, self.tokenizer.eos_token_id, self.max_context)
-        losses = supervised_warmup(self.model, examples, wc.steps, wc.batch_size, wc.lr, self.config.trainer.seed, self.pad_id)
+        with dp.autocast(self.device, self.mixed_precision, self.dist.strategy):
+            losses = supervised_warmup(self.train_module, examples, wc.steps, wc.batch_size, wc.lr, self.config.trainer.seed,
+                                       self.pad_id)
         self.push_weights()
         return losses
 
     def collect(self, step: int) -> RolloutBatch:
-        """Episodes of ``tasks_per_step`` new seeds from the configured sampler (chain,
-        tree or adaptive); what the rollout cost goes to ``self.rollout_stats`` (logged
-        with the step): ``responses_per_prompt`` for every sampler, and each sampler's
-        own counts."""
-        rc, T = self.config.rollout, self.config.trainer.tasks_per_step
-        seeds = [self.rng.randrange(2**31) for _ in range(T)]
-        first = step * T
-        self.rollout_stats = {}
-        self.faults = FaultLog()
+        """This rank's episodes of the step: ``tasks_per_step`` seeds are drawn (the same on
+        every rank), each rank plays its contiguous share with the configured sampler
+        (``rollout.sampler``), so groups are never split. What the rollout cost goes to
+        ``self.rollout_stats`` (logged with the step)."""
+        T = self.config.trainer.tasks_per_step
+        seeds = self.dist.shard([self.rng.randrange(2**31) for _ in range(T)])
+        numbering = GroupNumbering(step, T, offset=self.dist.rank * len(seeds))
+        self.rollout.stats, self.rollout.faults = {}, FaultLog()
         try:
-            return self._collect(step, seeds, first)
+            return self.sampler(self.rollout, seeds, numbering)
         finally:
             self.envs.clear()
-
-    def _collect(self, step: int, seeds: list[int], first: int) -> RolloutBatch:
-        rc, T = self.config.rollout, self.config.trainer.tasks_per_step
-        if rc.sampler == "tree":
-            batch, st = sample_trees(self.backend, self.encoder, self.envs, seeds, self.loop_config, self.config.rollout.tree,
-                                     self.tree_rng, first_group_id=first, faults=self.faults)
-            self.rollout_stats = {"responses_per_prompt": st.leaves / T, "rollout_env_steps": st.env_steps,
-                                  "rollout_replayed_env_steps": st.replayed_env_steps, "tree_nodes": st.nodes,
-                                  "tree_expansions_short": st.expansions_short}
-            return batch
-        if rc.sampler == "adaptive":
-            ac = rc.adaptive
-            keys = [self._initial_anchor(seed) for seed in seeds]
-
-            def play(stage_seeds, n, stage):
-                first_of_stage = (step * ac.stages + stage) * T
-                return self._play(stage_seeds, n, first_of_stage), first_of_stage
-
-            batch, st = adaptive_rollout(play, seeds, keys, ac, self.reuse_buffer if ac.reuse else None, first_group_id=first)
-            self.rollout_stats.update({"responses_per_prompt": st.responses_per_prompt, "ar3po_stages_run": st.stages_run,
-                                       "ar3po_reused": st.reused, "ar3po_unsolved": st.unsolved,
-                                       "ar3po_buffer_size": len(self.reuse_buffer)})
-            return batch
-        batch = self._play(seeds, self.config.algo.group_size, first)
-        self.rollout_stats["responses_per_prompt"] = float(self.config.algo.group_size)
-        return batch
-
-    def _initial_anchor(self, seed: int):
-        """The anchor of ``seed``'s initial state (AR3PO's buffer key); a failing reset
-        gives a key of its own (its episodes fail in the rollout and are counted there)."""
-        env = self.envs()
-        try:
-            return env.reset(seed).anchor
-        except EnvFault:
-            return ("reset failed", seed)
-        finally:
-            env.close()
-
-    def _play(self, seeds: list[int], group_size: int, first_group_id: int) -> RolloutBatch:
-        """``group_size`` episodes from each seed, under the configured scheduler."""
-        loop = replace(self.loop_config, group_size=group_size)
-        if self.scheduler is None:
-            return run_episodes(self.backend, self.encoder, self.envs, seeds, loop, first_group_id=first_group_id,
-                                faults=self.faults)
-        batch, stats = run_scheduled(self.backend.stream(), self.encoder, self.envs, seeds, loop,
-                                     self.scheduler, first_group_id=first_group_id, predictor=self.length_predictor,
-                                     faults=self.faults)
-        for key, value in (("rollout_engine_steps", stats.stream.engine_steps), ("rollout_decode_steps", stats.stream.decode_steps),
-                           ("rollout_env_seconds", stats.env_seconds)):
-            self.rollout_stats[key] = self.rollout_stats.get(key, 0) + value
-        self.rollout_stats["rollout_peak_inflight_tokens"] = max(self.rollout_stats.get("rollout_peak_inflight_tokens", 0),
-                                                                 stats.stream.peak_inflight_tokens)
-        return batch
 
     def evaluate(self) -> dict[str, float]:
         """Success rate and mean return of one sampled episode from each evaluation seed
@@ -400,67 +453,23 @@ class Trainer:
             return {}
         config = replace(self.loop_config, group_size=1, request_seed=None)
         faults = FaultLog()
+        seeds = self.eval_seeds[self.dist.rank::self.dist.world_size]  # each rank plays its share
         try:
-            batch = run_episodes(self.backend, self.encoder, self.envs, self.eval_seeds, config, faults=faults)
+            batch = run_episodes(self.backend, self.encoder, self.envs, seeds, config, faults=faults)
         finally:
             self.envs.clear()
-        if len(batch) == 0:
-            nan = float("nan")
-            return {"success_rate": nan, "reward_mean": nan, "invalid_action_rate": nan, "episodes_dropped": faults.episodes_dropped}
-        return {
-            "success_rate": float(batch.trajectory_success().float().mean()),
-            "reward_mean": float(batch.trajectory_returns().mean()),
-            "invalid_action_rate": float((~batch.valid_action).float().mean()),
-            "episodes_dropped": faults.episodes_dropped,
-        }
-
-    def update(self, batch: RolloutBatch, advantages: Tensor, extras: dict[str, Tensor] | None = None) -> dict[str, float]:
-        """Optimizer steps on ``batch`` (see the module docstring); ``extras`` are the
-        estimator's further ``[N]`` streams (COPO)."""
-        tc, ac = self.config.trainer, self.config.algo
         n = len(batch)
-        adv = advantages.to(torch.float32)
-        if adv.shape != (n,):
-            raise ValueError(f"this trainer takes one advantage per row ([{n}]), got shape {tuple(adv.shape)}")
-        single_pass = tc.epochs_per_batch * tc.minibatches_per_epoch == 1
-        old = None if single_pass else self._logprobs_no_grad(batch)
-        stats = RunningMeans()
-        gen = torch.Generator().manual_seed(tc.seed + (int(batch.group_id.min()) if n else 0))
-        self.model.train()
-        self.backend.sleep()
-        for _ in range(tc.epochs_per_batch):
-            order = torch.randperm(n, generator=gen)
-            for rows in order.chunk(tc.minibatches_per_epoch):
-                self.optimizer.zero_grad(set_to_none=True)
-                metrics = policy_gradient_backward(
-                    self.model, batch, rows, adv, old, ac, extras=extras, ref_model=self.ref_model,
-                    shared_prefix=tc.shared_prefix, attention=ATTENTION_OPTIONS[tc.attention],
-                    micro_batch_size=tc.micro_batch_size, max_tokens=self.config.rollout.max_new_tokens,
-                    temperature=self.config.rollout.temperature, pad_id=self.pad_id,
-                )
-                if not metrics:  # no row of this mini-batch carries a learning signal
-                    continue
-                for key, (value, weight) in metrics.items():
-                    stats.add(key, value, weight)
-                stats.add("grad_norm", float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)))
-                self.optimizer.step()
-        self.backend.wake()
-        self.push_weights()
-        out = stats.means()
-        out["num_updates"] = stats.count("grad_norm")
-        return out
-
-    @torch.no_grad()
-    def _logprobs_no_grad(self, batch: RolloutBatch) -> list[Tensor]:
-        self.model.eval()
-        out: list[Tensor] = []
-        for start in range(0, len(batch), self.config.trainer.micro_batch_size):
-            idx = range(start, min(start + self.config.trainer.micro_batch_size, len(batch)))
-            logp, _, _ = response_logprobs(self.model, [batch.prompt_ids[i] for i in idx],
-                                           [batch.response_ids[i] for i in idx],
-                                           temperature=self.config.rollout.temperature, pad_id=self.pad_id)
-            out.extend(logp[k, : batch.response_ids[i].numel()].cpu() for k, i in enumerate(idx))
-        return out
+        episodes = float(batch.trajectory_success().numel()) if n else 0.0
+        sums = dp.global_sums(self.dist, [
+            float(batch.trajectory_success().float().sum()) if n else 0.0,
+            float(batch.trajectory_returns().sum()) if n else 0.0, episodes,
+            float((~batch.valid_action).float().sum()) if n else 0.0, float(n), float(faults.episodes_dropped)])
+        success, returns, episodes, invalid, rows, dropped = sums
+        if episodes == 0:
+            nan = float("nan")
+            return {"success_rate": nan, "reward_mean": nan, "invalid_action_rate": nan, "episodes_dropped": int(dropped)}
+        return {"success_rate": success / episodes, "reward_mean": returns / episodes, "invalid_action_rate": invalid / rows,
+                "episodes_dropped": int(dropped)}
 
     # ------------------------------------------------------------------ the loop
     def step_metrics(self, batch: RolloutBatch) -> dict[str, float]:
@@ -484,19 +493,24 @@ class Trainer:
         :class:`EnvFaultRateExceeded`), after saving the last completed step and the
         summary."""
         cfg = self.config
-        resume_point = choose_start(self.output_dir, cfg.trainer.resume_mode())
+        resume_point = self._choose_start()
         history: list[dict[str, Any]] = []
         resume_state = None
         if resume_point is not None:
             resume_state = load_trainer_state(resume_point[1])
-            check_resume_config(resume_state.get("config"), asdict(cfg), TrainerConfig.HARMLESS_ON_RESUME,
+            harmless = TrainerConfig.HARMLESS_ON_RESUME
+            if cfg.trainer.lr_scheduler != "constant":  # the schedule's length is the run's
+                harmless = tuple(k for k in harmless if k != "trainer.total_steps")
+            check_resume_config(resume_state.get("config"), asdict(cfg), harmless,
                                 cfg.trainer.resume_allow_changes, defaults=asdict(Config().validate()))
-            history = metrics_until(self.output_dir, resume_point[0])
-        self.logger = MetricsLogger(self.output_dir, cfg.logger.wandb, cfg.logger.wandb_project, asdict(cfg))
-        self.logger.history.extend(history)
+            if self.dist.is_main:
+                history = metrics_until(self.output_dir, resume_point[0])
+        if self.dist.is_main:
+            self.logger = MetricsLogger(self.output_dir, cfg.logger.wandb, cfg.logger.wandb_project, asdict(cfg))
+            self.logger.history.extend(history)
         summary: dict[str, Any] = {"output_dir": str(self.output_dir)}
         self._done_step = self._saved_step = resume_point[0] if resume_point is not None else -1
-        stop = StopSignals()
+        stop = StopSignals(deferred=self.dist.enabled)
         try:
             with stop:
                 try:
@@ -512,10 +526,32 @@ class Trainer:
                     stop.shield()
                     raise self._stop_run(summary, RunStopped, str(err)) from None
         finally:
-            self.logger.close()
+            if self.logger is not None:
+                self.logger.close()
             self.envs.close()
-        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self._write_summary(summary)
         return summary
+
+    def _write_summary(self, summary: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    def _choose_start(self):
+        """:func:`~grpo_lab.training.resume.choose_start` on rank 0 (it moves files), its
+        answer or its refusal given to every rank."""
+        if not self.dist.enabled:
+            return choose_start(self.output_dir, self.config.trainer.resume_mode())
+        answer: Any = None
+        if self.dist.is_main:
+            try:
+                answer = ("ok", choose_start(self.output_dir, self.config.trainer.resume_mode()))
+            except (FileExistsError, FileNotFoundError, ValueError) as err:
+                answer = ("error", err)
+        answer = dp.broadcast_object(self.dist, answer)
+        if answer[0] == "error":
+            raise answer[1]
+        point = answer[1]
+        return None if point is None else (point[0], Path(point[1]))
 
     def _run(self, summary: dict[str, Any], stop: StopSignals, resume_point, resume_state) -> None:
         """The run itself (see :meth:`train`): phases a signal may cut short run inside
@@ -534,16 +570,17 @@ class Trainer:
                 summary["warmup_loss_first"], summary["warmup_loss_last"] = warm[0], warm[-1]
                 log.info("warm-up: %d steps, loss %.3f -> %.3f", len(warm), warm[0], warm[-1])
             if cfg.algo.kl_coef > 0:
-                self.ref_model = frozen_copy(self.model)
-                save_reference(self.output_dir, self.ref_model)
+                self.ref_model = self._reference_copy()
+                if self.dist.is_main:
+                    save_reference(self.output_dir, self.ref_model)
             with stop.abandonable():
                 before = self.evaluate()
         self._resumed_eval = before
         summary["eval_after_warmup"] = before
         if before:
             log.info("after warm-up: success rate %.3f (%d eval episodes)", before["success_rate"], len(self.eval_seeds))
-        self._end_state = self._sampler_state()
-        bar = self._progress(cfg.trainer.total_steps)
+        self._end_state = self.rollout_state()
+        bar = self._progress(cfg.trainer.total_steps) if self.dist.is_main else None
         if bar is not None and start:
             bar.update(start)
         try:
@@ -554,12 +591,11 @@ class Trainer:
                                     success=f"{record.get('success_rate', float('nan')):.2f}")
                     bar.update(1)
                 if cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0:
-                    save_checkpoint(self.output_dir, step, self.model, self._trainer_state(), cfg.trainer.keep_checkpoints)
-                    self._saved_step = step
+                    self._save(step)
                 self._done_step, self._dirty = step, False
-                self._end_state = self._sampler_state()
-                if stop.requested is not None:  # a signal arrived during the update: the step is complete, stop now
-                    raise Abandon(stop.requested)
+                self._end_state = self.rollout_state()
+                if dp.any_rank(self.dist, stop.requested is not None):  # the step is complete: stop now
+                    raise Abandon(stop.requested or signal.SIGTERM)
         finally:
             if bar is not None:
                 bar.close()
@@ -569,12 +605,15 @@ class Trainer:
         if after:
             log.info("final: success rate %.3f (after warm-up %.3f)", after["success_rate"], before["success_rate"])
         summary["train_seconds"] = time.perf_counter() - t0
-        if cfg.logger.plot:
+        if cfg.logger.plot and self.dist.is_main:
             summary["plot"] = str(plot_metrics(self.logger.history, self.output_dir / "training_curves.png"))
         if cfg.trainer.save_final:
             final = self.output_dir / "final_model"
-            self.model.save_pretrained(final)
-            self.tokenizer.save_pretrained(final)
+            weights = self._full_state_dict()  # every rank takes part in gathering FSDP shards
+            if self.dist.is_main:
+                self.model.save_pretrained(final, state_dict=weights)
+                self.tokenizer.save_pretrained(final)
+            dp.barrier(self.dist)
             summary["final_model"] = str(final)
 
     def _step(self, step: int, stop: StopSignals) -> dict[str, Any]:
@@ -586,14 +625,13 @@ class Trainer:
         t_roll = time.perf_counter()
         self._check_fault_rate(step)
         record: dict[str, Any] = {"step": step, **self.faults.metrics(), **self.rollout_stats}
-        if len(batch) == 0:  # every group lost to faults (possible only with a fault rate limit near 1)
+        if dp.global_sums(self.dist, [len(batch)])[0] == 0:  # every group lost (only with a fault rate limit near 1)
             log.warning("step %d: every episode failed or lost its group; no update", step)
             record.update(num_rows=0, rollout_time=t_roll - t_step, update_time=0.0)
-            self.logger.log(record)
-            return record
+            return self._log(reduce_record(self.dist, record, 0))
         adv_out = compute_advantages(batch, cfg.algo.estimator, cfg.algo.invalid_action_penalty,
                                      cfg.algo.params, cfg.algo.modifier_settings(), cfg.algo.penalty_placement)
-        record.update({**self.step_metrics(batch), **adv_out.metrics})
+        record.update({**self.step_metrics(batch), **adv_out.metrics} if len(batch) else {})
         train_batch, advantages, extras = batch, adv_out.advantages, adv_out.extras
         if cfg.algo.drop_zero_std_groups:
             keep = informative_rows(batch.group_id, advantages)
@@ -601,22 +639,31 @@ class Trainer:
             train_batch, advantages = batch.select(keep), advantages[keep]
             extras = {key: value[keep] for key, value in extras.items()}
         self._dirty = True  # from here until the step completes, the weights hold part of it
+        self.backend.sleep()
         record.update(self.update(train_batch, advantages, extras))
+        self.backend.wake()
+        self.push_weights()
         record["rollout_time"] = t_roll - t_step
         record["update_time"] = time.perf_counter() - t_roll
-        self.logger.log(record)
+        return self._log(reduce_record(self.dist, record, len(batch)))
+
+    def _log(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0 writes the step's (reduced) metrics."""
+        if self.dist.is_main:
+            self.logger.log(record)
         return record
 
     def _check_fault_rate(self, step: int) -> None:
         """Stop (:class:`EnvFaultRateExceeded`) when the rollout lost more than
         ``rollout.max_env_fault_rate`` of its episodes."""
         f, limit = self.faults, self.config.rollout.max_env_fault_rate
-        if f.episodes == 0 or f.fault_rate <= limit:
+        episodes, dropped = dp.global_sums(self.dist, [f.episodes, f.episodes_dropped])
+        if episodes == 0 or dropped / episodes <= limit:
             return
         counts = ", ".join(f"{k}={v}" for k, v in f.metrics().items() if v and k != "episodes_dropped")
         examples = "\n".join(f"  {line}" for line in f.examples)
         raise EnvFaultRateExceeded(
-            f"step {step}: {f.episodes_dropped} of {f.episodes} episodes failed ({counts}), more than "
+            f"step {step}: {int(dropped)} of {int(episodes)} episodes failed ({'this rank: ' if self.dist.enabled else ''}{counts}), more than "
             f"rollout.max_env_fault_rate={limit:g}; training on the episodes that happened to run would bias the "
             f"batch. First faults:\n{examples}\nFix the environment (or raise rollout.max_env_fault_rate), then resume")
 
@@ -632,11 +679,9 @@ class Trainer:
                 checkpoint = str(checkpoint_dir(self.output_dir) / f"step_{self._saved_step:06d}")
         elif self._done_step >= 0:
             if self._end_state is not None:
-                self._set_sampler_state(self._end_state)  # undo what the abandoned phase drew
+                self.set_rollout_state(self._end_state)  # undo what the abandoned phase drew
             if self._saved_step != self._done_step:
-                save_checkpoint(self.output_dir, self._done_step, self.model, self._trainer_state(),
-                                self.config.trainer.keep_checkpoints)
-                self._saved_step = self._done_step
+                self._save(self._done_step)
             checkpoint = str(checkpoint_dir(self.output_dir) / f"step_{self._done_step:06d}")
         if checkpoint is not None:
             how = (f"to continue from step {self._done_step + 1}, run again with trainer.output_dir={self.output_dir} "
@@ -646,54 +691,111 @@ class Trainer:
                    "trainer.resume=auto to start afresh")
         message = f"{reason}; last completed step: {self._done_step}; {how}"
         summary["stopped"] = {"reason": reason, "last_step": self._done_step, "checkpoint": checkpoint}
-        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self._write_summary(summary)
         log.error("%s", message)
         return kind(message, last_step=self._done_step, checkpoint=checkpoint, **extra)
 
     # ------------------------------------------------------------------ checkpoints
-    def _sampler_state(self) -> dict[str, Any]:
+    def rollout_state(self) -> dict[str, Any]:
         """What a rollout changes besides the weights: the random generators and the
         samplers' bookkeeping (copies, so that an abandoned rollout can be undone)."""
         return {
             "rng": self.rng.getstate(),
-            "tree_rng": self.tree_rng.getstate(),
+            "tree_rng": self.rollout.tree_rng.getstate(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "length_predictor": copy.deepcopy(self.length_predictor),
-            "reuse_buffer": copy.deepcopy(self.reuse_buffer),
+            "length_predictor": copy.deepcopy(self.rollout.length_predictor),
+            "reuse_buffer": copy.deepcopy(self.rollout.reuse_buffer),
             "eval_after_warmup": self._resumed_eval,
         }
 
-    def _set_sampler_state(self, state: dict[str, Any]) -> None:
+    def set_rollout_state(self, state: dict[str, Any]) -> None:
         self.rng.setstate(state["rng"])
-        self.tree_rng.setstate(state["tree_rng"])
+        self.rollout.tree_rng.setstate(state["tree_rng"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.length_predictor = copy.deepcopy(state["length_predictor"])
-        self.reuse_buffer = copy.deepcopy(state["reuse_buffer"])
+        self.rollout.length_predictor = copy.deepcopy(state["length_predictor"])
+        self.rollout.reuse_buffer = copy.deepcopy(state["reuse_buffer"])
         self._resumed_eval = state["eval_after_warmup"]
 
-    def _trainer_state(self) -> dict[str, Any]:
-        """Everything besides the weights that the next step depends on, and the config
-        (a resume compares it with its own)."""
-        return {"optimizer": self.optimizer.state_dict(), **self._sampler_state(), "config": asdict(self.config)}
+    @property
+    def _sharded(self) -> bool:
+        return self.dist.strategy == "fsdp"
+
+    def _full_state_dict(self) -> dict[str, Tensor] | None:
+        """The whole model's weights on rank 0 (gathered from FSDP's shards; ``None`` on
+        other ranks then), or ``None`` where ``save_pretrained`` reads the model itself."""
+        if not self._sharded:
+            return None
+        full = {}
+        for name, tensor in dp.full_tensors(self.model):
+            if self.dist.is_main:
+                full[name] = tensor.cpu()
+        return full if self.dist.is_main else None
+
+    def _save(self, step: int) -> None:
+        """The checkpoint of ``step``: the model (whole, loadable by transformers), rank
+        0's optimizer and every rank's rollout state in one file; under FSDP also the
+        sharded model and optimizer through ``torch.distributed.checkpoint``."""
+        ranks = dp.gather_objects(self.dist, self.rollout_state())
+        state = {
+            "optimizer": None if self._sharded else self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            **ranks[0],
+            "ranks": ranks,
+            "world_size": self.dist.world_size,
+            "strategy": self.dist.strategy,
+            "config": asdict(self.config),
+        }
+        save_checkpoint(self.output_dir, step, self.model, state, self.config.trainer.keep_checkpoints, dist=self.dist,
+                        weights=self._full_state_dict(),
+                        write_shards=(lambda d: sharded_state(self.model, self.optimizer, d)) if self._sharded else None)
+        self._saved_step = step
 
     def _restore(self, path: Path, state: dict[str, Any] | None = None) -> int:
         """Load the checkpoint at ``path`` into this trainer; returns its step. The
         configured ``trainer.lr`` and ``weight_decay`` replace the saved optimizer's (they
         differ only when the resume allowed changes)."""
         state = state if state is not None else load_trainer_state(path)
-        load_model_weights(self.model, path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:
-            group["lr"], group["weight_decay"] = self.config.trainer.lr, self.config.trainer.weight_decay
-        self._set_sampler_state(state)
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            raise ConfigError(f"{path} was written by {saved_world} process(es); this run has {self.dist.world_size}: "
+                              f"resume with {saved_world} (each rank continues its own sampler state)")
+        if self._sharded:
+            if state.get("strategy") != "fsdp":
+                raise ConfigError(f"{path} holds no sharded state (written with trainer.strategy="
+                                  f"{state.get('strategy', 'none')}): resume with that strategy")
+            load_sharded_state(self.model, self.optimizer, path)
+        else:
+            if state.get("optimizer") is None:
+                raise ConfigError(f"{path} was written with trainer.strategy=fsdp: resume with trainer.strategy=fsdp")
+            load_model_weights(self.model, path)
+            self.optimizer.load_state_dict(state["optimizer"])
+        tc = self.config.trainer
+        if state.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.lr_scheduler.base_lrs = [tc.lr for _ in self.optimizer.param_groups]
+        for group, fn in zip(self.optimizer.param_groups, self.lr_scheduler.lr_lambdas):
+            group["initial_lr"], group["weight_decay"] = tc.lr, tc.weight_decay
+            group["lr"] = tc.lr * fn(self.lr_scheduler.last_epoch)
+        self.set_rollout_state(state["ranks"][self.dist.rank] if "ranks" in state else state)
         if self.config.algo.kl_coef > 0:
-            self.ref_model = frozen_copy(self.model)
+            self.ref_model = self._reference_copy()
             load_model_weights(self.ref_model, checkpoint_dir(self.output_dir) / "reference")
         self.push_weights()
         return int(state["step"])
+
+    def _reference_copy(self) -> torch.nn.Module:
+        """A frozen, whole copy of the current policy (the KL reference). Under FSDP it is
+        built from the gathered weights; every rank holds one."""
+        if not self._sharded:
+            return frozen_copy(self.model)
+        from transformers import AutoModelForCausalLM
+
+        ref = AutoModelForCausalLM.from_config(self.model.config, torch_dtype=torch_dtype(self.config.model.dtype))
+        ref.load_state_dict(dict(dp.full_tensors(self.model)), strict=False)
+        return frozen(ref.to(self.device))
 
     def _progress(self, total: int):
         if not self.config.logger.progress_bar:

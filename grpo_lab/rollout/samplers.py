@@ -1,0 +1,157 @@
+"""Samplers: how one training step's episodes are drawn, behind a small registry.
+
+A sampler takes the step's task seeds and returns their episodes as one
+:class:`~grpo_lab.data.RolloutBatch`, writing what the rollout cost into
+``ctx.stats`` (logged with the step). Three are built in:
+
+- ``chain``: ``algo.group_size`` independent episodes per task, under the configured
+  scheduler (full, micro groups, continuous refill);
+- ``tree``: Tree-GRPO / TreeRPO trees (:mod:`grpo_lab.rollout.tree`);
+- ``adaptive``: AR3PO's stages with response reuse (:mod:`grpo_lab.rollout.adaptive`).
+
+Register another with ``@register_sampler("name")``; ``rollout.sampler=name`` selects it.
+
+Group ids are global: under data parallelism each rank plays a contiguous slice of the
+step's tasks, and :class:`GroupNumbering` numbers its groups as the single-process run
+numbers the same tasks, so ids never collide across ranks.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Hashable
+
+from ..data import RolloutBatch
+from ..envs.base import Env
+from .adaptive import ReuseBuffer, adaptive_rollout
+from .agent_loop import AgentLoopConfig, run_episodes
+from .env_pool import EnvFault
+from .faults import FaultLog
+from .prompts import PromptEncoder
+from .scheduler import LengthPredictor, SchedulerConfig, run_scheduled
+from .tree import sample_trees
+
+
+@dataclass(frozen=True)
+class GroupNumbering:
+    """Group ids of one step: the step's ``tasks_per_step`` tasks (all ranks together)
+    take consecutive ids, this rank's slice starting ``offset`` into them.
+
+    ``first(stage, stages)``: the first id of this rank's groups in ``stage`` of a
+    sampler that plays ``stages`` rounds of new groups per step (AR3PO)."""
+
+    step: int
+    tasks_per_step: int
+    offset: int = 0
+
+    def first(self, stage: int = 0, stages: int = 1) -> int:
+        return (self.step * stages + stage) * self.tasks_per_step + self.offset
+
+
+@dataclass
+class RolloutContext:
+    """What a sampler draws with: the engine, the prompt encoder, the environment
+    factory, the loop settings, and the samplers' own state (which checkpoints save)."""
+
+    backend: Any  # a grpo_lab.rollout.Backend
+    encoder: PromptEncoder
+    envs: Callable[[], Env]
+    loop: AgentLoopConfig
+    rollout: Any  # the RolloutConfig (sampler, tree, adaptive)
+    scheduler: SchedulerConfig | None = None
+    length_predictor: LengthPredictor = field(default_factory=LengthPredictor)
+    reuse_buffer: ReuseBuffer | None = None
+    tree_rng: random.Random = field(default_factory=random.Random)
+    faults: FaultLog = field(default_factory=FaultLog)
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def play(self, seeds: list[int], group_size: int, first_group_id: int) -> RolloutBatch:
+        """``group_size`` episodes from each seed, under the configured scheduler."""
+        loop = replace(self.loop, group_size=group_size)
+        if self.scheduler is None:
+            return run_episodes(self.backend, self.encoder, self.envs, seeds, loop, first_group_id=first_group_id,
+                                faults=self.faults)
+        batch, st = run_scheduled(self.backend.stream(), self.encoder, self.envs, seeds, loop, self.scheduler,
+                                  first_group_id=first_group_id, predictor=self.length_predictor, faults=self.faults)
+        for key, value in (("rollout_engine_steps", st.stream.engine_steps), ("rollout_decode_steps", st.stream.decode_steps),
+                           ("rollout_env_seconds", st.env_seconds)):
+            self.stats[key] = self.stats.get(key, 0) + value
+        self.stats["rollout_peak_inflight_tokens"] = max(self.stats.get("rollout_peak_inflight_tokens", 0),
+                                                         st.stream.peak_inflight_tokens)
+        return batch
+
+    def initial_anchor(self, seed: int) -> Hashable:
+        """The anchor of ``seed``'s initial state; a failing reset gives a key of its own
+        (its episodes fail in the rollout and are counted there)."""
+        env = self.envs()
+        try:
+            return env.reset(seed).anchor
+        except EnvFault:
+            return ("reset failed", seed)
+        finally:
+            env.close()
+
+
+#: ``sampler(ctx, seeds, numbering) -> RolloutBatch``
+Sampler = Callable[[RolloutContext, list[int], GroupNumbering], RolloutBatch]
+_SAMPLERS: dict[str, Sampler] = {}
+
+
+def register_sampler(name: str) -> Callable[[Sampler], Sampler]:
+    """Register ``fn`` as ``rollout.sampler=name``; a name taken twice raises."""
+
+    def deco(fn: Sampler) -> Sampler:
+        if name in _SAMPLERS:
+            raise ValueError(f"sampler {name!r} is already registered")
+        _SAMPLERS[name] = fn
+        return fn
+
+    return deco
+
+
+def sampler_names() -> list[str]:
+    return sorted(_SAMPLERS)
+
+
+def get_sampler(name: str) -> Sampler:
+    try:
+        return _SAMPLERS[name]
+    except KeyError:
+        raise KeyError(f"unknown sampler {name!r}; valid samplers: {sampler_names()}") from None
+
+
+@register_sampler("chain")
+def chain_sampler(ctx: RolloutContext, seeds: list[int], ids: GroupNumbering) -> RolloutBatch:
+    """``loop.group_size`` independent episodes from each seed."""
+    batch = ctx.play(seeds, ctx.loop.group_size, ids.first())
+    ctx.stats["responses_per_prompt"] = float(ctx.loop.group_size)
+    return batch
+
+
+@register_sampler("tree")
+def tree_sampler(ctx: RolloutContext, seeds: list[int], ids: GroupNumbering) -> RolloutBatch:
+    """Tree-GRPO / TreeRPO trees (``rollout.tree``) from each seed."""
+    batch, st = sample_trees(ctx.backend, ctx.encoder, ctx.envs, seeds, ctx.loop, ctx.rollout.tree, ctx.tree_rng,
+                             first_group_id=ids.first(), faults=ctx.faults)
+    ctx.stats.update({"responses_per_prompt": st.leaves / max(len(seeds), 1), "rollout_env_steps": st.env_steps,
+                      "rollout_replayed_env_steps": st.replayed_env_steps, "tree_nodes": st.nodes,
+                      "tree_expansions_short": st.expansions_short})
+    return batch
+
+
+@register_sampler("adaptive")
+def adaptive_sampler(ctx: RolloutContext, seeds: list[int], ids: GroupNumbering) -> RolloutBatch:
+    """AR3PO's stages (``rollout.adaptive``), with the reuse buffer when enabled."""
+    ac = ctx.rollout.adaptive
+    keys = [ctx.initial_anchor(seed) for seed in seeds]
+
+    def play(stage_seeds, n, stage):
+        first = ids.first(stage, ac.stages)
+        return ctx.play(stage_seeds, n, first), first
+
+    batch, st = adaptive_rollout(play, seeds, keys, ac, ctx.reuse_buffer if ac.reuse else None, first_group_id=ids.first())
+    ctx.stats.update({"responses_per_prompt": st.responses_per_prompt, "ar3po_stages_run": st.stages_run,
+                      "ar3po_reused": st.reused, "ar3po_unsolved": st.unsolved,
+                      "ar3po_buffer_size": len(ctx.reuse_buffer) if ctx.reuse_buffer is not None else 0})
+    return batch

@@ -1,0 +1,153 @@
+"""The update phase: optimizer steps on one rollout batch.
+
+``epochs_per_batch`` passes over the rows, each split into ``minibatches_per_epoch``
+optimizer steps, each accumulated over micro-batches
+(:func:`~grpo_lab.training.step.policy_gradient_backward`, whose normalisers make the
+gradient independent of the micro-batch size and, under data parallelism, of how the
+groups are spread over ranks). Gradients are clipped to ``max_grad_norm``; the learning
+rate follows ``trainer.lr_scheduler``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..data import RolloutBatch
+from .distributed import SINGLE, DistContext, autocast, clip_grad_norm, lockstep_count, reduce_means
+from .forward import response_logprobs
+from .step import RunningMeans, policy_gradient_backward
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+#: ``trainer.attention`` values and the packed-attention backend each selects
+ATTENTION_OPTIONS = {"sdpa_shared_prefix": "reference", "triton_shared_prefix": "triton"}
+
+#: ``trainer.lr_scheduler`` -> transformers' schedule with linear warm-up
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (the LoRA adapter alone under LoRA)."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int):
+    """transformers' schedule ``name`` (``constant``, ``linear``, ``cosine``) over
+    ``total_steps`` optimizer steps, after ``warmup_steps`` of linear warm-up from 0."""
+    from transformers import get_scheduler
+
+    return get_scheduler(SCHEDULES[name], optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward (non-reentrant
+    checkpoints: exact gradients, and they work with frozen embeddings and LoRA)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+@dataclass
+class PolicyUpdate:
+    """The optimizer steps of a run.
+
+    Args:
+        module: what the forward runs through: the model, or its DDP / FSDP wrapping.
+        optimizer, scheduler: over ``module``'s parameters.
+        config: the run's config (``trainer`` and ``algo`` settings).
+        ref_model: the frozen KL reference (``algo.kl_coef > 0``).
+    """
+
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    config: "Config"
+    pad_id: int
+    device: torch.device
+    mixed_precision: str = "no"
+    dist: DistContext = SINGLE
+    ref_model: torch.nn.Module | None = None
+    _params: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._params = [p for p in self.module.parameters() if p.requires_grad]
+
+    def autocast(self):
+        return autocast(self.device, self.mixed_precision, self.dist.strategy)
+
+    def __call__(self, batch: RolloutBatch, advantages: Tensor, extras: dict[str, Tensor] | None = None) -> dict[str, float]:
+        """Optimizer steps on ``batch`` (``advantages`` ``[N]``, one per row; ``extras`` the
+        estimator's further ``[N]`` streams, COPO's). Returns the step's metrics, reduced
+        over ranks."""
+        tc, ac = self.config.trainer, self.config.algo
+        n = len(batch)
+        adv = advantages.to(torch.float32)
+        if adv.shape != (n,):
+            raise ValueError(f"this trainer takes one advantage per row ([{n}]), got shape {tuple(adv.shape)}")
+        single_pass = tc.epochs_per_batch * tc.minibatches_per_epoch == 1
+        old = None if single_pass else self.logprobs_no_grad(batch)
+        stats = RunningMeans()
+        gen = torch.Generator().manual_seed(tc.seed + (int(batch.group_id.min()) if n else 0))
+        self.module.train()
+        updates = 0
+        for _ in range(tc.epochs_per_batch):
+            order = torch.randperm(n, generator=gen)
+            chunks = list(order.chunk(tc.minibatches_per_epoch))
+            chunks += [order[:0]] * (tc.minibatches_per_epoch - len(chunks))  # fewer rows than mini-batches
+            for rows in chunks:
+                self.optimizer.zero_grad(set_to_none=True)
+                metrics = policy_gradient_backward(
+                    self.module, batch, rows, adv, old, ac, extras=extras, ref_model=self.ref_model,
+                    shared_prefix=tc.shared_prefix, attention=ATTENTION_OPTIONS[tc.attention],
+                    micro_batch_size=tc.micro_batch_size, max_tokens=self.config.rollout.max_new_tokens,
+                    temperature=self.config.rollout.temperature, pad_id=self.pad_id, dist=self.dist,
+                    autocast=self.autocast,
+                )
+                stepped = self._any_signal(metrics)
+                if stepped:  # else no rank has a row with a learning signal: no step
+                    for key, (value, weight) in metrics.items():
+                        stats.add(key, value, weight)
+                    stats.add("grad_norm", clip_grad_norm(self._params, tc.max_grad_norm))
+                    self.optimizer.step()
+                    updates += 1
+                with warnings.catch_warnings():  # the schedule counts optimizer steps, taken or skipped alike
+                    warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step",
+                                            category=UserWarning)
+                    self.scheduler.step()
+        out = reduce_means(self.dist, stats.weighted())
+        out["num_updates"] = updates
+        out["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        return out
+
+    def _any_signal(self, metrics: dict) -> bool:
+        """Whether any rank accumulated a gradient in this mini-batch (all ranks agree)."""
+        return lockstep_count(self.dist, int(bool(metrics))) > 0
+
+    @torch.no_grad()
+    def logprobs_no_grad(self, batch: RolloutBatch) -> list[Tensor]:
+        """The current policy's log-probs of every row (``N`` tensors ``[R_i]``), the
+        denominator of the ratio over several passes. Ranks run equally many forwards."""
+        self.module.eval()
+        size = self.config.trainer.micro_batch_size
+        starts = list(range(0, len(batch), size))
+        out: list[Tensor] = []
+        for k in range(lockstep_count(self.dist, len(starts))):
+            with self.autocast():
+                if k >= len(starts):
+                    device = next(self.module.parameters()).device
+                    self.module(input_ids=torch.full((1, 1), self.pad_id, dtype=torch.long, device=device))
+                    continue
+                idx = range(starts[k], min(starts[k] + size, len(batch)))
+                logp, _, _ = response_logprobs(self.module, [batch.prompt_ids[i] for i in idx],
+                                               [batch.response_ids[i] for i in idx],
+                                               temperature=self.config.rollout.temperature, pad_id=self.pad_id)
+            out.extend(logp[j, : batch.response_ids[i].numel()].float().cpu() for j, i in enumerate(idx))
+        return out

@@ -1,0 +1,147 @@
+"""Data-parallel training equals the single-process run: two CPU processes under
+``torchrun`` (gloo), each with half the groups, against one process with all of them
+(scenarios in ``tests/dp_worker.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo_lab.training.losses import LOSS_AGG_MODES
+
+WORKER = Path(__file__).with_name("dp_worker.py")
+STRATEGIES = ("ddp", "fsdp")
+
+
+def run_worker(args: list[str], processes: int, timeout: int = 600) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if processes == 1:
+        cmd = [sys.executable, str(WORKER), *args]
+        env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--standalone", "--tee", "3", str(WORKER), *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:  # every rank's output, each line prefixed with its rank
+        pytest.fail(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-20000:]}")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A tiny model and a batch of 4 groups from the real chain sampler, with learning
+    signal in some groups and none in others."""
+    from dp_worker import config
+
+    from grpo_lab.advantages import compute_advantages
+    from grpo_lab.config import WarmupConfig
+    from grpo_lab.training.trainer import Trainer
+
+    directory = tmp_path_factory.mktemp("dp")
+    cfg = config("auto", output_dir=str(directory / "prepare"))
+    cfg.trainer.warmup = WarmupConfig(steps=30, batch_size=16, episodes=60)
+    trainer = Trainer(cfg)
+    trainer.warmup()  # valid actions, so that rewards differ within groups
+    trainer.model.save_pretrained(directory / "model")
+    trainer.tokenizer.save_pretrained(directory / "model")
+    for step in range(20):
+        batch = trainer.collect(step)
+        adv = compute_advantages(batch, cfg.algo.estimator, cfg.algo.invalid_action_penalty, cfg.algo.params,
+                                 cfg.algo.modifier_settings(), cfg.algo.penalty_placement).advantages
+        groups = torch.unique(batch.group_id)
+        signal = [bool((adv[batch.group_id == g] != 0).any()) for g in groups]
+        if len(groups) == 4 and 0 < sum(signal[:2]) and 0 < sum(signal[2:]):
+            break
+    else:
+        pytest.fail("no rollout batch with learning signal on both halves")
+    torch.save(batch, directory / "batch.pt")
+    trainer.envs.close()
+    return directory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_one_step_on_two_ranks_equals_one_rank_for_every_loss_aggregation(prepared, strategy):
+    """The loss normalisers are summed over ranks, so 2 ranks with half the groups each
+    take the same optimizer step as 1 rank with all of them, for every ``algo.loss_agg``
+    (micro-batches of 3 rows: the ranks run different numbers of micro-batches)."""
+    directory = prepared / strategy
+    directory.mkdir()
+    shutil.copytree(prepared / "model", directory / "model")
+    shutil.copy(prepared / "batch.pt", directory / "batch.pt")
+    run_worker(["update", str(directory), strategy], 1)
+    run_worker(["update", str(directory), strategy], 2)
+    one, two = torch.load(directory / "update_1.pt"), torch.load(directory / "update_2.pt")
+    assert set(one) == set(two) == set(LOSS_AGG_MODES)
+    for mode in LOSS_AGG_MODES:
+        # the gradient: any normaliser counted per rank would scale one rank's share
+        g1, g2 = one[mode]["grads"], two[mode]["grads"]
+        assert g1.keys() == g2.keys() and len(g1) > 0
+        scale = max(float(g.abs().max()) for g in g1.values())
+        for name in g1:
+            torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-6 * scale, msg=f"{mode}: grad of {name}")
+        assert two[mode]["metrics"]["grad_norm"] == pytest.approx(one[mode]["metrics"]["grad_norm"], rel=1e-5)
+        assert one[mode]["metrics"]["num_updates"] == two[mode]["metrics"]["num_updates"] == 1
+        # the parameters, to a small fraction of one step (lr = 1e-3): Adam's first step
+        # divides each gradient by its own magnitude, which magnifies rounding in tiny ones
+        w1, w2 = one[mode]["weights"], two[mode]["weights"]
+        assert w1.keys() == w2.keys()
+        for name in w1:
+            torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=2e-5, msg=f"{mode}: {name}")
+    # the normalisers differ between modes, and so do the gradients
+    g_token, g_seq = one["token-mean"]["grads"], one["seq-mean-token-sum"]["grads"]
+    assert not torch.allclose(g_token["model.embed_tokens.weight"], g_seq["model.embed_tokens.weight"])
+
+
+TIMES = ("rollout_time", "update_time", "rollout_env_seconds")
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_two_rank_run_logs_once_never_splits_a_group_and_resumes_exactly(prepared, tmp_path, strategy):
+    """4 steps on 2 ranks: rank 0 alone writes one reduced record per step; each step's
+    4 groups are played whole, 2 on each rank, with ids that never collide; a run
+    stopped after its step-1 checkpoint and resumed on 2 ranks ends with the same
+    weights and the same metrics as the run that went straight through."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    for d in (straight, stopped):
+        shutil.copytree(prepared / "model", d / "model")
+    run_worker(["train", str(straight), strategy, "4"], 2)
+    run_worker(["train", str(stopped), strategy, "2"], 2)
+    run_worker(["train", str(stopped), strategy, "4", "resume"], 2)
+
+    records = read_metrics(straight / "run")
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert all(r["world_size"] == 2 for r in records)
+    played = [json.loads((straight / f"played_2_straight_rank{rank}.json").read_text()) for rank in (0, 1)]
+    for step in range(4):
+        groups = [set(p[step]["groups"]) for p in played]
+        assert groups[0].isdisjoint(groups[1])
+        assert groups[0] | groups[1] == set(range(4 * step, 4 * step + 4))
+        assert all(len(g) == 2 for g in groups), groups
+        for p in played:  # every group whole: group_size episodes of at least one row each
+            assert all(rows >= 4 for rows in p[step]["rows_per_group"].values())
+        assert records[step]["num_rows"] == sum(sum(p[step]["rows_per_group"].values()) for p in played)
+
+    a, b = torch.load(straight / "weights_2_straight.pt"), torch.load(stopped / "weights_2_resumed.pt")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    resumed = read_metrics(stopped / "run")
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3]
+    for x, y in zip(records, resumed):
+        assert {k: v for k, v in x.items() if k not in TIMES} == {k: v for k, v in y.items() if k not in TIMES}
+    checkpoints = sorted(p.name for p in (stopped / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step_000001", "step_000003"] + (["reference"] if False else [])
+    if strategy == "fsdp":
+        assert (stopped / "run" / "checkpoints" / "step_000003" / "sharded" / ".metadata").is_file()
