@@ -61,6 +61,8 @@ def build_config(cfg: DictConfig) -> Config:
 @hydra.main(version_base="1.3", config_path="pkg://grpo_lab.configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     from .training import distributed
+
+    distributed.narrow_visible_devices()  # before anything initialises CUDA
     from .training.trainer import Trainer
 
     try:

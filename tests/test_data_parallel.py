@@ -145,3 +145,94 @@ def test_a_two_rank_run_logs_once_never_splits_a_group_and_resumes_exactly(prepa
     assert checkpoints == ["step_000001", "step_000003"] + (["reference"] if False else [])
     if strategy == "fsdp":
         assert (stopped / "run" / "checkpoints" / "step_000003" / "sharded" / ".metadata").is_file()
+
+
+_ROOT = Path(__file__).resolve().parents[1]
+#: the cluster page, and the README's section that points to it
+CLUSTER = ((_ROOT / "docs" / "cluster.md").read_text() + "\n"
+           + (_ROOT / "README.md").read_text().split("## Clusters", 1)[1].split("\n## ", 1)[0])
+SBATCH = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "train.sbatch"
+
+
+def cluster_commands() -> list[str]:
+    """Every command line of the cluster page's ``bash`` blocks."""
+    import re
+
+    return [line.strip() for block in re.findall(r"```bash\n(.*?)```", CLUSTER, re.DOTALL)
+            for line in block.splitlines() if line.strip()]
+
+
+def train_overrides(command: str) -> list[str]:
+    import shlex
+
+    words = shlex.split(command)
+    if words[0] == "sbatch":
+        return words[words.index("scripts/slurm/train.sbatch") + 1:]
+    return words[words.index("grpo_lab.train") + 1:]
+
+
+def test_the_cluster_page_has_every_launcher():
+    starts = {c.split()[0] + (" " + c.split()[1] if c.startswith("accelerate") else "") for c in cluster_commands()}
+    assert {"torchrun", "accelerate launch", "sbatch", "python"} <= starts
+
+
+@pytest.mark.parametrize("command", cluster_commands(), ids=lambda c: " ".join(c.split()[:4]))
+def test_cluster_page_command_lines_load_and_validate(command):
+    from test_readme import load
+
+    load(*train_overrides(command))
+
+
+def test_the_sbatch_script_parses_and_starts_one_torchrun_per_node():
+    done = subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = SBATCH.read_text()
+    assert "--ntasks-per-node=1" in text and "--rdzv_backend c10d" in text and '-m grpo_lab.train "$@"' in text
+
+
+@pytest.mark.slow
+def test_the_cluster_pages_cpu_command_trains_on_two_processes(tmp_path):
+    """The page's CPU example, verbatim, through the real entry point: rank 0 writes one
+    record per step and the final model."""
+    import shlex
+
+    (command,) = [c for c in cluster_commands() if "trainer.device=cpu" in c]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    words = shlex.split(command)
+    cmd = [sys.executable, "-m", "torch.distributed.run", *words[1:]]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-8000:]
+    run = tmp_path / "runs" / "cpu-ddp"
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [0, 1, 2] and all(r["world_size"] == 2 for r in records)
+    assert (run / "final_model" / "config.json").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert "eval_final" in summary and "stopped" not in summary
+    assert done.stdout.count("success rate:") == 1  # rank 0 alone reports
+
+
+@pytest.mark.slow
+def test_each_rank_drives_its_own_vllm_engine_and_receives_the_new_weights(tmp_path):
+    """``rollout=vllm`` on 2 CPU processes: each rank's engine samples its groups, and
+    after every update it serves the new weights (the trainer's log-probs of the next
+    step's samples match the engine's)."""
+    pytest.importorskip("vllm")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_KVCACHE_SPACE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "grpo_lab.train",
+           "rollout=vllm", "trainer.device=cpu", "trainer.total_steps=3", "trainer.tasks_per_step=4",
+           "trainer.eval_episodes=4", "trainer.warmup.steps=40", "trainer.lr=3e-3", "rollout.env_workers=0",
+           "logger.wandb=false", "logger.progress_bar=false", "logger.plot=false", "trainer.save_final=false",
+           f"trainer.output_dir={tmp_path / 'run'}"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-8000:]
+    assert "Invalid process group" not in done.stderr
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    updated = [i for i, r in enumerate(records) if r["num_updates"]]
+    assert updated and updated[0] < 2, records
+    for r in records[updated[0] + 1:]:
+        if "logprob_diff_rollout" in r:
+            assert r["logprob_diff_rollout"] < 1e-2, r

@@ -85,25 +85,60 @@ def resolve_mixed_precision(configured: str) -> str:
     return value
 
 
+def narrow_visible_devices(environ: dict | None = None) -> str | None:
+    """Under a launcher, let this process see only its own GPU (``LOCAL_RANK``'s entry of
+    ``CUDA_VISIBLE_DEVICES``, or that index), so that everything on ``cuda:0`` (the
+    trainer, and a vLLM engine, whose single-process executor always takes the first
+    visible device) lands on the rank's GPU. Must run before CUDA is initialised; a list
+    already narrowed to one device (SLURM's ``--gpus-per-task=1``) is kept. Returns the
+    value set, or ``None`` when nothing changed."""
+    env = os.environ if environ is None else environ
+    if int(env.get("WORLD_SIZE", "1")) == 1 or "LOCAL_RANK" not in env:
+        return None
+    if torch.cuda.is_initialized():
+        return None
+    local = int(env["LOCAL_RANK"])
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if "CUDA_VISIBLE_DEVICES" in env and len(visible) <= 1:
+        return None
+    if visible and local >= len(visible):
+        raise ValueError(f"LOCAL_RANK={local} but CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']!r} lists "
+                         f"{len(visible)} devices: start at most that many processes per node")
+    env["CUDA_VISIBLE_DEVICES"] = visible[local] if visible else str(local)
+    return env["CUDA_VISIBLE_DEVICES"]
+
+
 def init_distributed(strategy: str, device: str) -> tuple[DistContext, torch.device | None]:
     """Join the launcher's process group (NCCL on CUDA, gloo on CPU) when ``WORLD_SIZE > 1``.
 
-    Returns the context and, under a launcher, this rank's device (``cuda:LOCAL_RANK``, or
-    the CPU); ``None`` in a single process (the configured device applies)."""
+    Returns the context and, under a launcher, this rank's device (its GPU, see
+    :func:`narrow_visible_devices`, or the CPU); ``None`` in a single process (the
+    configured device applies)."""
     world = launched_world_size()
     if world == 1:
         return SINGLE, None
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device != "cpu" and torch.cuda.is_available()
+    index = local if use_cuda and torch.cuda.device_count() > 1 else 0  # one visible device: the rank's own
     if use_cuda:
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(index)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
     ctx = DistContext(rank=rank, world_size=world, local_rank=local, strategy=resolve_strategy(strategy, world))
-    return ctx, torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    return ctx, torch.device(f"cuda:{index}" if use_cuda else "cpu")
 
 
 def shutdown() -> None:
+    """Leave the process group; first the groups a vLLM engine in this process made on
+    top of it (its exit handler would otherwise destroy them after the group is gone)."""
+    if not dist.is_initialized():
+        return
+    import sys
+
+    state = sys.modules.get("vllm.distributed.parallel_state")
+    if state is not None:  # vLLM's groups, then (by vLLM) the default one
+        state.destroy_model_parallel()
+        state.destroy_distributed_environment()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -201,7 +236,7 @@ def wrap_model(ctx: DistContext, model: torch.nn.Module, device: torch.device, m
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)  # buffers: rotary tables, equal everywhere
     if ctx.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

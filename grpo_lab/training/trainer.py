@@ -167,6 +167,8 @@ class Trainer:
         if world > 1:
             self._check_data_parallel(world)
         self.dist, rank_device = dp.init_distributed(tc.strategy, tc.device)
+        if self.dist.rank > 0:  # rank 0 speaks for the run
+            log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
         # rank 0's directory for all (Hydra names one per process, by the second it started)
         self.output_dir = Path(dp.broadcast_object(self.dist, str(output_dir or tc.output_dir or "outputs")))
         if self.dist.is_main:

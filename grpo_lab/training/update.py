@@ -97,7 +97,7 @@ class PolicyUpdate:
         stats = RunningMeans()
         gen = torch.Generator().manual_seed(tc.seed + (int(batch.group_id.min()) if n else 0))
         self.module.train()
-        updates = 0
+        updates, lr = 0, float(self.optimizer.param_groups[0]["lr"])
         for _ in range(tc.epochs_per_batch):
             order = torch.randperm(n, generator=gen)
             chunks = list(order.chunk(tc.minibatches_per_epoch))
@@ -116,6 +116,7 @@ class PolicyUpdate:
                     for key, (value, weight) in metrics.items():
                         stats.add(key, value, weight)
                     stats.add("grad_norm", clip_grad_norm(self._params, tc.max_grad_norm))
+                    lr = float(self.optimizer.param_groups[0]["lr"])
                     self.optimizer.step()
                     updates += 1
                 with warnings.catch_warnings():  # the schedule counts optimizer steps, taken or skipped alike
@@ -124,7 +125,7 @@ class PolicyUpdate:
                     self.scheduler.step()
         out = reduce_means(self.dist, stats.weighted())
         out["num_updates"] = updates
-        out["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        out["lr"] = lr  # that of the last optimizer step taken
         return out
 
     def _any_signal(self, metrics: dict) -> bool:
