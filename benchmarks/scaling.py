@@ -117,7 +117,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             one = cpu_run(1, args.threads, args.tasks, args.steps, Path(tmp) / "one")
             two = cpu_run(2, max(1, args.threads // 2), args.tasks, args.steps, Path(tmp) / "two")
-        print(f"| processes | threads each | s/step | episodes/s | response tokens/s |")
+        print("| processes | threads each | s/step | episodes/s | response tokens/s |")
         print("| --- | --- | --- | --- | --- |")
         for r in (one, two):
             print(f"| {r['processes']} | {r['threads']} | {r['s_per_step']:.2f} | {r['episodes_per_s']:.1f} | "
@@ -127,7 +127,7 @@ def main() -> None:
     import torch
 
     print(f"device: {torch.cuda.get_device_name()}")
-    print(f"| mixed_precision | gradient_checkpointing | training tokens/s | peak memory (GiB) |")
+    print("| mixed_precision | gradient_checkpointing | training tokens/s | peak memory (GiB) |")
     print("| --- | --- | --- | --- |")
     table = gpu_table(args.rows, args.tokens)
     for r in table:

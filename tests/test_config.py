@@ -190,13 +190,11 @@ def test_vllm_max_model_len_follows_the_model():
     from transformers import AutoConfig
 
     from grpo_lab.config import RolloutConfig
-    from grpo_lab.training.trainer import Trainer
+    from grpo_lab.training.setup import vllm_max_model_len
 
     def length(configured, **model_config):
         model = types.SimpleNamespace(config=AutoConfig.for_model("qwen2", **model_config))
-        fake = types.SimpleNamespace(config=Config(rollout=RolloutConfig(vllm_max_model_len=configured)), model=model,
-                                     DEFAULT_MAX_MODEL_LEN=Trainer.DEFAULT_MAX_MODEL_LEN)
-        return Trainer._vllm_max_model_len(fake)
+        return vllm_max_model_len(Config(rollout=RolloutConfig(vllm_max_model_len=configured)), model)
 
     assert length(None, max_position_embeddings=2048) == 2048  # the tiny model: 4096 used to stop vLLM
     assert length(None, max_position_embeddings=131072) == 8192

@@ -236,3 +236,43 @@ def test_each_rank_drives_its_own_vllm_engine_and_receives_the_new_weights(tmp_p
     for r in records[updated[0] + 1:]:
         if "logprob_diff_rollout" in r:
             assert r["logprob_diff_rollout"] < 1e-2, r
+
+
+@pytest.mark.slow
+def test_sigterm_stops_both_ranks_after_the_step_and_the_run_resumes(tmp_path):
+    """SIGTERM to ``torchrun`` (as SLURM sends it) reaches both ranks; they finish the
+    step in progress together, save it, and exit 143; the same command with
+    ``trainer.resume=true`` completes the run."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    args = ["trainer.device=cpu", "trainer.total_steps=30", "trainer.tasks_per_step=4", "trainer.eval_episodes=2",
+            "trainer.warmup.steps=5", "rollout.env_workers=0", "logger.wandb=false", "logger.progress_bar=false",
+            "logger.plot=false", "trainer.save_final=false", f"trainer.output_dir={run}"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "--shutdown-timeout", "300", "-m", "grpo_lab.train"]
+    proc = subprocess.Popen(launch + args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-5000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    summary = json.loads((run / "summary.json").read_text())
+    assert "stopped by SIGTERM" in summary["stopped"]["reason"], err[-5000:]
+    last = summary["stopped"]["last_step"]
+    assert 0 <= last < 29
+    assert (run / "checkpoints" / f"step_{last:06d}" / "trainer_state.pt").is_file()
+    assert [r["step"] for r in read_metrics(run)] == list(range(last + 1))
+    assert proc.returncode != 0 and err.count("run stopped: stopped by SIGTERM") == 2  # each rank says so
+
+    resume = args[:1] + ["trainer.total_steps=" + str(last + 3)] + args[2:] + ["trainer.resume=true"]
+    done = subprocess.run(launch + resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-8000:]
+    assert [r["step"] for r in read_metrics(run)] == list(range(last + 3))

@@ -147,11 +147,13 @@ def test_samplers_sit_behind_a_registry():
 def test_step_records_are_reduced_over_ranks(monkeypatch):
     """Counts add up, times take the slowest rank, other metrics are means weighted by
     each rank's rows (hand-worked for two ranks)."""
-    from grpo_lab.training.trainer import reduce_record
+    from grpo_lab.training.metrics_log import reduce_record
 
     ranks = [({"num_rows": 10.0, "reward_mean": 1.0, "rollout_time": 3.0, "episodes_dropped": 1.0}, 10),
              ({"num_rows": 30.0, "reward_mean": 0.2, "rollout_time": 5.0, "episodes_dropped": 0.0}, 30)]
-    monkeypatch.setattr(dp, "gather_objects", lambda ctx, obj: ranks)
+    import grpo_lab.training.metrics_log as metrics_log
+
+    monkeypatch.setattr(metrics_log, "gather_objects", lambda ctx, obj: ranks)
     out = reduce_record(dp.DistContext(rank=0, world_size=2), {"step": 7, "num_rows": 10, "reward_mean": 1.0}, 10)
     assert out == {"step": 7, "num_rows": 40.0, "reward_mean": pytest.approx((10 * 1.0 + 30 * 0.2) / 40),
                    "rollout_time": 5.0, "episodes_dropped": 1.0, "world_size": 2}

@@ -1,4 +1,5 @@
-"""Metrics: JSON lines on disk, wandb in offline mode when installed, and a PNG plot."""
+"""Metrics: JSON lines on disk, wandb in offline mode when installed, a PNG plot, and
+the reduction of a step's metrics over data-parallel ranks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+
+from .distributed import DistContext, gather_objects
 
 
 def _wandb_module(mode: str):
@@ -73,3 +76,37 @@ def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike,
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+#: step metrics that add up over ranks (the others are means, weighted by rows, or maxima)
+SUMMED = ("num_rows", "response_tokens", "rows_dropped", "episodes", "episodes_dropped", "groups_dropped", "env_errors",
+          "env_timeouts", "env_nonfinite_rewards", "overlong_dropped", "overlong_truncated", "rollout_env_steps",
+          "rollout_replayed_env_steps", "tree_nodes", "tree_expansions_short", "ar3po_reused", "ar3po_unsolved",
+          "ar3po_buffer_size")
+MAXED = ("rollout_time", "update_time", "rollout_peak_inflight_tokens", "rollout_engine_steps", "rollout_decode_steps",
+         "rollout_env_seconds", "ar3po_stages_run", "num_updates", "lr")
+
+
+def reduce_record(dist: DistContext, record: dict[str, Any], rows: int) -> dict[str, Any]:
+    """One step's metrics over all ranks: counts summed (:data:`SUMMED`), times and peaks
+    maximised (:data:`MAXED`), every other number a mean weighted by each rank's rows."""
+    if not dist.enabled:
+        return record
+    numeric = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+    everyone = gather_objects(dist, (numeric, rows))
+    total_rows = sum(r for _, r in everyone)
+    out: dict[str, Any] = {"step": record["step"]} if "step" in record else {}
+    for key in sorted(set().union(*(m.keys() for m, _ in everyone))):
+        values = [(m[key], r) for m, r in everyone if key in m]
+        if key in SUMMED:
+            out[key] = sum(v for v, _ in values)
+        elif key in MAXED:
+            out[key] = max(v for v, _ in values)
+        else:
+            weight = sum(r for _, r in values)
+            out[key] = (sum(v * r for v, r in values) / weight if weight > 0
+                        else sum(v for v, _ in values) / len(values))
+    out["world_size"] = dist.world_size
+    if total_rows == 0:
+        out["num_rows"] = 0
+    return out

@@ -2,17 +2,24 @@
 
 One step:
 
-1. ``tasks_per_step`` seeds, ``group_size`` episodes each, played by the backend.
+1. ``tasks_per_step`` seeds, played by the configured sampler
+   (:mod:`grpo_lab.rollout.samplers`: chain, tree or adaptive) on the backend.
 2. Advantages from the registered estimator (``algo.estimator``) and modifiers, on
    rewards, with the invalid-action penalty placed as ``algo.penalty_placement`` says;
    with ``algo.drop_zero_std_groups`` the groups whose advantages are all zero leave the
    batch.
-3. ``epochs_per_batch`` passes over the rows, each split into ``minibatches_per_epoch``
-   optimizer steps, each accumulated over micro-batches of ``micro_batch_size`` rows. The
-   loss of every micro-batch is normalised by its whole mini-batch's counts
+3. The update (:mod:`grpo_lab.training.update`): ``epochs_per_batch`` passes over the
+   rows, each split into ``minibatches_per_epoch`` optimizer steps, each accumulated over
+   micro-batches of ``micro_batch_size`` rows. The loss of every micro-batch is
+   normalised by its whole mini-batch's counts
    (:class:`~grpo_lab.training.losses.LossScale`), so the gradient does not depend on the
    micro-batch size.
 4. The new weights go to the backend in process.
+5. The step's metrics, reduced over ranks, are logged by rank 0.
+
+Under ``torchrun`` or ``accelerate launch`` every rank runs this loop on its share of
+the step's tasks, with whole groups; the update is data-parallel (DDP or FSDP2) and
+equals the single-process one (:mod:`grpo_lab.training.distributed`).
 
 A run survives its environments: they live in worker processes
 (``rollout.env_workers``), a failed episode leaves the batch and is counted
@@ -38,19 +45,16 @@ import signal
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..advantages import compute_advantages
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, TrainerConfig
 from ..data import RolloutBatch
-from ..config import TrainerConfig
-from ..envs import make_env
-from ..envs.base import Env
-from ..modeling import build_tiny_model, frozen, load_pretrained, text_config, torch_dtype, train_tokenizer
-from ..rollout import AgentLoopConfig, HFBackend, LengthPredictor, PromptEncoder, SamplingParams, SchedulerConfig, run_episodes
+from ..modeling import frozen, torch_dtype
+from ..rollout import AgentLoopConfig, LengthPredictor, PromptEncoder, SamplingParams, SchedulerConfig, run_episodes
 from ..rollout.adaptive import ReuseBuffer
 from ..rollout.agent_loop import OverlongPromptError
 from ..rollout.env_pool import EnvRunner, EnvSpec
@@ -59,71 +63,18 @@ from ..rollout.samplers import GroupNumbering, RolloutContext, get_sampler
 from . import distributed as dp
 from .checkpoint import (checkpoint_dir, load_model_weights, load_sharded_state, load_trainer_state, save_checkpoint,
                          sharded_state)
+from .metrics_log import MetricsLogger, plot_metrics, reduce_record
 from .resume import check_resume_config, choose_start, metrics_until
-from .stop import Abandon, EnvFaultRateExceeded, RunStopped, StopSignals, TrainingInterrupted, signal_name
-from .forward import response_logprobs
+from .setup import build_backend, build_model, context_length, env_factory_from, resolve_device
 from .shared_prefix import check_attention_backend, enable_shared_prefix, verify_shared_prefix
 from .step import informative_rows
+from .stop import Abandon, EnvFaultRateExceeded, RunStopped, StopSignals, TrainingInterrupted, signal_name
 from .update import ATTENTION_OPTIONS, PolicyUpdate, build_lr_scheduler, build_optimizer, enable_gradient_checkpointing
-from .metrics_log import MetricsLogger, plot_metrics
-from .warmup import encode_demonstrations, format_demonstrations, prompt_corpus, supervised_warmup
+from .warmup import encode_demonstrations, format_demonstrations, supervised_warmup
+
+__all__ = ["Trainer", "env_factory_from", "frozen_copy", "resolve_device", "save_reference"]
 
 log = logging.getLogger("grpo_lab")
-
-#: step metrics that add up over ranks (the others are means, weighted by rows, or maxima)
-SUMMED = ("num_rows", "response_tokens", "rows_dropped", "episodes", "episodes_dropped", "groups_dropped", "env_errors",
-          "env_timeouts", "env_nonfinite_rewards", "overlong_dropped", "overlong_truncated", "rollout_env_steps",
-          "rollout_replayed_env_steps", "tree_nodes", "tree_expansions_short", "ar3po_reused", "ar3po_unsolved",
-          "ar3po_buffer_size")
-MAXED = ("rollout_time", "update_time", "rollout_peak_inflight_tokens", "rollout_engine_steps", "rollout_decode_steps",
-         "rollout_env_seconds", "ar3po_stages_run", "num_updates", "lr")
-
-
-def reduce_record(dist: "dp.DistContext", record: dict[str, Any], rows: int) -> dict[str, Any]:
-    """One step's metrics over all ranks: counts summed (:data:`SUMMED`), times and peaks
-    maximised (:data:`MAXED`), every other number a mean weighted by each rank's rows."""
-    if not dist.enabled:
-        return record
-    numeric = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-    everyone = dp.gather_objects(dist, (numeric, rows))
-    total_rows = sum(r for _, r in everyone)
-    out: dict[str, Any] = {"step": record["step"]} if "step" in record else {}
-    for key in sorted(set().union(*(m.keys() for m, _ in everyone))):
-        values = [(m[key], r) for m, r in everyone if key in m]
-        if key in SUMMED:
-            out[key] = sum(v for v, _ in values)
-        elif key in MAXED:
-            out[key] = max(v for v, _ in values)
-        else:
-            weight = sum(r for _, r in values)
-            out[key] = (sum(v * r for v, r in values) / weight if weight > 0
-                        else sum(v for v, _ in values) / len(values))
-    out["world_size"] = dist.world_size
-    if total_rows == 0:
-        out["num_rows"] = 0
-    return out
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name!r} but CUDA is not available on this machine")
-    return torch.device(name)
-
-
-def env_factory_from(config: Config) -> Callable[[], Env]:
-    """A factory for the configured environment; bad constructor arguments raise a ``ConfigError``."""
-
-    def factory() -> Env:
-        return make_env(config.env.name, **dict(config.env.kwargs))
-
-    try:
-        factory()
-    except (TypeError, ValueError, ImportError, KeyError, FileNotFoundError) as err:
-        raise ConfigError(f"env.kwargs={dict(config.env.kwargs)!r} is invalid for env {config.env.name!r}: {err}") from err
-    return factory
-
 
 def save_reference(output_dir: Path, ref_model: torch.nn.Module) -> None:
     """The KL reference (the policy when RL starts), once, for resumed runs; written
@@ -187,7 +138,7 @@ class Trainer:
         if (model is None) != (tokenizer is None):
             raise ValueError("pass both model and tokenizer, or neither")
         if model is None:
-            model, tokenizer = self._build_model()
+            model, tokenizer = build_model(cfg, self.envs)
         self.model = model.to(self.device)
         if tc.shared_prefix:
             try:
@@ -225,7 +176,7 @@ class Trainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         chat = {"auto": "auto", "true": True, "false": False}[str(cfg.rollout.use_chat_template).lower()]
         self.encoder = PromptEncoder(tokenizer, chat)
-        self.backend = self._build_backend()  # before sharding: the HF engine holds a full copy
+        self.backend = build_backend(cfg, self.model, tokenizer, self._vllm_source)  # before sharding: HF copies the model
         if self.dist.rank > 0:  # ranks sample differently; rank 0 draws as a single process does
             torch.manual_seed(tc.seed + 7919 * self.dist.rank)
         try:
@@ -242,7 +193,7 @@ class Trainer:
             top_p=cfg.rollout.top_p,
             stop=self.envs.text_format.stop,
         )
-        self.max_context = self._context_length()
+        self.max_context = context_length(cfg, self.model)
         self.loop_config = AgentLoopConfig(
             group_size=cfg.algo.group_size,
             max_steps=cfg.env.max_steps,
@@ -312,95 +263,6 @@ class Trainer:
         return self.rollout.faults
 
     # ------------------------------------------------------------------ set-up
-    def _build_model(self):
-        mc = self.config.model
-        dtype = torch_dtype(mc.dtype)
-        if mc.name_or_path:
-            return load_pretrained(mc.name_or_path, dtype, mc.trust_remote_code)
-        pairs = format_demonstrations(self.envs, 300, self.config.env.max_steps, self.config.rollout.history_window, seed=12345)
-        corpus = [prompt + " " + answer for prompt, answer in pairs]
-        if not corpus:  # an environment without legal actions: its prompts
-            corpus = list(prompt_corpus(self.envs, 300, seed=12345))
-        tokenizer = train_tokenizer(corpus, vocab_size=mc.tokenizer_vocab_size)
-        model = build_tiny_model(
-            tokenizer,
-            architecture=mc.tiny_architecture,
-            hidden_size=mc.tiny_hidden_size,
-            num_layers=mc.tiny_num_layers,
-            num_heads=mc.tiny_num_heads,
-            num_kv_heads=mc.tiny_num_kv_heads,
-            intermediate_size=mc.tiny_intermediate_size,
-            dtype=dtype,
-            seed=self.config.trainer.seed,
-        )
-        return model, tokenizer
-
-    def _context_length(self) -> int | None:
-        """Tokens a prompt and its answer may take together: vLLM's ``max_model_len``, or
-        the model's ``max_position_embeddings`` (``None`` when it states none)."""
-        if self.config.rollout.backend == "vllm":
-            return self._vllm_max_model_len()
-        positions = getattr(text_config(self.model), "max_position_embeddings", None)
-        return int(positions) if positions else None
-
-    def _build_backend(self):
-        rc = self.config.rollout
-        if rc.backend == "hf":
-            return HFBackend(self.model, self.tokenizer, max_batch_size=rc.max_batch_size)
-        from ..rollout.backends.vllm import VLLMBackend, import_vllm, route_engine_logs
-
-        route_engine_logs(self.config.logger.engine_console_level)  # before vLLM configures its logging
-        try:
-            import_vllm()
-        except ImportError as err:
-            raise ConfigError(str(err)) from None
-        source = self.config.model.name_or_path or self._vllm_source
-        max_len = self._vllm_max_model_len()
-        extra = {}
-        if rc.vllm_tensor_parallel_size > 1:
-            extra["tensor_parallel_size"] = rc.vllm_tensor_parallel_size
-        if rc.request_seeds and not torch.cuda.is_available():
-            # vLLM's CPU runner cannot resume a seeded request's generator after a partial
-            # prefill: give one step room for every prompt of a rollout step
-            extra["max_num_batched_tokens"] = max(65536, max_len)
-        backend = VLLMBackend(
-            source, dtype=self.config.model.dtype, seed=self.config.trainer.seed, max_model_len=max_len,
-            gpu_memory_utilization=rc.vllm_gpu_memory_utilization, enable_sleep_mode=rc.vllm_sleep_mode,
-            enforce_eager=rc.vllm_enforce_eager, max_lora_rank=self._vllm_lora_rank(), **extra,
-        )
-        route_engine_logs(self.config.logger.engine_console_level)  # and after it started
-        return backend
-
-    #: the longest ``rollout.vllm_max_model_len`` taken by default (the KV cache must hold
-    #: one sequence this long; long-context models would not start at 128k)
-    DEFAULT_MAX_MODEL_LEN = 8192
-
-    def _vllm_max_model_len(self) -> int:
-        """``rollout.vllm_max_model_len``, or, unset, the model's context length up to
-        :attr:`DEFAULT_MAX_MODEL_LEN`. A length past the model's positions is refused here,
-        before vLLM would fail, unless the model scales its RoPE (then vLLM decides)."""
-        configured = self.config.rollout.vllm_max_model_len
-        text = text_config(self.model)
-        positions = getattr(text, "max_position_embeddings", None)
-        if configured is None:
-            if positions is None:
-                raise ConfigError("rollout.vllm_max_model_len=null but the model's config has no max_position_embeddings: "
-                                  "set rollout.vllm_max_model_len")
-            return min(int(positions), self.DEFAULT_MAX_MODEL_LEN)
-        rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
-        scaled = isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default"
-        if positions is not None and configured > positions and not scaled:
-            raise ConfigError(f"rollout.vllm_max_model_len={configured} is longer than the model's {positions} positions "
-                              f"(max_position_embeddings): set it to at most {positions}, or null for exactly that")
-        return configured
-
-    def _vllm_lora_rank(self) -> int | None:
-        """vLLM's ``max_lora_rank`` for this run: the smallest rank it accepts that holds
-        ``model.lora_r`` (``None`` without LoRA)."""
-        if not self.lora:
-            return None
-        return next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= self.config.model.lora_r), self.config.model.lora_r)
-
     def push_weights(self) -> None:
         """Send the training weights to the backend: with LoRA the adapter alone, else the
         whole state dict. The state dict keeps tied aliases (``lm_head.weight`` beside the
@@ -631,11 +493,14 @@ class Trainer:
             log.warning("step %d: every episode failed or lost its group; no update", step)
             record.update(num_rows=0, rollout_time=t_roll - t_step, update_time=0.0)
             return self._log(reduce_record(self.dist, record, 0))
-        adv_out = compute_advantages(batch, cfg.algo.estimator, cfg.algo.invalid_action_penalty,
-                                     cfg.algo.params, cfg.algo.modifier_settings(), cfg.algo.penalty_placement)
-        record.update({**self.step_metrics(batch), **adv_out.metrics} if len(batch) else {})
-        train_batch, advantages, extras = batch, adv_out.advantages, adv_out.extras
-        if cfg.algo.drop_zero_std_groups:
+        if len(batch) == 0:  # this rank lost all its groups; the others train, and it joins their collectives
+            train_batch, advantages, extras = batch, torch.zeros(0), {}
+        else:
+            adv_out = compute_advantages(batch, cfg.algo.estimator, cfg.algo.invalid_action_penalty,
+                                         cfg.algo.params, cfg.algo.modifier_settings(), cfg.algo.penalty_placement)
+            record.update({**self.step_metrics(batch), **adv_out.metrics})
+            train_batch, advantages, extras = batch, adv_out.advantages, adv_out.extras
+        if cfg.algo.drop_zero_std_groups and len(batch):
             keep = informative_rows(batch.group_id, advantages)
             record["rows_dropped"] = len(batch) - int(keep.numel())
             train_batch, advantages = batch.select(keep), advantages[keep]
