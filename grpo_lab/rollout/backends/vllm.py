@@ -156,6 +156,9 @@ class VLLMBackend:
         )
         self.sleep_mode = enable_sleep_mode
         self._asleep = False
+        # one engine process (tensor parallel 1): weights can stream into it one tensor at
+        # a time; tensor-parallel workers live in other processes and get a list
+        self._streams_weights = int(engine_kwargs.get("tensor_parallel_size", 1)) == 1
 
     def _sampling(self, params: SamplingParams):
         return self._vllm.SamplingParams(
@@ -192,9 +195,15 @@ class VLLMBackend:
 
         Pass every name, tied aliases included (``model.state_dict().items()``): with
         ``named_parameters()`` a tied ``lm_head.weight`` is missing, and vLLM then keeps
-        serving the old output layer."""
-        weights = [(name, t.detach().to("cpu") if not torch.cuda.is_available() else t.detach()) for name, t in named_tensors]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
+        serving the old output layer.
+
+        With one engine process the tensors are taken one at a time as vLLM loads them
+        (gathered FSDP shards never make a whole state dict)."""
+        on_cpu = not torch.cuda.is_available()
+        weights = ((name, t.detach().to("cpu") if on_cpu else t.detach()) for name, t in named_tensors)
+        if not self._streams_weights:
+            weights = iter(list(weights))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
 
     def load_adapter(self, tensors: dict[str, Tensor], peft_config) -> None:
