@@ -29,10 +29,14 @@ TASKS = 4
 
 
 def config(strategy: str, **trainer) -> Config:
+    """``strategy`` ``ddp``, ``fsdp``, ``auto``, or ``ddp+lora`` (a LoRA adapter, DDP)."""
+    lora = strategy.endswith("+lora")
+    strategy = strategy.removesuffix("+lora")
     return Config(
         algo=AlgoConfig(group_size=4),
         env=EnvConfig(max_steps=3),
-        model=ModelConfig(tiny_hidden_size=64, tiny_num_heads=1, tiny_num_kv_heads=1, tiny_intermediate_size=128),
+        model=ModelConfig(tiny_hidden_size=64, tiny_num_heads=1, tiny_num_kv_heads=1, tiny_intermediate_size=128,
+                          lora_r=8 if lora else 0),
         rollout=RolloutConfig(env_workers=0, max_new_tokens=12),
         trainer=TrainerConfig(tasks_per_step=TASKS, eval_episodes=4, lr=1e-3, warmup=WarmupConfig(steps=0), device="cpu",
                               strategy=strategy, save_final=False, **trainer),
