@@ -361,7 +361,7 @@ class TrainerConfig:
     strategy: str = "auto"  # auto | ddp | fsdp: data parallelism under torchrun / accelerate launch (auto: ddp, or fsdp
     # when the accelerate config says so)
     mixed_precision: str = "auto"  # auto | no | bf16: bf16 compute over fp32 weights (auto: the accelerate config's, else no)
-    gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, ~30% more compute)
+    gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, one more forward per layer)
     lr_scheduler: str = "constant"  # constant | linear | cosine (over the run's optimizer steps)
     lr_warmup_steps: int = 0  # optimizer steps of linear warm-up from 0 to trainer.lr
 
