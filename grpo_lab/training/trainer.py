@@ -185,8 +185,8 @@ class Trainer:
             raise ConfigError(str(err)) from None
         self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, tc.lr_scheduler, tc.lr_warmup_steps, tc.optimizer_steps())
-        self.policy_update = PolicyUpdate(self.train_module, self.optimizer, self.lr_scheduler, cfg, self.pad_id, self.device,
-                                   self.mixed_precision, self.dist)
+        self.policy_update = PolicyUpdate(self.train_module, self.optimizer, self.lr_scheduler, cfg, self.pad_id,
+                                          self.device, self.mixed_precision, self.dist)
         self.sampling = SamplingParams(
             max_tokens=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature,
@@ -262,7 +262,7 @@ class Trainer:
     def faults(self) -> FaultLog:
         return self.rollout.faults
 
-    # ------------------------------------------------------------------ set-up
+    # ------------------------------------------------------------------ weights to the engine
     def push_weights(self) -> None:
         """Send the training weights to the backend: with LoRA the adapter alone, else the
         whole state dict. The state dict keeps tied aliases (``lm_head.weight`` beside the
