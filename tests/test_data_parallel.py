@@ -87,6 +87,8 @@ def test_one_step_on_two_ranks_equals_one_rank_for_every_loss_aggregation(prepar
         for name in g1:
             torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-6 * scale, msg=f"{mode}: grad of {name}")
         assert two[mode]["metrics"]["grad_norm"] == pytest.approx(one[mode]["metrics"]["grad_norm"], rel=1e-5)
+        # the logged loss is the whole mini-batch's: the ranks' shares add up
+        assert two[mode]["metrics"]["loss"] == pytest.approx(one[mode]["metrics"]["loss"], rel=1e-4, abs=1e-7)
         assert one[mode]["metrics"]["num_updates"] == two[mode]["metrics"]["num_updates"] == 1
         # the parameters, to a small fraction of one step (lr = 1e-3): Adam's first step
         # divides each gradient by its own magnitude, which magnifies rounding in tiny ones

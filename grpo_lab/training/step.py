@@ -110,8 +110,10 @@ def policy_gradient_backward(
         autocast: a context for each forward (mixed precision).
 
     Returns:
-        ``{name: (value, weight)}`` for logging (token-weighted means); empty when no row
-        carries a learning signal (then no gradient was accumulated).
+        ``{name: (value, weight)}`` for logging (token-weighted means; ``loss`` is this
+        rank's share of the mini-batch loss, weight 1, and the ranks' shares add up to
+        it); empty when no row of any rank carries a learning signal (then no rank
+        accumulated a gradient), so every rank sees the same emptiness.
     """
     if algo.kl_coef > 0 and ref_model is None:
         raise ValueError(f"algo.kl_coef={algo.kl_coef} needs a reference model")
@@ -140,6 +142,7 @@ def policy_gradient_backward(
         total, w = out.get(name, (0.0, 0.0))
         out[name] = (total + value * weight, w + weight)
 
+    add("loss", 0.0, 1.0)  # this rank's share of the mini-batch loss; present even when it has no rows
     for k in range(passes):
         with gradient_sync(model, k == passes - 1):
             if k >= len(micros):  # this rank is out of rows: a pass that adds nothing, for the collectives
@@ -151,18 +154,23 @@ def policy_gradient_backward(
         for key, value in metrics.items():
             add(key, float(value), tokens)
         add("logprob_diff_rollout", diff, tokens)
-        add("loss", loss, 1.0)
-    # "loss" sums over micro-batches: it is the mini-batch loss
-    return {k: (v / w, w) if k != "loss" else (v, 1.0) for k, (v, w) in out.items()}
+        out["loss"] = (out["loss"][0] + loss, 1.0)
+    return {k: (v / w, w) if k != "loss" else (v, w) for k, (v, w) in out.items()}
+
+
+def idle_forward(model: torch.nn.Module, pad_id: int) -> Tensor:
+    """The logits ``[1, 1, V]`` of one padding token: a forward that a rank without rows
+    runs so that its collectives (FSDP's gathers) match the other ranks'."""
+    device = next(model.parameters()).device
+    return model(input_ids=torch.full((1, 1), pad_id, dtype=torch.long, device=device)).logits
 
 
 def idle_backward(model: torch.nn.Module, pad_id: int, autocast: Callable[[], ContextManager] = contextlib.nullcontext
                   ) -> None:
-    """A forward and backward of one token whose loss is multiplied by zero: it adds
-    nothing to any gradient, and takes part in DDP's and FSDP's collectives."""
-    device = next(model.parameters()).device
+    """:func:`idle_forward` and a backward of its logits times zero: it adds nothing to
+    any gradient, and takes part in DDP's and FSDP's gradient reductions."""
     with autocast():
-        logits = model(input_ids=torch.full((1, 1), pad_id, dtype=torch.long, device=device)).logits
+        logits = idle_forward(model, pad_id)
     (logits.float().sum() * 0.0).backward()
 
 

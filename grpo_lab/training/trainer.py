@@ -322,13 +322,10 @@ class Trainer:
             batch = run_episodes(self.backend, self.encoder, self.envs, seeds, config, faults=faults)
         finally:
             self.envs.clear()
-        n = len(batch)
-        episodes = float(batch.trajectory_success().numel()) if n else 0.0
-        sums = dp.global_sums(self.dist, [
-            float(batch.trajectory_success().float().sum()) if n else 0.0,
-            float(batch.trajectory_returns().sum()) if n else 0.0, episodes,
-            float((~batch.valid_action).float().sum()) if n else 0.0, float(n), float(faults.episodes_dropped)])
-        success, returns, episodes, invalid, rows, dropped = sums
+        won = batch.trajectory_success()  # an empty batch (every episode failed) gives empty columns
+        success, returns, episodes, invalid, rows, dropped = dp.global_sums(self.dist, [
+            float(won.sum()), float(batch.trajectory_returns().sum()), float(won.numel()),
+            float((~batch.valid_action).sum()), float(len(batch)), float(faults.episodes_dropped)])
         if episodes == 0:
             nan = float("nan")
             return {"success_rate": nan, "reward_mean": nan, "invalid_action_rate": nan, "episodes_dropped": int(dropped)}

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..data import RolloutBatch
 from .distributed import SINGLE, DistContext, autocast, clip_grad_norm, lockstep_count, reduce_means
 from .forward import response_logprobs
-from .step import RunningMeans, policy_gradient_backward
+from .step import RunningMeans, idle_forward, policy_gradient_backward
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -75,7 +75,7 @@ class PolicyUpdate:
     mixed_precision: str = "no"
     dist: DistContext = SINGLE
     ref_model: torch.nn.Module | None = None
-    _params: list = field(default_factory=list)
+    _params: list = field(init=False, repr=False)  # the trainable parameters, for clipping
 
     def __post_init__(self) -> None:
         self._params = [p for p in self.module.parameters() if p.requires_grad]
@@ -111,10 +111,10 @@ class PolicyUpdate:
                     temperature=self.config.rollout.temperature, pad_id=self.pad_id, dist=self.dist,
                     autocast=self.autocast,
                 )
-                stepped = self._any_signal(metrics)
-                if stepped:  # else no rank has a row with a learning signal: no step
+                if metrics:  # else no rank has a row with a learning signal: no step (all ranks agree)
                     for key, (value, weight) in metrics.items():
-                        stats.add(key, value, weight)
+                        # the ranks' loss shares are averaged over ranks below: scaled so they add up
+                        stats.add(key, value * self.dist.world_size if key == "loss" else value, weight)
                     stats.add("grad_norm", clip_grad_norm(self._params, tc.max_grad_norm))
                     lr = float(self.optimizer.param_groups[0]["lr"])
                     self.optimizer.step()
@@ -128,10 +128,6 @@ class PolicyUpdate:
         out["lr"] = lr  # that of the last optimizer step taken
         return out
 
-    def _any_signal(self, metrics: dict) -> bool:
-        """Whether any rank accumulated a gradient in this mini-batch (all ranks agree)."""
-        return lockstep_count(self.dist, int(bool(metrics))) > 0
-
     @torch.no_grad()
     def logprobs_no_grad(self, batch: RolloutBatch) -> list[Tensor]:
         """The current policy's log-probs of every row (``N`` tensors ``[R_i]``), the
@@ -143,8 +139,7 @@ class PolicyUpdate:
         for k in range(lockstep_count(self.dist, len(starts))):
             with self.autocast():
                 if k >= len(starts):
-                    device = next(self.module.parameters()).device
-                    self.module(input_ids=torch.full((1, 1), self.pad_id, dtype=torch.long, device=device))
+                    idle_forward(self.module, self.pad_id)
                     continue
                 idx = range(starts[k], min(starts[k] + size, len(batch)))
                 logp, _, _ = response_logprobs(self.module, [batch.prompt_ids[i] for i in idx],
