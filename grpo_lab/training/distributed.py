@@ -254,10 +254,6 @@ def wrap_model(ctx: DistContext, model: torch.nn.Module, device: torch.device, m
     raise ValueError(f"unknown strategy {ctx.strategy!r}; valid: ddp, fsdp")
 
 
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if hasattr(module, "module") and type(module).__name__ == "DistributedDataParallel" else module
-
-
 @contextlib.contextmanager
 def gradient_sync(module: torch.nn.Module, enabled: bool) -> Iterator[None]:
     """Reduce gradients across ranks in this backward (``enabled``) or accumulate them
