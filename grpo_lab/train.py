@@ -66,12 +66,16 @@ def main(cfg: DictConfig) -> None:
     from .training.trainer import Trainer
 
     try:
-        _run(cfg, Trainer)
-    finally:
+        code = _run(cfg, Trainer)
+    except BaseException:
         distributed.shutdown()
+        raise
+    distributed.shutdown(wait=True)  # the run ended on every rank: leave together
+    if code:
+        sys.exit(code)
 
 
-def _run(cfg: DictConfig, Trainer) -> None:
+def _run(cfg: DictConfig, Trainer) -> int:
     from hydra.core.hydra_config import HydraConfig
 
     try:
@@ -87,7 +91,7 @@ def _run(cfg: DictConfig, Trainer) -> None:
         print(f"run stopped: {stopped}", file=sys.stderr)
         if stopped.last_step >= 0:
             print("resume with:\n  " + resume_command(trainer.output_dir), file=sys.stderr)
-        sys.exit(stopped.exit_code)
+        return stopped.exit_code  # every rank stops at the same step
     except ConfigError as err:  # found when the run starts (resume checks)
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -95,6 +99,7 @@ def _run(cfg: DictConfig, Trainer) -> None:
     after = summary.get("eval_final", {}).get("success_rate")
     if before is not None and after is not None and trainer.dist.is_main:
         print(f"success rate: {before:.3f} after warm-up -> {after:.3f} after RL  ({trainer.output_dir})")
+    return 0
 
 
 def resume_command(output_dir) -> str:

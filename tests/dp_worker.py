@@ -114,5 +114,7 @@ if __name__ == "__main__":
             update(directory, strategy)
         else:
             train(directory, strategy, int(sys.argv[4]), len(sys.argv) > 5 and sys.argv[5] == "resume")
-    finally:
+    except BaseException:
         dp.shutdown()
+        raise
+    dp.shutdown(wait=True)

@@ -128,12 +128,20 @@ def init_distributed(strategy: str, device: str) -> tuple[DistContext, torch.dev
     return ctx, torch.device(f"cuda:{index}" if use_cuda else "cpu")
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = False) -> None:
     """Leave the process group; first the groups a vLLM engine in this process made on
-    top of it (its exit handler would otherwise destroy them after the group is gone)."""
+    top of it (its exit handler would otherwise destroy them after the group is gone).
+
+    ``wait``: first wait until every rank gets here (a run that ended on all ranks
+    together). A rank that tore its group down while another still used it has died in
+    gloo's threads ("terminate called without an active exception"). Not after an
+    error, which the other ranks may never reach."""
     if not dist.is_initialized():
         return
     import sys
+
+    if wait and dist.get_world_size() > 1:
+        dist.barrier()
 
     state = sys.modules.get("vllm.distributed.parallel_state")
     if state is not None:  # vLLM's groups, then (by vLLM) the default one
