@@ -80,6 +80,18 @@ def test_gigpo_singleton_step_groups_get_zero_step_advantage():
     episode_only = gigpo(make(**ex), gamma=0.5, step_weight=0.0)
     assert torch.equal(out.advantages, episode_only.advantages)
     assert out.metrics["frac_singleton_step_groups"] == 1.0
+    assert out.metrics["frac_rows_in_shared_step_groups"] == 0.0
+
+
+def test_gigpo_repetition_statistics_count_groups_and_rows():
+    # group 0: A at rows 0 and 2, B, C, D alone; group 1: A and E alone (the A of
+    # another episode group is another step group). 6 step groups, 5 of them singletons;
+    # 2 of 7 rows share their step group.
+    ex = dict(GIGPO_EXAMPLE, anchors=["A", "B", "A", "C", "D", "A", "E"])
+    out = gigpo(make(**ex), gamma=0.5)
+    assert out.metrics["frac_singleton_step_groups"] == pytest.approx(5 / 6)
+    assert out.metrics["frac_rows_in_shared_step_groups"] == pytest.approx(2 / 7)
+    assert out.metrics["step_group_size_mean"] == pytest.approx(7 / 6)
 
 
 def test_gigpo_similarity_merges_near_identical_anchors():

@@ -114,7 +114,10 @@ def gigpo(
 
     Returns:
         ``[N]`` advantages, and metrics ``frac_zero_std_groups`` (episode groups),
-        ``step_group_size_mean`` and ``frac_singleton_step_groups``.
+        ``step_group_size_mean``, ``frac_singleton_step_groups`` and
+        ``frac_rows_in_shared_step_groups`` (the share of rows whose anchor state recurs
+        in its episode group, so that their step advantage compares actions; the others
+        get a step advantage of 0 and learn from the episode level alone).
     """
     if inputs.step is None or inputs.anchor_id is None:
         raise ValueError("gigpo needs the step and anchor_id columns")
@@ -151,5 +154,6 @@ def gigpo(
         "frac_zero_std_groups": float(constant.float().mean()),
         "step_group_size_mean": float(sizes.mean()),
         "frac_singleton_step_groups": float((sizes == 1).float().mean()),
+        "frac_rows_in_shared_step_groups": float((sizes[step_group] > 1).float().mean()),
     }
     return AdvantageOutput(adv.to(inputs.rewards.dtype), metrics)
