@@ -263,6 +263,7 @@ class RolloutConfig:
     top_p: float = 1.0
     history_window: int = 1
     use_chat_template: str = "auto"  # auto | true | false
+    system_prompt: str = ""  # opens every prompt (the chat template's system message, or plain text)
     max_batch_size: int = 64
     vllm_gpu_memory_utilization: float = 0.5
     vllm_max_model_len: Optional[int] = None  # None: the model's context length, at most 8192
@@ -348,7 +349,8 @@ class TrainerConfig:
     micro_batch_size: int = 64
     shared_prefix: bool = True  # encode each group's common prompt prefix once (Prefix Grouper)
     attention: str = "sdpa_shared_prefix"  # sdpa_shared_prefix | triton_shared_prefix (GPU)
-    eval_episodes: int = 64
+    eval_episodes: int = 64  # evaluation tasks (seeds), after the warm-up and at the end
+    eval_samples: int = 1  # sampled episodes per evaluation task; > 1 adds pass@k (k = 1, 2, 4, ..., eval_samples)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     save_final: bool = True
@@ -389,6 +391,7 @@ class TrainerConfig:
         _check(self.checkpoint_every >= 0, "trainer.checkpoint_every", self.checkpoint_every, "an integer >= 0 (0: none)")
         _check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
         _check(self.eval_episodes >= 0, "trainer.eval_episodes", self.eval_episodes, "an integer >= 0")
+        _check(self.eval_samples >= 1, "trainer.eval_samples", self.eval_samples, "an integer >= 1")
         _check(self.resume_mode() in ("false", "true", "auto"), "trainer.resume", self.resume, "false, true or auto")
         self.resume = self.resume_mode()
         _check(

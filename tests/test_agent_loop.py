@@ -144,3 +144,19 @@ def test_config_rejects_bad_values():
         AgentLoopConfig(group_size=0)
     with pytest.raises(ValueError, match="max_steps"):
         AgentLoopConfig(max_steps=0)
+
+
+def test_system_prompt_opens_every_prompt_as_text_or_as_the_system_message(tokenizer):
+    plain = PromptEncoder(tokenizer, use_chat_template=False, system="Be brief.")
+    assert plain.encode("Now:\nx") == tokenizer("Be brief.\n\nNow:\nx", add_special_tokens=True)["input_ids"]
+    assert PromptEncoder(tokenizer, use_chat_template=False).encode("Now:\nx") == tokenizer("Now:\nx")["input_ids"]
+
+    class Chat:  # a chat template that shows the roles it was given
+        chat_template = "{roles}"
+
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            assert add_generation_prompt and tokenize
+            return [len(m["content"]) for m in messages] + [{"system": 1, "user": 2}[m["role"]] for m in messages]
+
+    assert PromptEncoder(Chat(), system="Be brief.").encode("hello") == [9, 5, 1, 2]
+    assert PromptEncoder(Chat()).encode("hello") == [5, 2]

@@ -59,7 +59,8 @@ def test_training_changes_parameters_and_writes_outputs(tmp_path):
     assert (tmp_path / "training_curves.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved == json.loads(json.dumps(summary))
-    assert set(saved["eval_after_warmup"]) == {"success_rate", "reward_mean", "invalid_action_rate", "episodes_dropped"}
+    assert set(saved["eval_after_warmup"]) == {"success_rate", "reward_mean", "invalid_action_rate", "episode_length",
+                                             "episodes_dropped"}
     with pytest.raises(FileExistsError, match="metrics.jsonl"):
         Trainer(small_config(), output_dir=tmp_path).train()  # never overwrites an earlier run
     from transformers import AutoModelForCausalLM

@@ -54,9 +54,12 @@ def render_prompt(instruction: str, history: Sequence[Turn], observation: str, w
 
 class PromptEncoder:
     """Turns prompt text into token ids, through the tokenizer's chat template when it has
-    one and ``use_chat_template`` allows it (``"auto"``, ``True`` or ``False``)."""
+    one and ``use_chat_template`` allows it (``"auto"``, ``True`` or ``False``). A
+    ``system`` text, when given, opens every prompt: as the system message of a chat
+    template, else as plain text followed by a blank line."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, use_chat_template: str | bool = "auto") -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, use_chat_template: str | bool = "auto",
+                 system: str = "") -> None:
         has_template = getattr(tokenizer, "chat_template", None) is not None
         if use_chat_template is True and not has_template:
             raise ValueError("use_chat_template=True but the tokenizer has no chat template")
@@ -64,13 +67,17 @@ class PromptEncoder:
             raise ValueError(f"use_chat_template must be 'auto', true or false, got {use_chat_template!r}")
         self.tokenizer = tokenizer
         self.chat = has_template and use_chat_template in ("auto", True)
+        self.system = system
 
     def encode(self, text: str) -> list[int]:
         if self.chat:
+            system = [{"role": "system", "content": self.system}] if self.system else []
             ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+                [*system, {"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
             )
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             return list(ids)
+        if self.system:
+            text = f"{self.system}\n\n{text}"
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]

@@ -64,6 +64,7 @@ from . import distributed as dp
 from .checkpoint import (checkpoint_dir, load_model_weights, load_sharded_state, load_trainer_state, save_checkpoint,
                          sharded_state)
 from .metrics_log import MetricsLogger, plot_metrics, reduce_record
+from .pass_at_k import pass_at_k, pass_at_k_ks, success_counts
 from .resume import check_resume_config, choose_start, metrics_until
 from .setup import build_backend, build_model, context_length, env_factory_from, resolve_device
 from .shared_prefix import check_attention_backend, enable_shared_prefix, verify_shared_prefix
@@ -175,7 +176,7 @@ class Trainer:
                 raise ConfigError(f"trainer.gradient_checkpointing=true: {err}") from None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         chat = {"auto": "auto", "true": True, "false": False}[str(cfg.rollout.use_chat_template).lower()]
-        self.encoder = PromptEncoder(tokenizer, chat)
+        self.encoder = PromptEncoder(tokenizer, chat, cfg.rollout.system_prompt)
         self.backend = build_backend(cfg, self.model, tokenizer, self._vllm_source)  # before sharding: HF copies the model
         if self.dist.rank > 0:  # ranks sample differently; rank 0 draws as a single process does
             torch.manual_seed(tc.seed + 7919 * self.dist.rank)
@@ -311,11 +312,14 @@ class Trainer:
             self.envs.clear()
 
     def evaluate(self) -> dict[str, float]:
-        """Success rate and mean return of one sampled episode from each evaluation seed
-        (over the episodes that did not fail; ``episodes_dropped`` counts the others)."""
+        """Success rate, mean return, invalid-action rate and episode length over
+        ``trainer.eval_samples`` sampled episodes from each evaluation seed (over the
+        episodes that did not fail; ``episodes_dropped`` counts the others), and with more
+        than one sample per seed, ``pass@k`` (:mod:`grpo_lab.training.pass_at_k`)."""
         if not self.eval_seeds:
             return {}
-        config = replace(self.loop_config, group_size=1, request_seed=None)
+        n = self.config.trainer.eval_samples
+        config = replace(self.loop_config, group_size=n, request_seed=None)
         faults = FaultLog()
         seeds = self.eval_seeds[self.dist.rank::self.dist.world_size]  # each rank plays its share
         try:
@@ -323,14 +327,27 @@ class Trainer:
         finally:
             self.envs.clear()
         won = batch.trajectory_success()  # an empty batch (every episode failed) gives empty columns
-        success, returns, episodes, invalid, rows, dropped = dp.global_sums(self.dist, [
+        ks = pass_at_k_ks(n) if n > 1 else []
+        per_k = []
+        if ks:
+            _, traj = torch.unique(batch.traj_id, return_inverse=True)
+            task = torch.zeros(won.numel(), dtype=torch.long).scatter_(0, traj, batch.group_id)
+            samples, correct = success_counts(task, won)
+            for k in ks:  # a task that lost episodes to faults counts for the k it still has
+                keep = samples >= k
+                per_k += [float(pass_at_k(samples[keep], correct[keep], k).sum()), float(keep.sum())]
+        success, returns, episodes, invalid, rows, dropped, *sums = dp.global_sums(self.dist, [
             float(won.sum()), float(batch.trajectory_returns().sum()), float(won.numel()),
-            float((~batch.valid_action).sum()), float(len(batch)), float(faults.episodes_dropped)])
+            float((~batch.valid_action).sum()), float(len(batch)), float(faults.episodes_dropped), *per_k])
         if episodes == 0:
             nan = float("nan")
-            return {"success_rate": nan, "reward_mean": nan, "invalid_action_rate": nan, "episodes_dropped": int(dropped)}
-        return {"success_rate": success / episodes, "reward_mean": returns / episodes, "invalid_action_rate": invalid / rows,
-                "episodes_dropped": int(dropped)}
+            return {"success_rate": nan, "reward_mean": nan, "invalid_action_rate": nan, "episode_length": nan,
+                    "episodes_dropped": int(dropped)}
+        out = {"success_rate": success / episodes, "reward_mean": returns / episodes, "invalid_action_rate": invalid / rows,
+               "episode_length": rows / episodes, "episodes_dropped": int(dropped)}
+        for k, total, tasks in zip(ks, sums[0::2], sums[1::2]):
+            out[f"pass@{k}"] = total / tasks if tasks else float("nan")
+        return out
 
     # ------------------------------------------------------------------ the loop
     def step_metrics(self, batch: RolloutBatch) -> dict[str, float]:
@@ -340,7 +357,9 @@ class Trainer:
             "reward_mean": float(batch.trajectory_returns().mean()),
             "success_rate": float(success.mean()),
             "episode_length": float(per_traj.float().mean()),
+            "episodes": int(per_traj.numel()),
             "invalid_action_rate": float((~batch.valid_action).float().mean()),
+            "env_steps": int(batch.valid_action.sum()),  # actions the environment carried out (tool calls)
             "num_rows": len(batch),
             "response_tokens": batch.num_response_tokens(),
         }
