@@ -13,10 +13,11 @@ the share of groups without signal, reused episodes per step, training success i
 last 5 steps and evaluation success (64 held-out tasks) after the warm-up and at the
 end. The plot shows training success against the generated tokens spent.
 
-Countdown uses 2 numbers, not the task's default 3: AR3PO saves episodes on the tasks a
-first stage solves, and with 3 numbers the tiny model solves about 2% of its answers
-within a CPU budget, so there is nothing to save (a first run measured 7.8 episodes per
-task against GRPO's 8).
+At this scale countdown is a negative control: the tiny model solves about 2% of its
+answers within 30 steps, so a first stage rarely solves a task and AR3PO has almost no
+episodes to save. Countdown with 2 numbers (``env.kwargs.num_numbers=2``) measured the
+same (7.83 episodes per task against 8). FrozenLake, where the warm-up already wins about
+15% of episodes, is where the saving shows.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _runs import Run, curves, labels, options, plot, report, select, spread, table, train_all, window_mean  # noqa: E402
 
-TASKS = {"countdown (2 numbers)": ["env=countdown", "env.kwargs.num_numbers=2"], "frozenlake": ["env=frozenlake"]}
+TASKS = {"countdown": ["env=countdown"], "frozenlake": ["env=frozenlake"]}
 METHODS = {"GRPO (G=8)": [], "AR3PO (2 stages x 4, reuse)": ["rollout=ar3po"]}
 
 

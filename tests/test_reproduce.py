@@ -20,7 +20,7 @@ SCRIPTS = {  # script: (rows its table must hold, whether it trains through pyth
     "reproduce_fgrpo": (["| after warm-up", "| GRPO, 2 steps |", "| GRPO + focal (gamma=0.5), 2 steps |"], True),
     "reproduce_tree_grpo": (["| chains (GRPO, G=5) |", "| trees (Tree-GRPO, M=2 N=2 L=1) |"], True),
     "reproduce_prefix_grouper": (["| 4 |"], False),
-    "reproduce_ar3po": (["| countdown (2 numbers) | GRPO (G=8) |", "| frozenlake | AR3PO (2 stages x 4, reuse) |"], True),
+    "reproduce_ar3po": (["| countdown | GRPO (G=8) |", "| frozenlake | AR3PO (2 stages x 4, reuse) |"], True),
 }
 
 
