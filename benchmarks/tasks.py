@@ -43,12 +43,9 @@ def random_policy_success(name: str, kwargs: dict, max_steps: int, episodes: int
 
 
 def env_config(name: str, extra: list[str]):
-    from hydra import compose, initialize_config_module
+    from grpo_lab.train import compose_config
 
-    from grpo_lab.train import build_config
-
-    with initialize_config_module(config_module="grpo_lab.configs", version_base="1.3"):
-        return build_config(compose(config_name="config", overrides=[f"env={name}", *extra]))
+    return compose_config([f"env={name}", *extra])
 
 
 def main() -> None:

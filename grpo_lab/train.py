@@ -58,6 +58,15 @@ def build_config(cfg: DictConfig) -> Config:
     return config.validate()
 
 
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The validated config of ``python -m grpo_lab.train OVERRIDES``, without running it
+    (Hydra's compose API over the shipped configs)."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="grpo_lab.configs", version_base="1.3"):
+        return build_config(compose(config_name="config", overrides=list(overrides)))
+
+
 @hydra.main(version_base="1.3", config_path="pkg://grpo_lab.configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     from .training import distributed

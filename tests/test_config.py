@@ -4,16 +4,14 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 
 from grpo_lab.config import AlgoConfig, Config, ConfigError
-from grpo_lab.train import build_config
+from grpo_lab.train import compose_config
 
 
 def load(*overrides):
-    with initialize_config_module(config_module="grpo_lab.configs", version_base="1.3"):
-        return build_config(compose(config_name="config", overrides=list(overrides)))
+    return compose_config(overrides)
 
 
 def test_defaults_match_the_dataclasses():

@@ -28,12 +28,9 @@ def readme_train_commands() -> list[list[str]]:
 
 
 def load(*overrides):
-    from hydra import compose, initialize_config_module
+    from grpo_lab.train import compose_config
 
-    from grpo_lab.train import build_config
-
-    with initialize_config_module(config_module="grpo_lab.configs", version_base="1.3"):
-        return build_config(compose(config_name="config", overrides=list(overrides)))
+    return compose_config(overrides)
 
 
 def test_the_configuration_section_has_command_lines():

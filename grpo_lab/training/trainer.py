@@ -50,7 +50,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..advantages import compute_advantages
+from ..advantages import AdvantageOutput, compute_advantages
+from ..advantages.grouping import trajectory_table
 from ..config import Config, ConfigError, TrainerConfig
 from ..data import RolloutBatch
 from ..modeling import frozen, torch_dtype
@@ -330,8 +331,7 @@ class Trainer:
         ks = pass_at_k_ks(n) if n > 1 else []
         per_k = []
         if ks:
-            _, traj = torch.unique(batch.traj_id, return_inverse=True)
-            task = torch.zeros(won.numel(), dtype=torch.long).scatter_(0, traj, batch.group_id)
+            _, task, _ = trajectory_table(batch.reward, batch.traj_id, batch.group_id)  # in won's episode order
             samples, correct = success_counts(task, won)
             for k in ks:  # a task that lost episodes to faults counts for the k it still has
                 keep = samples >= k
@@ -512,8 +512,7 @@ class Trainer:
         if len(batch) == 0:  # this rank lost all its groups; the others train, and it joins their collectives
             train_batch, advantages, extras = batch, torch.zeros(0), {}
         else:
-            adv_out = compute_advantages(batch, cfg.algo.estimator, cfg.algo.invalid_action_penalty,
-                                         cfg.algo.params, cfg.algo.modifier_settings(), cfg.algo.penalty_placement)
+            adv_out = self.advantages(batch)
             record.update({**self.step_metrics(batch), **adv_out.metrics})
             train_batch, advantages, extras = batch, adv_out.advantages, adv_out.extras
         if cfg.algo.drop_zero_std_groups and len(batch):
@@ -529,6 +528,12 @@ class Trainer:
         record["rollout_time"] = t_roll - t_step
         record["update_time"] = time.perf_counter() - t_roll
         return self._log(reduce_record(self.dist, record, len(batch)))
+
+    def advantages(self, batch: RolloutBatch) -> AdvantageOutput:
+        """The configured estimator and modifiers on a non-empty ``batch`` (``algo.*``)."""
+        ac = self.config.algo
+        return compute_advantages(batch, ac.estimator, ac.invalid_action_penalty, ac.params, ac.modifier_settings(),
+                                  ac.penalty_placement)
 
     def _log(self, record: dict[str, Any]) -> dict[str, Any]:
         """Rank 0 writes the step's (reduced) metrics."""
