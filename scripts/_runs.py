@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -86,11 +86,14 @@ class Result:
     summary: dict[str, Any]
     seconds: float
     command: str
-    out: Path = field(repr=False)
 
     def series(self, key: str) -> list[float]:
         """``[steps]``: the metric per step (NaN where a step did not log it)."""
         return [float(r.get(key, math.nan)) for r in self.records]
+
+    def per_step(self, key: str, missing: float = 0.0) -> float:
+        """The metric's mean over the steps, ``missing`` for a step that did not log it."""
+        return statistics.fmean(float(r.get(key, missing)) for r in self.records)
 
     def eval(self, when: str, key: str = "success_rate") -> float:
         """An evaluation metric, ``when`` = ``"eval_after_warmup"`` or ``"eval_final"``."""
@@ -122,7 +125,7 @@ def train(run: Run, args: argparse.Namespace) -> Result:
             raise SystemExit(f"run failed (exit {proc.returncode}): {command}\n{tail}")
         (out / "wall_seconds.json").write_text(json.dumps(seconds))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return Result(run, records, json.loads(done.read_text()), seconds, command, out)
+    return Result(run, records, json.loads(done.read_text()), seconds, command)
 
 
 def train_all(runs: Sequence[Run], args: argparse.Namespace) -> list[Result]:

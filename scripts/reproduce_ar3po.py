@@ -39,10 +39,6 @@ def runs(steps: int, seeds: list[int]) -> list[Run]:
             for task, env in TASKS.items() for seed in seeds for method, extra in METHODS.items()]
 
 
-def per_step(r, key: str) -> float:
-    return sum(r.series(key)) / len(r.records) if key in r.records[0] else 0.0
-
-
 def main() -> None:
     args = options(__doc__, steps=30, seeds=[0, 1, 2])
     results = train_all(runs(args.steps, args.seeds), args)
@@ -54,11 +50,11 @@ def main() -> None:
         success, spent = {}, {}
         for method in labels(results, "method"):
             rs = select(results, task=task, method=method)
-            rows.append([task, method, spread([per_step(r, "responses_per_prompt") for r in rs], 2),
-                         spread([per_step(r, "response_tokens") for r in rs], 0),
-                         spread([per_step(r, "rollout_time") for r in rs], 2),
-                         spread([per_step(r, "frac_zero_std_groups") for r in rs], 2),
-                         spread([per_step(r, "ar3po_reused") for r in rs], 1),
+            rows.append([task, method, spread([r.per_step("responses_per_prompt") for r in rs], 2),
+                         spread([r.per_step("response_tokens") for r in rs], 0),
+                         spread([r.per_step("rollout_time") for r in rs], 2),
+                         spread([r.per_step("frac_zero_std_groups") for r in rs], 2),
+                         spread([r.per_step("ar3po_reused") for r in rs], 1),
                          spread([window_mean(r.series("success_rate"), False) for r in rs]),
                          spread([r.eval("eval_after_warmup") for r in rs]), spread([r.eval("eval_final") for r in rs])])
             success[method] = curves(rs, "success_rate")

@@ -57,8 +57,7 @@ def main() -> None:
                          spread([r.eval("eval_final", "invalid_action_rate") for r in rs]),
                          spread([r.eval("eval_final", "episode_length") for r in rs], 2),
                          spread(shared, 2),
-                         spread([sum(r.series("rollout_time")) / len(r.records) + sum(r.series("update_time")) / len(r.records)
-                                 for r in rs], 1)])
+                         spread([r.per_step("rollout_time") + r.per_step("update_time") for r in rs], 1)])
             success[method], invalid[method] = curves(rs, "success_rate"), curves(rs, "invalid_action_rate")
         panels += [(f"{task}: training success", "success rate", success),
                    (f"{task}: invalid-action rate", "share of steps", invalid)]

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _runs import options, plot, report, table  # noqa: E402
+from _runs import COMMON, options, plot, report, table  # noqa: E402
 
 PARAGRAPH = ("Rules of the game. You are given a few numbers and a target number. Write one arithmetic expression "
              "that uses each given number at most once, with plus, minus, times, divide and parentheses, and whose value "
@@ -40,24 +40,20 @@ PARAGRAPH = ("Rules of the game. You are given a few numbers and a target number
 
 
 def config_for(group_size: int, repeats: int, seed: int, steps: int, quick: bool, overrides: list[str]):
-    from hydra import compose, initialize_config_module
-
-    from grpo_lab.train import build_config
+    from grpo_lab.train import compose_config
 
     extra = [f"algo.group_size={group_size}", "trainer.tasks_per_step=4", f"trainer.total_steps={steps}",
              f"trainer.seed={seed}", "trainer.eval_episodes=0", "trainer.warmup.steps=20", "algo.entropy_coef=0.001",
-             "logger.wandb=false", "logger.progress_bar=false", "trainer.save_final=false"]
+             *COMMON]
     if quick:
         extra += ["trainer.warmup.steps=2", "trainer.tasks_per_step=2"]
-    with initialize_config_module(config_module="grpo_lab.configs", version_base="1.3"):
-        cfg = build_config(compose(config_name="config", overrides=["env=countdown", *extra, *overrides]))
+    cfg = compose_config(["env=countdown", *extra, *overrides])
     cfg.rollout.system_prompt = (PARAGRAPH * repeats).strip()
     return cfg
 
 
 def measure(group_size: int, repeats: int, seed: int, steps: int, quick: bool, overrides: list[str]) -> dict:
     """Run ``steps`` steps; per step, time both updates on the same batch and check they agree."""
-    from grpo_lab.advantages import compute_advantages
     from grpo_lab.training.trainer import Trainer
 
     cfg = config_for(group_size, repeats, seed, steps, quick, overrides)
@@ -67,19 +63,18 @@ def measure(group_size: int, repeats: int, seed: int, steps: int, quick: bool, o
     out = {"plain": [], "shared": [], "P": [], "R": [], "tokens_plain": 0, "tokens_shared": 0, "rows": 0, "losses": []}
     for step in range(steps):
         batch = trainer.collect(step)
-        ac = cfg.algo
-        adv = compute_advantages(batch, ac.estimator, ac.invalid_action_penalty, ac.params, ac.modifier_settings(),
-                                 ac.penalty_placement).advantages
-        active = list(range(len(batch)))  # with an entropy term the update trains on every row
-        for g in sorted({int(batch.group_id[i]) for i in active}):
-            rows = [i for i in active if int(batch.group_id[i]) == g]
+        adv = trainer.advantages(batch).advantages
+        groups: dict[int, list[int]] = {}  # with an entropy term the update trains on every row
+        for i, g in enumerate(batch.group_id.tolist()):
+            groups.setdefault(g, []).append(i)
+        for rows in groups.values():  # a single-turn group shares its whole prompt
             prompt = len(batch.prompt_ids[rows[0]])
             answers = [len(batch.response_ids[i]) for i in rows]
             out["P"] += [prompt] * len(rows)
             out["R"] += answers
             out["tokens_plain"] += sum(prompt + r for r in answers)
             out["tokens_shared"] += prompt + sum(answers)
-            out["rows"] += len(rows)
+        out["rows"] += len(batch)
         start_model = copy.deepcopy(trainer.model.state_dict())
         start_optim = copy.deepcopy(trainer.optimizer.state_dict())
         start_sched = copy.deepcopy(trainer.lr_scheduler.state_dict())

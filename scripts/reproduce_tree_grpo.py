@@ -40,32 +40,27 @@ def runs(steps: int, seeds: list[int]) -> list[Run]:
             for seed in seeds for method, extra in METHODS.items()]
 
 
-def mean_per_step(r, key: str) -> float:
-    return sum(r.series(key)) / len(r.records)
-
-
 def main() -> None:
     args = options(__doc__, steps=30, seeds=[0, 1])
     results = train_all(runs(args.steps, args.seeds), args)
     header = ["method", "trajectories per question", "generated tokens per step", "env steps per step",
               "tokens per trajectory", "train accuracy, last 5 steps", "eval accuracy after warm-up", "eval accuracy at end",
               "s per step"]
-    rows, by_tokens, by_step, spent = [], {}, {}, {}
+    rows, success, spent = [], {}, {}
     for method in labels(results, "method"):
         rs = select(results, method=method)
-        rows.append([method, spread([mean_per_step(r, "responses_per_prompt") for r in rs], 2),
-                     spread([mean_per_step(r, "response_tokens") for r in rs], 0),
-                     spread([mean_per_step(r, "env_steps") for r in rs], 1),
+        rows.append([method, spread([r.per_step("responses_per_prompt") for r in rs], 2),
+                     spread([r.per_step("response_tokens") for r in rs], 0),
+                     spread([r.per_step("env_steps") for r in rs], 1),
                      spread([sum(r.series("response_tokens")) / sum(r.series("episodes")) for r in rs], 1),
                      spread([window_mean(r.series("success_rate"), False) for r in rs]),
                      spread([r.eval("eval_after_warmup") for r in rs]), spread([r.eval("eval_final") for r in rs]),
-                     spread([mean_per_step(r, "rollout_time") + mean_per_step(r, "update_time") for r in rs], 1)])
-        by_step[method] = curves(rs, "success_rate")
-        by_tokens[method] = by_step[method]
+                     spread([r.per_step("rollout_time") + r.per_step("update_time") for r in rs], 1)])
+        success[method] = curves(rs, "success_rate")
         spent[method] = [list(itertools.accumulate(r.series("response_tokens"))) for r in rs]
-    png = plot(args.out / "plot.png", [("search_qa: training accuracy by tokens spent", "exact match", by_tokens,
+    png = plot(args.out / "plot.png", [("search_qa: training accuracy by tokens spent", "exact match", success,
                                         "generated tokens (cumulative)", spent),
-                                       ("search_qa: training accuracy by step", "exact match", by_step)])
+                                       ("search_qa: training accuracy by step", "exact match", success)])
     budget = _ratio(results, "response_tokens"), _ratio(results, "env_steps")
     body = (f"Mean ± std over seeds {args.seeds}; accuracy is the exact match of the answer (the episode's `won`); "
             "evaluation on `trainer.eval_episodes` held-out questions (64), one episode each. Budget spent by trees "
