@@ -14,9 +14,11 @@ from typing import Any, Dict, List, Optional
 from .envs import env_names
 from .modeling import _DTYPES
 from .rollout.adaptive import AdaptiveConfig
-from .rollout.agent_loop import OVERLONG_POLICIES
+from .rollout.agent_loop import OVERLONG_BY_FORMAT
+from .rollout.conversation import EPISODE_FORMATS
 from .rollout.tree import TreeSamplerConfig
 from .advantages.shaping import PENALTY_PLACEMENTS, default_penalty_placement
+from .training.shared_prefix import PACKING_MODES, packing_mode
 from .training.losses import KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, RATIO_LEVELS
 
 
@@ -242,9 +244,17 @@ class RolloutConfig:
     (faults that raise are still caught; a hung step hangs the run).
     ``max_env_fault_rate``: the run stops when a step loses more than this fraction of
     its episodes to faults (:mod:`grpo_lab.rollout.faults`) rather than train on the
-    episodes that happened to run. ``overlong_prompt``: ``truncate_history`` (show fewer
-    past turns until the prompt fits the model's context; the episode is dropped when
-    even none is too long), ``drop_episode`` or ``error``."""
+    episodes that happened to run.
+
+    ``episode_format``: ``memory`` re-renders every turn's prompt from the task, the last
+    ``history_window`` turns and the observation (verl-agent); ``conversation`` keeps one
+    growing token sequence per episode, the sampled ids as they are and each observation
+    appended once (:mod:`grpo_lab.rollout.conversation`), bounded by
+    ``max_episode_tokens`` (and the model's context). ``overlong_prompt``, for a prompt
+    that does not fit: ``truncate_history`` (memory: show fewer past turns until it
+    fits; the episode is dropped when even none is too long), ``end_episode``
+    (conversation: the episode ends at its last turn that fitted), ``drop_episode`` or
+    ``error``; ``null`` takes the format's first."""
 
     backend: str = "hf"
     sampler: str = "chain"  # chain | tree | adaptive
@@ -256,7 +266,9 @@ class RolloutConfig:
     order: str = "fifo"  # fifo | shortest_first | longest_first
     env_workers: int = 2
     max_env_fault_rate: float = 0.2
-    overlong_prompt: str = "truncate_history"  # truncate_history | drop_episode | error
+    episode_format: str = "memory"  # memory | conversation
+    max_episode_tokens: Optional[int] = None  # conversation: tokens of a whole episode (None: the model's context)
+    overlong_prompt: Optional[str] = None  # truncate_history (memory) | end_episode (conversation) | drop_episode | error
     request_seeds: bool = False
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -302,8 +314,18 @@ class RolloutConfig:
                "fifo, shortest_first or longest_first")
         _check(self.env_workers >= 0, "rollout.env_workers", self.env_workers, "an integer >= 0 (0: in this process)")
         _check(0 <= self.max_env_fault_rate <= 1, "rollout.max_env_fault_rate", self.max_env_fault_rate, "a number in [0, 1]")
-        _check(self.overlong_prompt in OVERLONG_POLICIES, "rollout.overlong_prompt", self.overlong_prompt,
-               f"one of {list(OVERLONG_POLICIES)}")
+        _check(self.episode_format in EPISODE_FORMATS, "rollout.episode_format", self.episode_format,
+               f"one of {list(EPISODE_FORMATS)}")
+        allowed = OVERLONG_BY_FORMAT[self.episode_format]
+        if self.overlong_prompt is None:
+            self.overlong_prompt = allowed[0]
+        _check(self.overlong_prompt in allowed, "rollout.overlong_prompt", self.overlong_prompt,
+               f"one of {list(allowed)} for rollout.episode_format={self.episode_format}")
+        _check(self.max_episode_tokens is None or (self.episode_format == "conversation" and self.max_episode_tokens >= 2),
+               "rollout.max_episode_tokens", self.max_episode_tokens,
+               "null, or an integer >= 2 with rollout.episode_format=conversation")
+        _check(self.episode_format == "memory" or self.sampler != "tree", "rollout.episode_format", self.episode_format,
+               "memory with rollout.sampler=tree (tree sampling replays memory-format prompts)")
 
 
 @dataclass
@@ -347,7 +369,8 @@ class TrainerConfig:
     epochs_per_batch: int = 1
     minibatches_per_epoch: int = 1
     micro_batch_size: int = 64
-    shared_prefix: bool = True  # encode each group's common prompt prefix once (Prefix Grouper)
+    shared_prefix: str = "group"  # group: each group's common prompt prefix once (Prefix Grouper) | trie: every shared
+    # token prefix once (groups, conversation turns, tree branches) | none (true / false: group / none)
     attention: str = "sdpa_shared_prefix"  # sdpa_shared_prefix | triton_shared_prefix (GPU)
     eval_episodes: int = 64  # evaluation tasks (seeds), after the warm-up and at the end
     eval_samples: int = 1  # sampled episodes per evaluation task; > 1 adds pass@k (k = 1, 2, 4, ..., eval_samples)
@@ -386,8 +409,12 @@ class TrainerConfig:
         _check(self.max_grad_norm > 0, "trainer.max_grad_norm", self.max_grad_norm, "a number > 0")
         _check(self.attention in ("sdpa_shared_prefix", "triton_shared_prefix"), "trainer.attention", self.attention,
                "sdpa_shared_prefix or triton_shared_prefix")
-        _check(self.shared_prefix or self.attention == "sdpa_shared_prefix", "trainer.attention", self.attention,
-               "sdpa_shared_prefix when trainer.shared_prefix=false (the kernel is the shared-prefix forward)")
+        try:
+            self.shared_prefix = packing_mode(self.shared_prefix)
+        except ValueError:
+            _check(False, "trainer.shared_prefix", self.shared_prefix, f"one of {list(PACKING_MODES)} (or true / false)")
+        _check(self.shared_prefix != "none" or self.attention == "sdpa_shared_prefix", "trainer.attention",
+               self.attention, "sdpa_shared_prefix when trainer.shared_prefix=none (the kernel is the packed forward)")
         _check(self.checkpoint_every >= 0, "trainer.checkpoint_every", self.checkpoint_every, "an integer >= 0 (0: none)")
         _check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
         _check(self.eval_episodes >= 0, "trainer.eval_episodes", self.eval_episodes, "an integer >= 0")

@@ -1,6 +1,6 @@
 """Prefix Grouper (Liu et al., 2025, "Prefix Grouper: Efficient GRPO Training through
 Shared-Prefix Forward") in the training update of real runs: the shared-prefix forward
-(``trainer.shared_prefix=true``) against the plain forward, on the same batches.
+(``trainer.shared_prefix=group``) against the plain forward, on the same batches.
 
     python scripts/reproduce_prefix_grouper.py [--steps 3] [--seeds 0] [--group-sizes 4 8 16]
                                                [--system-repeats 1 4 12] [--quick] [--results benchmarks/RESULTS.md]
@@ -83,7 +83,7 @@ def measure(group_size: int, repeats: int, seed: int, steps: int, quick: bool, o
             trainer.model.load_state_dict(start_model)
             trainer.optimizer.load_state_dict(start_optim)
             trainer.lr_scheduler.load_state_dict(start_sched)
-            cfg.trainer.shared_prefix = mode == "shared"
+            cfg.trainer.shared_prefix = "group" if mode == "shared" else "none"
             t0 = time.perf_counter()
             metrics = trainer.update(batch, adv)
             out[mode].append(time.perf_counter() - t0)

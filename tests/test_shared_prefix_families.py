@@ -95,7 +95,7 @@ def test_family_is_exact(arch, dtype):
 
 @pytest.mark.parametrize("arch", REFUSED_AT_ENABLE)
 def test_family_is_refused_when_enabled(arch):
-    with pytest.raises(NotImplementedError, match=f"'{arch}' model.*trainer.shared_prefix=false"):
+    with pytest.raises(NotImplementedError, match=f"'{arch}' model.*trainer.shared_prefix=none"):
         enable_shared_prefix(build(arch, torch.float32))
 
 
@@ -103,7 +103,7 @@ def test_family_is_refused_when_enabled(arch):
 def test_family_is_refused_at_the_forward_and_by_the_probe(arch):
     model = enable_shared_prefix(build(arch, torch.float32))
     prompts, responses = rows()
-    with pytest.raises(NotImplementedError, match="trainer.shared_prefix=false|another attention implementation"):
+    with pytest.raises(NotImplementedError, match="trainer.shared_prefix=none|another attention implementation"):
         shared_prefix_logprobs(model, prompts, responses)
     with pytest.raises(NotImplementedError):
         verify_shared_prefix(model)

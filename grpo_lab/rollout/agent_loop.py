@@ -5,12 +5,18 @@ action is parsed from each answer, the environment steps, and an episode that en
 leaves the batch at once (it never generates again). Each agent step becomes one row of
 a :class:`~grpo_lab.data.RolloutBatch`, with the exact prompt and response tokens.
 
+Two episode formats (``AgentLoopConfig.episode_format``): ``memory`` renders every
+turn's prompt from the task, the last ``history_window`` turns and the observation;
+``conversation`` keeps one growing token sequence per episode, the sampled ids kept as
+they are (:mod:`~grpo_lab.rollout.conversation`). Either way a turn is a row.
+
 Faults cost their episode, not the rollout: an environment that raises, hangs (with
 worker processes, :mod:`~grpo_lab.rollout.env_pool`) or returns a non-finite reward ends
 its episode, which leaves the batch whole (:mod:`~grpo_lab.rollout.faults`). A prompt
-longer than ``max_context`` is never sent: ``overlong`` says whether to drop the oldest
-turns of its history window until it fits, drop the episode, or stop; every request's
-``max_tokens`` is capped so that prompt and answer fit.
+longer than the token limit is never sent: ``overlong`` says whether to drop the oldest
+turns of its history window until it fits (memory), end the episode at its last turn
+that fitted (conversation), drop the episode, or stop; every request's ``max_tokens`` is
+capped so that prompt and answer fit.
 """
 
 from __future__ import annotations
@@ -26,9 +32,13 @@ from ..envs.base import ACTION_FORMAT, Env, Observation, StepResult, TextFormat,
 from .backend import Backend, Completion, SamplingParams
 from .env_pool import EnvFault, guard
 from .faults import FaultLog, drop_failed
+from .conversation import EPISODE_FORMATS, first_message, next_message
 from .prompts import ACTION_STOP, PromptEncoder, Turn, render_prompt
 
-OVERLONG_POLICIES = ("truncate_history", "drop_episode", "error")
+OVERLONG_POLICIES = ("truncate_history", "end_episode", "drop_episode", "error")
+#: the overlong policies each episode format can apply
+OVERLONG_BY_FORMAT = {"memory": ("truncate_history", "drop_episode", "error"),
+                      "conversation": ("end_episode", "drop_episode", "error")}
 
 
 class OverlongPromptError(RuntimeError):
@@ -48,9 +58,15 @@ class AgentLoopConfig:
     leave room for at least one answer token, and each request's ``max_tokens`` is capped
     at the room left. ``overlong``: what happens to a prompt that does not fit
     (:data:`OVERLONG_POLICIES`): ``truncate_history`` shows fewer past turns until it
-    fits (the episode is dropped when even the bare observation does not), ``drop_episode``
-    drops the episode, ``error`` raises :class:`OverlongPromptError`. ``env_threads``:
-    threads that step a turn's environments at once (0: one after another).
+    fits (the episode is dropped when even the bare observation does not; memory format),
+    ``end_episode`` ends a conversation episode at its last turn whose next prompt fits
+    (that turn's row is marked done, as at ``max_steps``; conversation format),
+    ``drop_episode`` drops the episode, ``error`` raises :class:`OverlongPromptError`.
+    ``env_threads``: threads that step a turn's environments at once (0: one after another).
+
+    ``episode_format``: ``memory`` or ``conversation`` (module docstring);
+    ``max_episode_tokens`` bounds a conversation's tokens (prompt and answer) below the
+    model's context.
     """
 
     group_size: int = 8
@@ -59,8 +75,16 @@ class AgentLoopConfig:
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=16, stop=(ACTION_STOP,)))
     request_seed: int | None = None
     max_context: int | None = None
-    overlong: str = "truncate_history"
+    overlong: str | None = None  # None: the episode format's default (truncate_history, end_episode)
     env_threads: int = 0
+    episode_format: str = "memory"
+    max_episode_tokens: int | None = None
+
+    @property
+    def token_limit(self) -> int | None:
+        """The most tokens a prompt and its answer may hold (``None``: unbounded)."""
+        limits = [x for x in (self.max_context, self.max_episode_tokens) if x is not None]
+        return min(limits) if limits else None
 
     def params_for(self, traj_id: int, step: int, prompt_len: int | None = None) -> SamplingParams:
         """The sampling parameters of one request (its seed; ``max_tokens`` capped to the
@@ -68,8 +92,9 @@ class AgentLoopConfig:
         params = self.sampling
         if self.request_seed is not None:
             params = params.with_seed(request_seed_of(self.request_seed, traj_id, step))
-        if self.max_context is not None and prompt_len is not None and prompt_len + params.max_tokens > self.max_context:
-            params = params.with_max_tokens(self.max_context - prompt_len)
+        limit = self.token_limit
+        if limit is not None and prompt_len is not None and prompt_len + params.max_tokens > limit:
+            params = params.with_max_tokens(limit - prompt_len)
         return params
 
     def __post_init__(self) -> None:
@@ -81,10 +106,20 @@ class AgentLoopConfig:
             raise ValueError(f"history_window must be >= 0, got {self.history_window}")
         if self.max_context is not None and self.max_context < 2:
             raise ValueError(f"max_context must be None or >= 2, got {self.max_context}")
-        if self.overlong not in OVERLONG_POLICIES:
-            raise ValueError(f"overlong={self.overlong!r} is not one of {list(OVERLONG_POLICIES)}")
         if self.env_threads < 0:
             raise ValueError(f"env_threads must be >= 0, got {self.env_threads}")
+        if self.episode_format not in EPISODE_FORMATS:
+            raise ValueError(f"episode_format={self.episode_format!r} is not one of {list(EPISODE_FORMATS)}")
+        if self.overlong is None:
+            self.overlong = OVERLONG_BY_FORMAT[self.episode_format][0]
+        if self.overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"overlong={self.overlong!r} is not one of {list(OVERLONG_POLICIES)}")
+        if self.overlong not in OVERLONG_BY_FORMAT[self.episode_format]:
+            raise ValueError(f"overlong={self.overlong!r} does not apply to {self.episode_format} episodes: use one of "
+                             f"{list(OVERLONG_BY_FORMAT[self.episode_format])}")
+        if self.max_episode_tokens is not None and (self.episode_format != "conversation" or self.max_episode_tokens < 2):
+            raise ValueError(f"max_episode_tokens={self.max_episode_tokens} needs episode_format=conversation and a "
+                             "value >= 2")
 
 
 def request_seed_of(base: int, traj_id: int, step: int) -> int:
@@ -106,6 +141,7 @@ class _Episode:
     steps: int = 0
     done: bool = False
     fault: EnvFault | None = None  # set when the episode failed: it leaves the batch
+    ids: list[int] | None = None  # conversation episodes: the next prompt's tokens (the whole conversation)
 
 
 @dataclass
@@ -172,7 +208,7 @@ def run_episodes(
                 if isinstance(outcome, EnvFault):
                     fail(ep, outcome, faults)
                 else:
-                    rows.append(finish_turn(ep, prompt, comp, outcome, config))
+                    rows.append(finish_turn(ep, prompt, comp, outcome, config, encoder, faults))
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -246,11 +282,30 @@ def episode_prompt(ep: _Episode, encoder: PromptEncoder, instruction: str, confi
     """Token ids of the episode's next prompt; ``None`` when it cannot fit the context
     (the episode is then failed and counted)."""
     try:
+        if config.episode_format == "conversation":
+            return conversation_prompt(ep, encoder, instruction, config)
         return fit_prompt(encoder, instruction, ep.history, ep.obs.text, config, (env_name(ep.env), ep.seed, ep.steps), faults,
                           text_format_of(ep.env))
     except EnvFault as fault:
         fail(ep, fault, faults)
         return None
+
+
+def conversation_prompt(ep: _Episode, encoder: PromptEncoder, instruction: str, config: AgentLoopConfig) -> list[int]:
+    """The conversation so far (its first prompt at the first turn); raises
+    :class:`OverlongPromptError` (``overlong="error"``) or the ``overlong`` fault when it
+    leaves no room for an answer."""
+    if ep.ids is None:
+        ep.ids = encoder.conversation.start(first_message(instruction, ep.obs.text))
+    limit = config.token_limit
+    if limit is None or len(ep.ids) < limit:
+        return ep.ids
+    where = (env_name(ep.env), ep.seed, ep.steps)
+    detail = f"the conversation has {len(ep.ids)} tokens and the limit is {limit} (after {ep.steps} turns)"
+    if config.overlong == "error":
+        raise OverlongPromptError(f"env {where[0]!r} seed {where[1]} step {where[2]}: {detail}; set "
+                                  "rollout.overlong_prompt=end_episode or drop_episode to go on without it")
+    raise EnvFault("overlong", *where, detail)
 
 
 def completion_text(comp: Completion, encoder: PromptEncoder) -> str:
@@ -285,9 +340,12 @@ def turn_outcome(result: StepResult | None, obs: Observation) -> tuple[float, bo
 
 def finish_turn(
     ep: _Episode, prompt: list[int], comp: Completion, outcome: tuple[str | None, StepResult | None],
-    config: AgentLoopConfig,
+    config: AgentLoopConfig, encoder: PromptEncoder | None = None, faults: FaultLog | None = None,
 ) -> _Row:
-    """Record the turn's row and advance the episode's history, observation and step count."""
+    """Record the turn's row and advance the episode's history, observation and step
+    count; a conversation episode that goes on gets its next prompt (``encoder``), and
+    ends here under ``overlong="end_episode"`` when that prompt leaves no room for an
+    answer (counted in ``faults.overlong_ended``)."""
     action, result = outcome
     anchor = ep.obs.anchor
     reward, env_done, valid, won, next_obs = turn_outcome(result, ep.obs)
@@ -295,6 +353,15 @@ def finish_turn(
     ep.obs = next_obs
     ep.steps += 1
     ep.done = env_done or ep.steps >= config.max_steps
+    if config.episode_format == "conversation" and not ep.done:
+        if encoder is None:
+            raise ValueError("a conversation episode needs the encoder to extend its prompt")
+        ep.ids = encoder.conversation.extend(prompt, comp.token_ids, next_message(next_obs.text, result is not None))
+        limit = config.token_limit
+        if config.overlong == "end_episode" and limit is not None and len(ep.ids) >= limit:
+            ep.done = True
+            if faults is not None:
+                faults.overlong_ended += 1
     return _Row(ep.group_id, ep.traj_id, ep.steps - 1, prompt, comp.token_ids, comp.logprobs,
                 reward, ep.done, valid, won, anchor)
 

@@ -28,8 +28,9 @@ FAULT_METRICS = {"error": "env_errors", "timeout": "env_timeouts", "nonfinite": 
 class FaultLog:
     """Counts of one rollout: ``episodes`` started, ``episodes_dropped`` (failed),
     ``groups_dropped`` (fewer than two members left), each fault kind
-    (:data:`FAULT_METRICS`), and ``overlong_truncated`` (prompts that fitted only after
-    dropping their oldest turns). ``examples`` keeps the first faults' lines."""
+    (:data:`FAULT_METRICS`), ``overlong_truncated`` (prompts that fitted only after
+    dropping their oldest turns) and ``overlong_ended`` (conversation episodes ended at
+    the token limit; they stay in the batch). ``examples`` keeps the first faults' lines."""
 
     episodes: int = 0
     episodes_dropped: int = 0
@@ -39,6 +40,7 @@ class FaultLog:
     env_nonfinite_rewards: int = 0
     overlong_dropped: int = 0
     overlong_truncated: int = 0
+    overlong_ended: int = 0
     examples: list[str] = field(default_factory=list)
 
     MAX_EXAMPLES = 5
@@ -58,7 +60,7 @@ class FaultLog:
 
     def metrics(self) -> dict[str, float]:
         keys = ("episodes_dropped", "groups_dropped", "env_errors", "env_timeouts", "env_nonfinite_rewards",
-                "overlong_dropped", "overlong_truncated")
+                "overlong_dropped", "overlong_truncated", "overlong_ended")
         return {key: getattr(self, key) for key in keys}
 
 

@@ -250,7 +250,7 @@ def run_scheduled(
             fail(ep, outcome, faults)
             end_failed(ep)
             return
-        rows.append(finish_turn(ep, prompts.pop(ep.traj_id), comp, outcome, config))
+        rows.append(finish_turn(ep, prompts.pop(ep.traj_id), comp, outcome, config, encoder, faults))
         if ep.done:
             del running[ep.traj_id]
             predictor.observe(keys.pop(ep.traj_id), tokens.pop(ep.traj_id))

@@ -80,7 +80,8 @@ def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike,
 
 #: step metrics that add up over ranks (the others are means, weighted by rows, or maxima)
 SUMMED = ("num_rows", "response_tokens", "rows_dropped", "episodes", "episodes_dropped", "groups_dropped", "env_errors",
-          "env_timeouts", "env_nonfinite_rewards", "overlong_dropped", "overlong_truncated", "env_steps", "rollout_env_steps",
+          "env_timeouts", "env_nonfinite_rewards", "overlong_dropped", "overlong_truncated", "overlong_ended", "env_steps",
+          "rollout_env_steps",
           "rollout_replayed_env_steps", "tree_nodes", "tree_expansions_short", "ar3po_reused", "ar3po_unsolved",
           "ar3po_buffer_size")
 MAXED = ("rollout_time", "update_time", "rollout_peak_inflight_tokens", "rollout_engine_steps", "rollout_decode_steps",

@@ -51,9 +51,22 @@ from torch import Tensor
 from ..modeling import text_config
 from .forward import pad_rows, response_logprobs, token_entropy
 
+#: ``trainer.shared_prefix``: the plain per-row forward, one shared prompt prefix per
+#: group (this module), or every shared token prefix once (:mod:`~grpo_lab.training.trie`)
+PACKING_MODES = ("none", "group", "trie")
 ATTENTION_NAME = "grpo_shared_prefix"
 ATTENTION_BACKENDS = ("reference", "triton")
 LAYOUT_KWARG = "shared_prefix_layout"
+
+
+def packing_mode(value: bool | str) -> str:
+    """``trainer.shared_prefix`` as one of :data:`PACKING_MODES` (``true`` is ``group``,
+    ``false`` is ``none``, as before the trie mode existed)."""
+    text = str(value).lower()
+    mode = {"true": "group", "false": "none"}.get(text, text)
+    if mode not in PACKING_MODES:
+        raise ValueError(f"shared_prefix={value!r} is not one of {list(PACKING_MODES)} (or true / false)")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -181,16 +194,22 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if receipt is not None:
         receipt.modules.add(id(module))
+    from .trie import TrieLayout, trie_attention
+
+    trie = isinstance(layout, TrieLayout)
     window = kwargs.get("sliding_window")
     if window is not None:
-        longest = max((row.prefix_len + max(row.member_lens, default=0) for row in layout), default=0)
+        longest = layout.max_depth if trie else max((row.prefix_len + max(row.member_lens, default=0) for row in layout),
+                                                    default=0)
         if longest > window:
             raise NotImplementedError(
                 f"shared-prefix attention: a packed row's prompt plus response is {longest} tokens, longer than this "
                 f"layer's sliding window of {window}: the window would mask part of it, which the packed attention "
-                "does not implement; use trainer.shared_prefix=false, or shorter episodes")
+                "does not implement; use trainer.shared_prefix=none, or shorter episodes")
     if dropout and module.training:
         raise NotImplementedError("shared-prefix attention does not support attention dropout")
+    if trie:
+        return trie_attention(query, key, value, layout, backend, scaling, softcap), None
     if backend == "reference":
         out = packed_attention_reference(query, key, value, layout, scaling, softcap)
         return out.transpose(1, 2).contiguous(), None
@@ -220,7 +239,7 @@ def _check_receipt(model: torch.nn.Module, receipt: _Receipt) -> None:
             f"the shared-prefix forward did not reach every attention layer of this {_model_type(model)!r} model "
             f"({reached} of {expected if expected is not None else '?'} layers got the packed layout, {receipt.missed} "
             "attention calls came without it: its decoder layers do not pass the attention keyword arguments through), "
-            "so its numbers would be wrong; use trainer.shared_prefix=false for this model")
+            "so its numbers would be wrong; use trainer.shared_prefix=none for this model")
 
 
 def _packed_attention_triton(query: Tensor, key: Tensor, value: Tensor, layout: Sequence[RowLayout],
@@ -284,7 +303,7 @@ def enable_shared_prefix(model: torch.nn.Module) -> torch.nn.Module:
     if obstacles:
         raise NotImplementedError(
             f"the shared-prefix forward cannot be exact for this {_model_type(model)!r} model: {'; '.join(obstacles)}. "
-            "Use trainer.shared_prefix=false for it")
+            "Use trainer.shared_prefix=none for it")
 
     AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
@@ -292,9 +311,10 @@ def enable_shared_prefix(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def verify_shared_prefix(model: torch.nn.Module, attention: str = "reference") -> None:
-    """One small packed forward, beside the ordinary forward of the same rows, to refuse a
-    model before training rather than at its first update: raises ``NotImplementedError``
+def verify_shared_prefix(model: torch.nn.Module, attention: str = "reference", mode: str = "group") -> None:
+    """One small packed forward (``mode``: ``group`` or ``trie``), beside the ordinary
+    forward of the same rows, to refuse a model before training rather than at its first
+    update: raises ``NotImplementedError``
     naming the model type when the packed path was not taken in every attention layer,
     or (float32 and float64 models, where the comparison is meaningful) when the
     log-probs differ by more than 1e-3."""
@@ -307,7 +327,12 @@ def verify_shared_prefix(model: torch.nn.Module, attention: str = "reference") -
     model.eval()
     try:
         with torch.no_grad():
-            packed, mask, _ = shared_prefix_logprobs(model, [prefix, prefix], responses, attention=attention)
+            if mode == "trie":
+                from .trie import trie_logprobs
+
+                packed, mask, _ = trie_logprobs(model, [prefix, prefix], responses, attention=attention)
+            else:
+                packed, mask, _ = shared_prefix_logprobs(model, [prefix, prefix], responses, attention=attention)
             plain, _, _ = response_logprobs(model, [prefix, prefix], responses)
     finally:
         model.train(was_training)
@@ -316,7 +341,7 @@ def verify_shared_prefix(model: torch.nn.Module, attention: str = "reference") -
         if not error <= 1e-3:
             raise NotImplementedError(
                 f"the shared-prefix forward of this {_model_type(model)!r} model differs from its ordinary forward by "
-                f"{error:.2e} in log-prob on a probe: use trainer.shared_prefix=false for it")
+                f"{error:.2e} in log-prob on a probe: use trainer.shared_prefix=none for it")
 
 
 # ----------------------------------------------------------------------------- packing

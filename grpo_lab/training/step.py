@@ -12,7 +12,8 @@ from ..advantages.grouping import dense_ids
 from ..data import RolloutBatch
 from .distributed import SINGLE, DistContext, global_sums, gradient_sync, lockstep_count
 from .forward import pad_rows, response_logprobs
-from .shared_prefix import shared_prefix_logprobs
+from .shared_prefix import packing_mode, shared_prefix_logprobs
+from .trie import trie_logprobs
 from .losses import LossScale, aggregate, behaviour_weights, clipped_policy_loss, kl_penalty, reinforce_loss
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ def policy_gradient_backward(
     max_tokens: float,
     extras: dict[str, Tensor] | None = None,
     ref_model: torch.nn.Module | None = None,
-    shared_prefix: bool = False,
+    shared_prefix: bool | str = False,
     attention: str = "reference",
     temperature: float = 1.0,
     pad_id: int = 0,
@@ -101,11 +102,14 @@ def policy_gradient_backward(
         extras: ``[N]`` streams from the estimator (``global_advantages`` and
             ``local_weight`` for COPO's blended loss).
         ref_model: the frozen reference; required when ``algo.kl_coef > 0``.
-        shared_prefix: run the forward through
+        shared_prefix: the training forward (:data:`~grpo_lab.training.shared_prefix.PACKING_MODES`;
+            ``True`` is ``"group"``): ``"group"`` runs
             :func:`~grpo_lab.training.shared_prefix.shared_prefix_logprobs`, packing the rows
-            of each group (``group_id``) of a micro-batch; the rows are then ordered by group
-            before the micro-batch split (the order does not change the gradient). The
-            model must have gone through ``enable_shared_prefix``.
+            of each group (``group_id``) of a micro-batch; ``"trie"`` runs
+            :func:`~grpo_lab.training.trie.trie_logprobs`, packing the whole micro-batch as
+            one token trie. Packed rows are ordered by group, trajectory and step before the
+            micro-batch split, so that rows sharing prefixes meet (the order does not
+            change the gradient). The model must have gone through ``enable_shared_prefix``.
         attention: the packed attention: ``"reference"`` or ``"triton"``.
         autocast: a context for each forward (mixed precision).
 
@@ -131,8 +135,10 @@ def policy_gradient_backward(
     every_row = algo.kl_coef > 0 or algo.entropy_coef > 0  # terms that train rows without advantage too
     active = rows if every_row else rows[signal[rows]]
     out: dict[str, tuple[float, float]] = {}
-    if shared_prefix:
-        active = active[torch.sort(batch.group_id[active], stable=True).indices]
+    shared_prefix = packing_mode(shared_prefix)
+    if shared_prefix != "none":
+        for column in (batch.step, batch.traj_id, batch.group_id):  # stable sorts: by group, trajectory, step
+            active = active[torch.sort(column[active], stable=True).indices]
     micros = list(active.split(micro_batch_size)) if active.numel() else []
     passes = lockstep_count(dist, len(micros))
     if passes == 0:  # no rank has a row with a learning signal
@@ -183,7 +189,10 @@ def _micro_batch_backward(model, batch, micro, advantages, old_logprobs, algo, s
     idx = micro.tolist()
     prompts, responses = [batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx]
     with autocast():
-        if shared_prefix:
+        if shared_prefix == "trie":
+            logp, mask, entropy = trie_logprobs(model, prompts, responses, temperature=temperature, with_entropy=True,
+                                                pad_id=pad_id, attention=attention, entropy_grad=algo.entropy_coef > 0)
+        elif shared_prefix == "group":
             groups: dict[int, list[int]] = {}
             for k, i in enumerate(idx):
                 groups.setdefault(int(batch.group_id[i]), []).append(k)

@@ -142,16 +142,16 @@ class Trainer:
         if model is None:
             model, tokenizer = build_model(cfg, self.envs)
         self.model = model.to(self.device)
-        if tc.shared_prefix:
+        if tc.shared_prefix != "none":
             try:
                 check_attention_backend(ATTENTION_OPTIONS[tc.attention])
             except RuntimeError as err:
                 raise ConfigError(f"trainer.attention={tc.attention!r}: {err}") from None
             try:  # refuse a model the packed forward cannot be exact for, before any rollout
                 enable_shared_prefix(self.model)
-                verify_shared_prefix(self.model, ATTENTION_OPTIONS[tc.attention])
+                verify_shared_prefix(self.model, ATTENTION_OPTIONS[tc.attention], tc.shared_prefix)
             except NotImplementedError as err:
-                raise ConfigError(f"trainer.shared_prefix=true: {err}") from None
+                raise ConfigError(f"trainer.shared_prefix={tc.shared_prefix}: {err}") from None
         self.tokenizer = tokenizer
         mc = cfg.model
         self._vllm_source: str | None = None
@@ -205,6 +205,8 @@ class Trainer:
             max_context=self.max_context,
             overlong=cfg.rollout.overlong_prompt,
             env_threads=cfg.rollout.env_workers,
+            episode_format=cfg.rollout.episode_format,
+            max_episode_tokens=cfg.rollout.max_episode_tokens,
         )
         rc = cfg.rollout
         scheduler = None if rc.scheduler == "full" else SchedulerConfig(

@@ -1,0 +1,140 @@
+"""Conversation episodes: one growing token sequence per episode, token in, token out.
+
+The ``memory`` episode format re-renders every turn's prompt from the task, a window of
+past turns and the new observation (verl-agent). The ``conversation`` format keeps one
+token sequence per episode instead, as verl's agent loop and TRL's tool calling do:
+
+- the first prompt is the chat template's rendering of the system text and the first
+  user message (task and observation), ending with the assistant's generation prompt;
+- the model's sampled token ids are appended as they are: never decoded and encoded again;
+- then the assistant turn's closing tokens that were not sampled (the template's
+  end-of-turn token and the separator after it, e.g. ChatML's ``<|im_end|>\\n``: a model
+  that stops on ``<|im_end|>`` leaves the ``\\n``, the verl#6501 class of bug), the next
+  user message (the observation, tokenized once) and the generation prompt again.
+
+So the tokens of turn ``k``'s prompt and answer are a prefix of turn ``k + 1``'s prompt
+(:func:`is_prefix` checks it in tests), every observation is encoded once, and each row of
+the batch is one turn whose loss mask covers its own answer only: observation tokens and
+earlier answers sit in the prompt, outside the loss. The trie-packed training forward
+(:mod:`grpo_lab.training.trie`) then encodes each episode once.
+
+The closing tokens and the user-turn tokens come from the tokenizer's own chat
+template, rendered on a probe conversation: what the template writes after an
+assistant message's text, and what one more user message adds after that. Departure
+stated: a template that rewrites earlier turns when a new one comes (Qwen3 drops the
+reasoning of past answers) would re-render them; here, as in verl, earlier turns stay
+as they were sampled, which is the point of token in, token out. Without a chat
+template (or ``use_chat_template=false``) the conversation is plain text: the first
+prompt as the memory format writes it, each answer followed by the end-of-sequence
+token and the next observation on a new paragraph.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+EPISODE_FORMATS = ("memory", "conversation")
+
+_PROBE_USER, _PROBE_ANSWER = "Probe question 7?", "Probe answer 9 (q7x)."
+
+
+class TemplateError(ValueError):
+    """A chat template whose turns cannot be written one after another."""
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+
+
+class ConversationRenderer:
+    """Token deltas of a conversation under ``tokenizer``'s chat template (``chat``) or
+    plain text; ``system`` opens the conversation.
+
+    Attributes:
+        close_ids: the tokens the template puts after an assistant message's text.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, chat: bool, system: str = "") -> None:
+        self.tokenizer, self.chat, self.system = tokenizer, chat, system
+        if chat:
+            self._probe = self._messages(_PROBE_USER) + [{"role": "assistant", "content": _PROBE_ANSWER}]
+            self._close_text = self._after_answer(_render(tokenizer, self._probe, False))
+            self.close_ids = self._encode(self._close_text)
+        else:
+            eos = tokenizer.eos_token_id
+            self.close_ids = [eos] if eos is not None else []
+
+    def _after_answer(self, text: str) -> str:
+        """The rendering ``text`` after the probe's assistant answer."""
+        k = text.find(_PROBE_ANSWER)
+        if k < 0:
+            raise TemplateError(f"the chat template does not write an assistant message's text as given (rendered "
+                                f"{text[-120:]!r}); use rollout.episode_format=memory with it")
+        return text[k + len(_PROBE_ANSWER):]
+
+    # ------------------------------------------------------------------ text and tokens
+    def _messages(self, user: str) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, {"role": "user", "content": user}]
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def start(self, text: str) -> list[int]:
+        """Token ids of the first prompt: the system text and the user message ``text``,
+        up to the assistant's generation prompt."""
+        if self.chat:
+            ids = self.tokenizer.apply_chat_template(self._messages(text), add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        if self.system:
+            text = f"{self.system}\n\n{text}"
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def user_turn(self, text: str) -> list[int]:
+        """The tokens of one more user message ``text`` after a closed assistant turn, up
+        to the next generation prompt (tokenized once, on their own)."""
+        if not self.chat:
+            return self._encode(f"\n\n{text}")
+        rest = self._after_answer(_render(self.tokenizer, self._probe + [{"role": "user", "content": text}], True))
+        if not rest.startswith(self._close_text):
+            raise TemplateError(f"the chat template closes an assistant message with {self._close_text!r} when it is "
+                                f"last but writes {rest[:len(self._close_text) + 20]!r} when a user message follows; "
+                                "use rollout.episode_format=memory with it")
+        return self._encode(rest[len(self._close_text):])
+
+    def closing(self, answer: Sequence[int]) -> list[int]:
+        """The closing tokens the sampled ``answer`` still lacks: all of :attr:`close_ids`
+        after a stop string or the token limit, the rest of them after an answer that
+        ends with their beginning (a sampled end-of-turn token)."""
+        close = self.close_ids
+        for k in range(min(len(close), len(answer)), 0, -1):
+            if list(answer[-k:]) == close[:k]:
+                return close[k:]
+        return list(close)
+
+    def extend(self, ids: Sequence[int], answer: Sequence[int], text: str) -> list[int]:
+        """The next prompt: ``ids`` (the last prompt), the sampled ``answer`` as it is, its
+        missing closing tokens and the user message ``text``."""
+        return [*ids, *answer, *self.closing(answer), *self.user_turn(text)]
+
+
+def is_prefix(shorter: Sequence[int], longer: Sequence[int]) -> bool:
+    return len(shorter) <= len(longer) and list(longer[: len(shorter)]) == list(shorter)
+
+
+def first_message(instruction: str, observation: str) -> str:
+    """The first user message of an episode: the task, then the first observation."""
+    return f"{instruction}\n\n{observation}" if instruction else observation
+
+
+NO_ACTION_NOTE = "Your answer had no valid action; the state did not change."
+
+
+def next_message(observation: str, had_action: bool) -> str:
+    """A later user message: the observation after the turn (after an answer without a
+    parseable action, the unchanged observation with a note saying so)."""
+    return observation if had_action else f"{NO_ACTION_NOTE}\n\n{observation}"

@@ -1,0 +1,313 @@
+"""Trie-packed training forward: every distinct token prefix of a micro-batch encoded once.
+
+Rows that share token prefixes (the G members of a group share their prompt; the turns
+of a conversation episode extend one another, :mod:`grpo_lab.rollout.conversation`;
+tree-sampled branches share their ancestors) are packed as one token trie. A token's
+hidden states depend only on the tokens before it and its position, so a prefix that
+several rows share needs encoding once:
+
+- the trie is a radix tree: a *node* is a maximal run of tokens without a branch, laid
+  out in pre-order (a node, then its subtree), so the packed sequence holds every
+  distinct prefix token once and each node's descendants sit in one contiguous range;
+- a token's position id is its depth (its position in every row through it);
+- in attention, a token sees every token of its ancestor nodes and the tokens of its own
+  node up to itself: exactly the keys its rows see in the ordinary forward.
+
+So log-probs and gradients equal the per-row forward's (up to summation order;
+``tests/test_trie.py``). Prefix Grouper's one-level layout
+(:mod:`~grpo_lab.training.shared_prefix`) is the special case of a root with leaf
+children; it stays available as ``trainer.shared_prefix=group``.
+
+The attention: :func:`grpo_lab.kernels.trie_attention.trie_attention_reference` in
+PyTorch (one SDPA call per node, over its ancestors' keys and its own; the dense block
+mask of :meth:`TrieLayout.dense_mask` checks it), or the Triton kernel
+:func:`grpo_lab.kernels.trie_attention.trie_attention`. Both plug into ``transformers``
+through the same registered attention as the shared-prefix forward, which dispatches on
+the layout's type, and the same receipt proves that every layer took the packed path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .forward import pad_rows, token_entropy
+from .shared_prefix import _RECEIPT, LAYOUT_KWARG, _check_receipt, _Receipt
+
+
+@dataclass(frozen=True)
+class TrieLayout:
+    """Nodes of a packed trie in pre-order.
+
+    Attributes:
+        node_start: packed offset of each node's first token.
+        node_len: tokens in each node (>= 1).
+        parent: each node's parent (-1 for a root); a parent comes before its children.
+        depth: depth of each node's first token (the position id it starts at).
+    """
+
+    node_start: tuple[int, ...]
+    node_len: tuple[int, ...]
+    parent: tuple[int, ...]
+    depth: tuple[int, ...]
+    _cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.node_start)
+        if not (len(self.node_len) == len(self.parent) == len(self.depth) == n):
+            raise ValueError("node_start, node_len, parent and depth must have one entry per node")
+        pos = 0
+        for v in range(n):
+            if self.node_start[v] != pos or self.node_len[v] < 1:
+                raise ValueError(f"node {v} starts at {self.node_start[v]} with {self.node_len[v]} tokens: nodes must "
+                                 f"be non-empty and back to back from token 0 (expected start {pos})")
+            if not -1 <= self.parent[v] < v:
+                raise ValueError(f"node {v} has parent {self.parent[v]}: a parent must come before its children")
+            p = self.parent[v]
+            if p >= 0 and self.depth[v] != self.depth[p] + self.node_len[p]:
+                raise ValueError(f"node {v} starts at depth {self.depth[v]}, not where its parent {p} ends")
+            pos += self.node_len[v]
+
+    def __hash__(self) -> int:
+        return hash((self.node_start, self.node_len, self.parent))
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.node_start)
+
+    @property
+    def length(self) -> int:
+        """Tokens in the packed sequence."""
+        return sum(self.node_len)
+
+    @property
+    def max_depth(self) -> int:
+        """The longest row through the trie, in tokens."""
+        return max((d + n for d, n in zip(self.depth, self.node_len)), default=0)
+
+    def subtree_end(self) -> tuple[int, ...]:
+        """Packed end of each node's subtree: its descendants are ``[end of node,
+        subtree_end)`` (pre-order)."""
+        if "subtree_end" not in self._cache:
+            end = [s + n for s, n in zip(self.node_start, self.node_len)]
+            for v in range(self.num_nodes - 1, -1, -1):
+                p = self.parent[v]
+                if p >= 0:
+                    end[p] = max(end[p], end[v])
+            self._cache["subtree_end"] = tuple(end)
+        return self._cache["subtree_end"]
+
+    def ancestor_ranges(self, v: int) -> list[tuple[int, int]]:
+        """The packed ranges of node ``v``'s ancestors, root first, adjacent ranges merged
+        (a first child sits right after its parent)."""
+        chain = []
+        p = self.parent[v]
+        while p >= 0:
+            chain.append((self.node_start[p], self.node_start[p] + self.node_len[p]))
+            p = self.parent[p]
+        merged: list[tuple[int, int]] = []
+        for lo, hi in reversed(chain):
+            if merged and merged[-1][1] == lo:
+                merged[-1] = (merged[-1][0], hi)
+            else:
+                merged.append((lo, hi))
+        return merged
+
+    def node_of_token(self) -> Tensor:
+        """``[L]`` the node of each packed token."""
+        return torch.repeat_interleave(torch.arange(self.num_nodes), torch.tensor(self.node_len, dtype=torch.long))
+
+    def dense_mask(self) -> Tensor:
+        """``[L, L]`` bool: query ``i`` may attend key ``j`` (an ancestor node's token, or
+        an earlier token of its own node). For checks on small tries."""
+        n = self.num_nodes
+        anc = torch.zeros(n, n, dtype=torch.bool)  # anc[v, u]: u is v or an ancestor of v
+        for v in range(n):
+            anc[v, v] = True
+            if self.parent[v] >= 0:
+                anc[v] |= anc[self.parent[v]]
+        node = self.node_of_token()
+        pos = torch.arange(self.length)
+        mask = anc[node][:, node]
+        same = node[:, None] == node[None, :]
+        return mask & (~same | (pos[None, :] <= pos[:, None]))
+
+
+@dataclass
+class PackedTrie:
+    """A micro-batch packed as a trie.
+
+    Attributes:
+        layout: the nodes.
+        input_ids: ``[L]`` the packed tokens; positions: ``[L]`` their position ids.
+        index: per row, ``[n_i]`` the packed position of each of its tokens.
+    """
+
+    layout: TrieLayout
+    input_ids: Tensor
+    positions: Tensor
+    index: list[Tensor]
+
+    @property
+    def row_tokens(self) -> int:
+        """Tokens of the rows laid out one by one."""
+        return sum(int(i.numel()) for i in self.index)
+
+
+def _sorted_lcps(seqs: Sequence[Tensor], order: list[int]) -> Tensor:
+    """``[N]`` longest common prefix of each row (in ``order``) with the one before it
+    (0 for the first), compared on the padded batch at once."""
+    n = len(order)
+    if n < 2:
+        return torch.zeros(n, dtype=torch.long)
+    rows = pad_rows([seqs[i] for i in order], -1, torch.long)  # token ids are >= 0
+    same = (rows[1:] == rows[:-1]) & (rows[1:] >= 0)
+    lcp = torch.cumprod(same.long(), dim=1).sum(1)
+    return torch.cat([torch.zeros(1, dtype=torch.long), lcp])
+
+
+def _branch_depths(adj: Tensor, lengths: Tensor) -> list[list[int]]:
+    """Per sorted row, the depths inside it where the trie branches: ``lcp(i, j)`` for the
+    rows ``j`` that leave row ``i`` there while both go on (``lcp(i, j)`` is the minimum
+    of the adjacent lcps between them)."""
+    n = adj.numel()
+    lcp = torch.zeros(n, n, dtype=torch.long)
+    for i in range(n - 1):
+        lcp[i, i + 1:] = torch.cummin(adj[i + 1:], 0).values
+    lcp = lcp + lcp.T
+    shorter = torch.minimum(lengths[:, None], lengths[None, :])
+    branch = (lcp < shorter) & (lcp > 0)
+    branch.fill_diagonal_(False)
+    return [sorted(set(lcp[i][branch[i]].tolist())) for i in range(n)]
+
+
+def build_trie(seqs: Sequence[Tensor]) -> PackedTrie:
+    """Pack one-dimensional token rows (each non-empty) as a trie (module docstring).
+
+    Rows are sorted, so that the rows through any prefix are adjacent; each row's nodes
+    are the runs between the depths where the trie branches on it. A row's node is the
+    previous row's node where both share it; a previous row's last node that the new row
+    extends without a branch grows; the rest are new nodes, children of the row's node
+    before them. Identical rows read the same positions.
+    """
+    if any(s.numel() == 0 for s in seqs):
+        raise ValueError("every row needs at least one token")
+    seqs = [s.to("cpu", torch.long).flatten() for s in seqs]
+    order = sorted(range(len(seqs)), key=lambda i: seqs[i].tolist())
+    lengths = torch.tensor([seqs[i].numel() for i in order])
+    adj = _sorted_lcps(seqs, order)
+    depths = _branch_depths(adj, lengths)
+    # nodes as [representative row, first depth, end depth, parent]
+    nodes: list[list[int]] = []
+    paths: list[list[int]] = []  # per sorted row, its nodes
+    for k, row in enumerate(order):
+        bounds = [0, *depths[k], int(lengths[k])]
+        shared = int(adj[k])
+        prev = paths[-1] if paths else []
+        path: list[int] = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            old = next((v for v in prev if nodes[v][1] == a), None)
+            if old is not None and b <= shared:
+                path.append(old)  # on the common prefix
+            elif old is not None and a < shared:  # the previous row ended inside this run: it grows
+                if nodes[old][2] != shared:
+                    raise AssertionError("trie construction: a shared node ends off a row end")
+                nodes[old][0], nodes[old][2] = row, b
+                path.append(old)
+            else:
+                nodes.append([row, a, b, path[-1] if path else -1])
+                path.append(len(nodes) - 1)
+        paths.append(path)
+    starts, pos = [], 0
+    for _, a, b, _ in nodes:
+        starts.append(pos)
+        pos += b - a
+    layout = TrieLayout(tuple(starts), tuple(b - a for _, a, b, _ in nodes), tuple(p for *_, p in nodes),
+                        tuple(a for _, a, _, _ in nodes))
+    input_ids = torch.cat([seqs[r][a:b] for r, a, b, _ in nodes])
+    positions = torch.cat([torch.arange(a, b) for _, a, b, _ in nodes])
+    index: list[Tensor] = [torch.empty(0)] * len(seqs)
+    for k, row in enumerate(order):
+        n = int(lengths[k])
+        index[row] = torch.cat([torch.arange(starts[v], starts[v] + min(nodes[v][2], n) - nodes[v][1])
+                                for v in paths[k]])
+    return PackedTrie(layout, input_ids, positions, index)
+
+
+def trie_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Tensor],
+    response_ids: Sequence[Tensor],
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    pad_id: int = 0,
+    attention: str = "reference",
+    entropy_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`~grpo_lab.training.forward.response_logprobs` with the rows packed as one
+    trie (``model`` must have gone through
+    :func:`~grpo_lab.training.shared_prefix.enable_shared_prefix`).
+
+    Args:
+        prompt_ids: ``N`` tensors ``[P_i]`` (``P_i >= 1``); response_ids: ``N`` tensors ``[R_i]``.
+        attention: ``"reference"`` (PyTorch) or ``"triton"`` (``grpo_lab.kernels``).
+
+    Returns:
+        ``logprobs`` ``[N, R]``, ``mask`` ``[N, R]``, ``entropy`` ``[N, R]`` or None.
+    """
+    n = len(prompt_ids)
+    if len(response_ids) != n:
+        raise ValueError(f"{n} prompts but {len(response_ids)} responses")
+    if any(p.numel() == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token (the first response token is predicted from it)")
+    if any(r.numel() == 0 for r in response_ids):
+        raise ValueError("every response needs at least one token")
+    device = next(model.parameters()).device
+    packed = build_trie([torch.cat([p.cpu(), r.cpu()]) for p, r in zip(prompt_ids, response_ids)])
+    receipt = _Receipt()
+    token = _RECEIPT.set(receipt)
+    try:
+        logits = model(input_ids=packed.input_ids[None].to(device), position_ids=packed.positions[None].to(device),
+                       **{LAYOUT_KWARG: packed.layout, "shared_prefix_backend": attention}).logits[0]  # [L, V]
+    finally:
+        _RECEIPT.reset(token)
+    _check_receipt(model, receipt)
+    # response token j of row i sits at depth P_i + j and is predicted at depth P_i + j - 1
+    pred = pad_rows([packed.index[i][p.numel() - 1: p.numel() - 1 + r.numel()]
+                     for i, (p, r) in enumerate(zip(prompt_ids, response_ids))], 0, torch.long).to(device)  # [N, R]
+    picked = logits[pred]  # [N, R, V]
+    picked = picked.to(torch.promote_types(picked.dtype, torch.float32)) / temperature
+    logp_all = torch.log_softmax(picked, dim=-1)
+    targets = pad_rows(list(response_ids), pad_id, torch.long).to(device)
+    mask = pad_rows([torch.ones(r.numel()) for r in response_ids], 0.0).to(device)
+    logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
+    entropy = token_entropy(logp_all, entropy_grad) * mask if with_entropy else None
+    return logprobs, mask, entropy
+
+
+def trie_attention(query: Tensor, key: Tensor, value: Tensor, layout: TrieLayout, backend: str,
+                   scaling: float | None, softcap: float | None) -> Tensor:
+    """The packed trie's attention inside a model: ``[1, H, L, D]`` queries, ``[1, Hkv, L,
+    D]`` keys and values in, ``[1, L, H, D]`` out."""
+    from ..kernels import trie_attention as kernels
+
+    if query.shape[0] != 1:
+        raise ValueError(f"a packed trie is one row; got a batch of {query.shape[0]}")
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [L, H, D]
+    if backend == "reference":
+        out = kernels.trie_attention_reference(q, k, v, layout, scaling, softcap)
+    elif backend == "triton":
+        out = kernels.trie_attention(q, k, v, layout, scaling, softcap=softcap)
+    else:
+        raise ValueError(f"unknown trie attention backend {backend!r}")
+    return out[None]
+
+
+def dedup_ratio(prompt_ids: Sequence[Tensor], response_ids: Sequence[Tensor]) -> tuple[int, int]:
+    """``(row tokens, trie tokens)``: what the per-row forward and the trie encode."""
+    packed = build_trie([torch.cat([p, r]) for p, r in zip(prompt_ids, response_ids)])
+    return packed.row_tokens, packed.layout.length
+
