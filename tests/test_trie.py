@@ -297,3 +297,18 @@ def test_model_forward_through_the_kernel_equals_the_plain_forward(conversation_
     assert float((plain[0] - trie[0]).abs().max()) < 1e-4
     for name in plain[2]:
         assert float((plain[2][name] - trie[2][name]).abs().max()) < 1e-3 * max(1.0, float(plain[2][name].abs().max()))
+
+
+def test_old_logprobs_of_several_passes_come_through_the_trie_and_equal_the_plain_ones(conversation_rows):
+    from grpo_lab.config import Config, TrainerConfig
+    from grpo_lab.training.update import PolicyUpdate
+
+    vocab, batch = conversation_rows
+    model = family_model("llama", vocab)
+    out = {}
+    for mode in ("none", "trie"):
+        config = Config(trainer=TrainerConfig(shared_prefix=mode, micro_batch_size=16))
+        update = PolicyUpdate(model, torch.optim.SGD(model.parameters(), lr=0.0), None, config, 0, torch.device("cpu"))
+        out[mode] = update.logprobs_no_grad(batch)
+    assert [x.shape for x in out["none"]] == [x.shape for x in out["trie"]]
+    assert max(float((a - b).abs().max()) for a, b in zip(out["none"], out["trie"])) < 1e-10

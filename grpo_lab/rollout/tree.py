@@ -152,6 +152,8 @@ def sample_trees(
     (its ``group_size`` is not used: a prompt gets ``tree.leaves_per_prompt()`` leaves);
     ``rng`` picks the nodes to expand. Faults drop their tree (module docstring) and
     are counted in ``faults``; every branch counts as an episode."""
+    if config.episode_format != "memory":
+        raise ValueError(f"tree sampling replays memory-format prompts; got episode_format={config.episode_format!r}")
     faults = faults if faults is not None else FaultLog()
     stats = TreeStats()
     rows: list[_Row] = []

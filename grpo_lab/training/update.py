@@ -20,6 +20,8 @@ from torch import Tensor
 from ..data import RolloutBatch
 from .distributed import SINGLE, DistContext, autocast, clip_grad_norm, lockstep_count, reduce_means
 from .forward import response_logprobs
+from .shared_prefix import packing_mode
+from .trie import trie_logprobs
 from .step import RunningMeans, idle_forward, policy_gradient_backward
 
 if TYPE_CHECKING:
@@ -131,7 +133,8 @@ class PolicyUpdate:
     @torch.no_grad()
     def logprobs_no_grad(self, batch: RolloutBatch) -> list[Tensor]:
         """The current policy's log-probs of every row (``N`` tensors ``[R_i]``), the
-        denominator of the ratio over several passes. Ranks run equally many forwards."""
+        denominator of the ratio over several passes (through the trie forward under
+        ``trainer.shared_prefix=trie``). Ranks run equally many forwards."""
         self.module.eval()
         size = self.config.trainer.micro_batch_size
         starts = list(range(0, len(batch), size))
@@ -142,8 +145,13 @@ class PolicyUpdate:
                     idle_forward(self.module, self.pad_id)
                     continue
                 idx = range(starts[k], min(starts[k] + size, len(batch)))
-                logp, _, _ = response_logprobs(self.module, [batch.prompt_ids[i] for i in idx],
-                                               [batch.response_ids[i] for i in idx],
-                                               temperature=self.config.rollout.temperature, pad_id=self.pad_id)
+                prompts, responses = [batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx]
+                if packing_mode(self.config.trainer.shared_prefix) == "trie":  # rows come in episode order
+                    logp, _, _ = trie_logprobs(self.module, prompts, responses,
+                                               temperature=self.config.rollout.temperature, pad_id=self.pad_id,
+                                               attention=ATTENTION_OPTIONS[self.config.trainer.attention])
+                else:
+                    logp, _, _ = response_logprobs(self.module, prompts, responses,
+                                                   temperature=self.config.rollout.temperature, pad_id=self.pad_id)
             out.extend(logp[j, : batch.response_ids[i].numel()].float().cpu() for j, i in enumerate(idx))
         return out
