@@ -202,8 +202,11 @@ class _TrieAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, layout: "TrieLayout") -> None:
-    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+def _check(q: Tensor, k: Tensor, v: Tensor, layout: "TrieLayout", value_dim_may_differ: bool = False) -> None:
+    """Shapes: ``q`` ``[L, H, D]``, ``k`` ``[L, Hkv, D]``, ``v`` ``[L, Hkv, Dv]`` (``Dv = D``
+    for the kernel; the reference takes multi-head latent attention's other value width)."""
+    same_v = k.shape[:2] == v.shape[:2] and (value_dim_may_differ or k.shape == v.shape)
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or not same_v or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"expected q [L, H, D] and k, v [L, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
     if q.shape[1] % k.shape[1]:
@@ -250,7 +253,7 @@ def trie_attention_reference(q: Tensor, k: Tensor, v: Tensor, layout: "TrieLayou
     keys and its own, causal inside the node (``[L, H, D]`` in and out)."""
     from ..training.shared_prefix import masked_attention
 
-    _check(q, k, v, layout)
+    _check(q, k, v, layout, value_dim_may_differ=True)
     h = q.shape[1]
     k = k.repeat_interleave(h // k.shape[1], dim=1)
     v = v.repeat_interleave(h // v.shape[1], dim=1)
@@ -264,7 +267,7 @@ def trie_attention_reference(q: Tensor, k: Tensor, v: Tensor, layout: "TrieLayou
         out = masked_attention(q[start:start + n].transpose(0, 1), k[keys].transpose(0, 1), v[keys].transpose(0, 1),
                                allowed, scale, softcap)
         pieces.append(out.transpose(0, 1))
-    out = torch.cat(pieces) if pieces else q[:0]
+    out = torch.cat(pieces) if pieces else v.new_zeros(0, q.shape[1], v.shape[2])
     if q.shape[0] > layout.length:
         out = torch.cat([out, q.new_zeros(q.shape[0] - layout.length, *out.shape[1:])])
     return out

@@ -1,4 +1,4 @@
-"""The shared-prefix forward on many model families: exact where it can be, refused with
+"""The shared-prefix and trie forwards on many model families: exact where they can be, refused with
 the model type named where it cannot (never wrong numbers), soft-capped attention
 (Gemma2) on every path, and sliding windows accepted only where they mask nothing."""
 
@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from grpo_lab.training.forward import response_logprobs
 from grpo_lab.training.shared_prefix import enable_shared_prefix, shared_prefix_logprobs, verify_shared_prefix
+from grpo_lab.training.trie import trie_logprobs
 
 VOCAB = 97
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -63,9 +64,11 @@ def rows(prefix_len: int = 30):
     return prompts, responses
 
 
-def logprobs_and_grads(model, prompts, responses, packed: bool, attention: str = "reference"):
+def logprobs_and_grads(model, prompts, responses, packed: bool | str, attention: str = "reference"):
     model.zero_grad(set_to_none=True)
-    if packed:
+    if packed == "trie":
+        lp, mask, _ = trie_logprobs(model, prompts, responses, attention=attention)
+    elif packed:
         lp, mask, _ = shared_prefix_logprobs(model, prompts, responses, groups=[[0, 1, 2, 3], [4]], attention=attention)
     else:
         lp, mask, _ = response_logprobs(model, prompts, responses)
@@ -86,11 +89,13 @@ def test_family_is_exact(arch, dtype):
     model = enable_shared_prefix(build(arch, dtype))
     prompts, responses = rows()
     plain = logprobs_and_grads(model, prompts, responses, packed=False)
-    packed = logprobs_and_grads(model, prompts, responses, packed=True)
     lp_tol, grad_tol = (1e-12, 1e-6) if dtype == torch.float64 else (2e-6, 2e-5)
-    assert float((plain[0] - packed[0]).abs().max()) < lp_tol, arch
-    assert float((plain[1] - packed[1]).norm() / plain[1].norm()) < grad_tol, arch
-    verify_shared_prefix(model)  # the trainer's probe accepts it
+    for mode in (True, "trie"):  # Prefix Grouper's layout, and the trie
+        packed = logprobs_and_grads(model, prompts, responses, packed=mode)
+        assert float((plain[0] - packed[0]).abs().max()) < lp_tol, (arch, mode)
+        assert float((plain[1] - packed[1]).norm() / plain[1].norm()) < grad_tol, (arch, mode)
+    verify_shared_prefix(model)  # the trainer's probes accept it
+    verify_shared_prefix(model, mode="trie")
 
 
 @pytest.mark.parametrize("arch", REFUSED_AT_ENABLE)
