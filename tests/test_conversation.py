@@ -205,17 +205,18 @@ def test_a_backend_answer_is_kept_verbatim_even_when_its_text_would_encode_diffe
     assert torch.equal(batch.response_ids[0], torch.tensor(odd))
 
 
-@pytest.mark.parametrize("scheduler", ["full", "continuous"])
-def test_training_on_conversation_episodes_through_the_trie_forward(tmp_path, scheduler):
+@pytest.mark.parametrize("scheduler, estimator", [("full", "grpo"), ("continuous", "gigpo")])
+def test_training_on_conversation_episodes_through_the_trie_forward(tmp_path, scheduler, estimator):
     """A run with conversation episodes and the trie forward: the update's log-probs of the
-    sampled tokens equal the sampler's (the trie reproduces each conversation exactly)."""
+    sampled tokens equal the sampler's (the trie reproduces each conversation exactly);
+    GiGPO's step groups come from the turns' anchors as in the memory format."""
     import json
 
     from grpo_lab.config import AlgoConfig, EnvConfig, LoggerConfig, ModelConfig, TrainerConfig, WarmupConfig
     from grpo_lab.training.trainer import Trainer
 
     config = Config(
-        algo=AlgoConfig(group_size=3, entropy_coef=0.001),  # every row trains, rewarded or not
+        algo=AlgoConfig(estimator=estimator, group_size=3, entropy_coef=0.001),  # every row trains, rewarded or not
         env=EnvConfig(max_steps=4),
         rollout=RolloutConfig(episode_format="conversation", max_episode_tokens=400, scheduler=scheduler, env_workers=0),
         model=ModelConfig(tiny_hidden_size=64, tiny_num_heads=1, tiny_num_kv_heads=1, tiny_intermediate_size=128),
@@ -229,3 +230,27 @@ def test_training_on_conversation_episodes_through_the_trie_forward(tmp_path, sc
     assert all(r["num_updates"] == 1 for r in records)
     assert all(r["logprob_diff_rollout"] < 1e-3 for r in records)
     assert all("overlong_ended" in r for r in records)
+    if estimator == "gigpo":
+        assert all(r["frac_rows_in_shared_step_groups"] > 0 for r in records)  # turns that revisit a state
+
+
+def test_warmup_demonstrations_are_conversations_that_extend_one_another():
+    """The warm-up of a conversation run imitates conversations: each demonstration's
+    prompt is the one before it, its answer (EOS included), the closing the template adds
+    and the next observation, as a rollout would build it."""
+    from grpo_lab.training.warmup import conversation_demonstrations
+
+    tok = chat_tokenizer("chatml")
+    encoder = PromptEncoder(tok)
+    demos = conversation_demonstrations(FrozenLakeEnv, 3, 6, 0, encoder, tok.eos_token_id)
+    assert len(demos) >= 3
+    chains = 0
+    for (p0, a0), (p1, _) in zip(demos, demos[1:]):
+        if is_prefix(p0.tolist() + a0.tolist(), p1.tolist()):
+            chains += 1
+            rest = p1.tolist()[len(p0) + len(a0):]
+            assert tok.decode(rest).startswith("\n<|im_start|>user\n")  # <|im_end|> was the answer's EOS
+        assert tok.decode(a0).startswith("<action>") and a0[-1] == tok.eos_token_id
+    assert chains >= len(demos) - 3  # every turn but an episode's first extends the one before
+    capped = conversation_demonstrations(FrozenLakeEnv, 3, 6, 0, encoder, tok.eos_token_id, max_tokens=120)
+    assert capped and all(len(p) + len(a) <= 120 for p, a in capped)

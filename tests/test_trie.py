@@ -312,3 +312,34 @@ def test_old_logprobs_of_several_passes_come_through_the_trie_and_equal_the_plai
         out[mode] = update.logprobs_no_grad(batch)
     assert [x.shape for x in out["none"]] == [x.shape for x in out["trie"]]
     assert max(float((a - b).abs().max()) for a, b in zip(out["none"], out["trie"])) < 1e-10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.5e-2)])
+@pytest.mark.parametrize("d", [64, 128])
+def test_kernel_on_gpu_against_a_float64_reference(dtype, tol, d, poisoned):
+    """Tries of the sizes training makes (a 1k-token prompt, 8 conversations of 10 turns),
+    16-bit inputs, the tuned tile shapes; relative error against float64."""
+    from grpo_lab.kernels import trie_attention as ta
+
+    gen = random.Random(d)
+    first = [gen.randrange(1000) for _ in range(1024)]
+    rows = []
+    for _ in range(8):
+        ctx = list(first)
+        for _ in range(10):
+            ans = [gen.randrange(1000) for _ in range(gen.randint(16, 96))]
+            rows.append(torch.tensor(ctx + ans))
+            ctx += ans + [gen.randrange(1000) for _ in range(gen.randint(32, 128))]
+    layout = build_trie(rows).layout
+    q = torch.randn(layout.length, 8, d, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(layout.length, 2, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    dout = torch.randn_like(q)
+    got = ta.trie_attention(q, k, v, layout)
+    got_grads = torch.autograd.grad(got, (q, k, v), dout)
+    ref_in = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
+    ref = ta.trie_attention_reference(*ref_in, layout)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.double())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (ref, *ref_grads), (got, *got_grads)):
+        error = float((b.double() - a).norm() / a.norm())
+        assert error < tol, (name, error)

@@ -72,7 +72,7 @@ from .shared_prefix import check_attention_backend, enable_shared_prefix, verify
 from .step import informative_rows
 from .stop import Abandon, EnvFaultRateExceeded, RunStopped, StopSignals, TrainingInterrupted, signal_name
 from .update import ATTENTION_OPTIONS, PolicyUpdate, build_lr_scheduler, build_optimizer, enable_gradient_checkpointing
-from .warmup import encode_demonstrations, format_demonstrations, supervised_warmup
+from .warmup import conversation_demonstrations, encode_demonstrations, format_demonstrations, supervised_warmup
 
 __all__ = ["Trainer", "env_factory_from", "frozen_copy", "resolve_device", "save_reference"]
 
@@ -285,15 +285,17 @@ class Trainer:
         wc = self.config.trainer.warmup
         if wc.steps == 0:
             return []
-        pairs = list(
-            format_demonstrations(self.envs, wc.episodes, self.config.env.max_steps, self.config.rollout.history_window,
-                                  seed=self.config.trainer.seed + 7)
-        )
-        if not pairs:
-            log.info("warm-up skipped: environment %r has no legal actions to demonstrate the answer format with",
-                     self.config.env.name)
+        rc, seed = self.config.rollout, self.config.trainer.seed + 7
+        if rc.episode_format == "conversation":
+            examples = conversation_demonstrations(self.envs, wc.episodes, self.config.env.max_steps, seed, self.encoder,
+                                                   self.tokenizer.eos_token_id, self.loop_config.token_limit)
+        else:
+            pairs = list(format_demonstrations(self.envs, wc.episodes, self.config.env.max_steps, rc.history_window, seed))
+            examples = encode_demonstrations(pairs, self.encoder, self.tokenizer.eos_token_id, self.max_context)
+        if not examples:
+            log.info("warm-up skipped: environment %r has no legal actions to demonstrate the answer format with "
+                     "(or no demonstration fits the context)", self.config.env.name)
             return []
-        examples = encode_demonstrations(pairs, self.encoder, self.tokenizer.eos_token_id, self.max_context)
         with dp.autocast(self.device, self.mixed_precision, self.dist.strategy):
             losses = supervised_warmup(self.train_module, examples, wc.steps, wc.batch_size, wc.lr, self.config.trainer.seed,
                                        self.pad_id)
