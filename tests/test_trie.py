@@ -217,18 +217,23 @@ def test_tree_batches_equal_the_plain_forward(arch, tree_rows):
 
 
 def test_update_step_with_trie_packing_gives_the_plain_gradient(conversation_rows):
+    """Policy loss, entropy bonus and KL penalty (the reference packed alike)."""
     from grpo_lab.config import AlgoConfig
     from grpo_lab.training.step import policy_gradient_backward
 
     vocab, batch = conversation_rows
     model = family_model("qwen2", vocab)
+    ref = family_model("qwen2", vocab)  # a KL reference that differs from the policy
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(1.01)
     adv = torch.randn(len(batch), dtype=torch.float64).float()
-    algo = AlgoConfig(entropy_coef=0.01)
+    algo = AlgoConfig(entropy_coef=0.01, kl_coef=0.1)
     grads = {}
     for mode, micro in (("none", 64), ("trie", 64), ("trie", 7), ("group", 64)):
         model.zero_grad(set_to_none=True)
         policy_gradient_backward(model, batch, torch.arange(len(batch)), adv, None, algo, micro_batch_size=micro,
-                                 max_tokens=5, shared_prefix=mode)
+                                 max_tokens=5, shared_prefix=mode, ref_model=ref)
         grads[(mode, micro)] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     base = grads[("none", 64)]
     for key, g in grads.items():

@@ -184,6 +184,33 @@ def test_scheduled_episodes_on_the_engine_equal_the_lock_step_loop(engine, token
         assert torch.allclose(x, y, atol=1e-6)
 
 
+def test_conversation_episodes_on_the_engine_are_token_in_token_out(engine, tokenizer):
+    """Conversation episodes on vLLM: each turn's prompt and answer start the next prompt,
+    and the trie forward of the training step gives the engine's log-probs back."""
+    import copy
+
+    from grpo_lab.envs import FrozenLakeEnv
+    from grpo_lab.rollout import AgentLoopConfig, PromptEncoder, run_episodes
+    from grpo_lab.rollout.conversation import is_prefix
+    from grpo_lab.training.shared_prefix import enable_shared_prefix
+    from grpo_lab.training.trie import trie_logprobs
+
+    backend, model = engine
+    config = AgentLoopConfig(group_size=2, max_steps=4, sampling=SamplingParams(max_tokens=8, stop=("</action>",)),
+                             request_seed=5, episode_format="conversation", max_episode_tokens=400)
+    batch = run_episodes(backend, PromptEncoder(tokenizer), FrozenLakeEnv, [1, 2], config)
+    assert int(batch.step.max()) >= 1
+    for i in range(len(batch) - 1):
+        if batch.traj_id[i] == batch.traj_id[i + 1]:
+            turn = batch.prompt_ids[i].tolist() + batch.response_ids[i].tolist()
+            assert is_prefix(turn, batch.prompt_ids[i + 1].tolist())
+    packed = enable_shared_prefix(copy.deepcopy(model))
+    with torch.no_grad():
+        logp, _, _ = trie_logprobs(packed, batch.prompt_ids, batch.response_ids)
+    for i, expected in enumerate(batch.rollout_logprobs):
+        assert (logp[i, : expected.numel()] - expected).abs().max() < LOGPROB_TOL
+
+
 def test_lora_adapter_push_serves_the_trained_policy(engine, tokenizer):
     """Only the adapter travels (PEFT format, memory-backed directory); after each push
     the engine's log-probs match the adapted model, and a second push replaces the

@@ -205,7 +205,11 @@ def _micro_batch_backward(model, batch, micro, advantages, old_logprobs, algo, s
         ref = None
         if algo.kl_coef > 0:
             with torch.no_grad():
-                ref, _, _ = response_logprobs(ref_model, prompts, responses, temperature=temperature, pad_id=pad_id)
+                if shared_prefix == "trie":  # the reference is a copy of the policy, packed alike
+                    ref, _, _ = trie_logprobs(ref_model, prompts, responses, temperature=temperature, pad_id=pad_id,
+                                              attention=attention)
+                else:
+                    ref, _, _ = response_logprobs(ref_model, prompts, responses, temperature=temperature, pad_id=pad_id)
     logp = logp.float()
     mask = mask * pad_rows([masks[i] for i in idx], 0.0).to(mask.device)
     old = logp.detach() if old_logprobs is None else pad_rows([old_logprobs[i] for i in idx], 0.0).to(logp.device)

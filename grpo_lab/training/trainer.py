@@ -679,14 +679,17 @@ class Trainer:
         return int(state["step"])
 
     def _reference_copy(self) -> torch.nn.Module:
-        """A frozen, whole copy of the current policy (the KL reference). Under FSDP it is
-        built from the gathered weights; every rank holds one."""
+        """A frozen, whole copy of the current policy (the KL reference), with the policy's
+        packed attention. Under FSDP it is built from the gathered weights; every rank
+        holds one."""
         if not self._sharded:
             return frozen_copy(self.model)
         from transformers import AutoModelForCausalLM
 
         ref = AutoModelForCausalLM.from_config(self.model.config, torch_dtype=torch_dtype(self.config.model.dtype))
         ref.load_state_dict(dict(dp.full_tensors(self.model)), strict=False)
+        if self.config.trainer.shared_prefix == "trie":  # its forward is packed like the policy's
+            enable_shared_prefix(ref)
         return frozen(ref.to(self.device))
 
     def _progress(self, total: int):
