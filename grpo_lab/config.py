@@ -369,6 +369,7 @@ class TrainerConfig:
     epochs_per_batch: int = 1
     minibatches_per_epoch: int = 1
     micro_batch_size: int = 64
+    micro_batch_tokens: Optional[int] = None  # also cut micro-batches at this many tokens encoded (None: rows only)
     shared_prefix: str = "group"  # group: each group's common prompt prefix once (Prefix Grouper) | trie: every shared
     # token prefix once (groups, conversation turns, tree branches) | none (true / false: group / none)
     attention: str = "sdpa_shared_prefix"  # sdpa_shared_prefix | triton_shared_prefix (GPU)
@@ -394,7 +395,7 @@ class TrainerConfig:
     #: neither the data nor the updates of the steps to come); ``logger.*`` too
     HARMLESS_ON_RESUME = ("trainer.total_steps", "trainer.checkpoint_every", "trainer.keep_checkpoints",
                           "trainer.resume", "trainer.resume_allow_changes", "trainer.output_dir", "trainer.save_final",
-                          "trainer.micro_batch_size",  # the gradient does not depend on it
+                          "trainer.micro_batch_size", "trainer.micro_batch_tokens",  # the gradient does not depend on them
                           "rollout.env_workers", "env.step_timeout_s", "rollout.max_env_fault_rate")
 
     def resume_mode(self) -> str:
@@ -404,6 +405,8 @@ class TrainerConfig:
     def validate(self) -> None:
         for key in ("total_steps", "tasks_per_step", "epochs_per_batch", "minibatches_per_epoch", "micro_batch_size"):
             _check(getattr(self, key) >= 1, f"trainer.{key}", getattr(self, key), "an integer >= 1")
+        _check(self.micro_batch_tokens is None or self.micro_batch_tokens >= 1, "trainer.micro_batch_tokens",
+               self.micro_batch_tokens, "null or an integer >= 1")
         _check(self.lr > 0, "trainer.lr", self.lr, "a number > 0")
         _check(self.weight_decay >= 0, "trainer.weight_decay", self.weight_decay, "a number >= 0")
         _check(self.max_grad_norm > 0, "trainer.max_grad_norm", self.max_grad_norm, "a number > 0")

@@ -230,12 +230,13 @@ def test_update_step_with_trie_packing_gives_the_plain_gradient(conversation_row
     adv = torch.randn(len(batch), dtype=torch.float64).float()
     algo = AlgoConfig(entropy_coef=0.01, kl_coef=0.1)
     grads = {}
-    for mode, micro in (("none", 64), ("trie", 64), ("trie", 7), ("group", 64)):
+    for mode, micro, tokens in (("none", 64, None), ("trie", 64, None), ("trie", 7, None), ("trie", 64, 300),
+                                ("group", 64, None)):
         model.zero_grad(set_to_none=True)
         policy_gradient_backward(model, batch, torch.arange(len(batch)), adv, None, algo, micro_batch_size=micro,
-                                 max_tokens=5, shared_prefix=mode, ref_model=ref)
-        grads[(mode, micro)] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    base = grads[("none", 64)]
+                                 micro_batch_tokens=tokens, max_tokens=5, shared_prefix=mode, ref_model=ref)
+        grads[(mode, micro, tokens)] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    base = grads[("none", 64, None)]
     for key, g in grads.items():
         assert float((g - base).abs().max()) < 1e-9 * float(base.abs().max()), key
 
@@ -304,6 +305,29 @@ def test_model_forward_through_the_kernel_equals_the_plain_forward(conversation_
         assert float((plain[2][name] - trie[2][name]).abs().max()) < 1e-3 * max(1.0, float(plain[2][name].abs().max()))
 
 
+def test_micro_batches_cut_by_tokens_count_what_the_trie_adds():
+    from types import SimpleNamespace
+
+    from grpo_lab.training.step import split_micro_batches
+
+    t = torch.tensor
+    # a conversation's turns (each extends the last), then another episode
+    prompts = [t([1, 2, 3]), t([1, 2, 3, 4, 5, 6]), t([1, 2, 3, 4, 5, 6, 7, 8]), t([9, 9])]
+    responses = [t([4]), t([7]), t([9]), t([1])]
+    batch = SimpleNamespace(prompt_ids=prompts, response_ids=responses)
+    rows = torch.arange(4)
+    # trie costs: 4, then 3 (7 tokens, 4 shared), then 2 (9, 7 shared), then 3 (shares nothing)
+    assert [m.tolist() for m in split_micro_batches(batch, rows, 64, 9, "trie")] == [[0, 1, 2], [3]]
+    # row 2 opens a micro-batch with all its 9 tokens (over the budget: alone)
+    assert [m.tolist() for m in split_micro_batches(batch, rows, 64, 8, "trie")] == [[0, 1], [2], [3]]
+    assert [m.tolist() for m in split_micro_batches(batch, rows, 2, 100, "trie")] == [[0, 1], [2, 3]]
+    # per-row costs 4, 7, 9, 3; a row over the budget goes alone
+    assert [m.tolist() for m in split_micro_batches(batch, rows, 64, 11, "none")] == [[0, 1], [2], [3]]
+    assert [m.tolist() for m in split_micro_batches(batch, rows, 64, 5, "none")] == [[0], [1], [2], [3]]
+    assert [m.tolist() for m in split_micro_batches(batch, rows, 3)] == [[0, 1, 2], [3]]
+    assert split_micro_batches(batch, rows[:0], 3) == []
+
+
 def test_old_logprobs_of_several_passes_come_through_the_trie_and_equal_the_plain_ones(conversation_rows):
     from grpo_lab.config import Config, TrainerConfig
     from grpo_lab.training.update import PolicyUpdate
@@ -312,7 +336,7 @@ def test_old_logprobs_of_several_passes_come_through_the_trie_and_equal_the_plai
     model = family_model("llama", vocab)
     out = {}
     for mode in ("none", "trie"):
-        config = Config(trainer=TrainerConfig(shared_prefix=mode, micro_batch_size=16))
+        config = Config(trainer=TrainerConfig(shared_prefix=mode, micro_batch_size=16, micro_batch_tokens=500))
         update = PolicyUpdate(model, torch.optim.SGD(model.parameters(), lr=0.0), None, config, 0, torch.device("cpu"))
         out[mode] = update.logprobs_no_grad(batch)
     assert [x.shape for x in out["none"]] == [x.shape for x in out["trie"]]

@@ -20,6 +20,43 @@ if TYPE_CHECKING:
     from ..config import AlgoConfig
 
 
+def split_micro_batches(batch: RolloutBatch, rows: Tensor, max_rows: int, max_tokens: int | None = None,
+                        packing: str = "none") -> list[Tensor]:
+    """``rows`` (in order) cut into micro-batches of at most ``max_rows`` rows and, when
+    ``max_tokens`` is set, at most that many tokens encoded (a row longer than the budget
+    goes alone). Under ``packing="trie"`` a row costs the tokens it does not share with
+    the row before it (what the trie adds for it, at most); otherwise its prompt and
+    response.
+
+    Args:
+        rows: ``[M]`` row indices of ``batch``.
+
+    Returns:
+        the micro-batches, ``[m_k]`` index tensors that concatenate to ``rows``.
+    """
+    if rows.numel() == 0:
+        return []
+    if max_tokens is None:
+        return list(rows.split(max_rows))
+    micros, current, used, prev = [], [], 0, None
+    for i in rows.tolist():
+        seq = torch.cat([batch.prompt_ids[i], batch.response_ids[i]])
+        cost = seq.numel()
+        if packing == "trie" and prev is not None:
+            n = min(cost, prev.numel())
+            differ = torch.nonzero(seq[:n] != prev[:n])
+            cost -= int(differ[0]) if differ.numel() else n
+        if current and (len(current) >= max_rows or used + cost > max_tokens):
+            micros.append(torch.tensor(current))
+            current, used = [], 0
+            cost = seq.numel() if packing == "trie" else cost  # a new micro-batch shares nothing yet
+        current.append(i)
+        used += cost
+        prev = seq
+    micros.append(torch.tensor(current))
+    return micros
+
+
 def informative_rows(group_id: Tensor, advantages: Tensor) -> Tensor:
     """Indices of the rows of groups with at least one non-zero advantage (DAPO's dynamic
     sampling keeps only these groups). The estimator's output decides, so GiGPO's step
@@ -68,6 +105,7 @@ def policy_gradient_backward(
     *,
     micro_batch_size: int,
     max_tokens: float,
+    micro_batch_tokens: int | None = None,
     extras: dict[str, Tensor] | None = None,
     ref_model: torch.nn.Module | None = None,
     shared_prefix: bool | str = False,
@@ -96,6 +134,8 @@ def policy_gradient_backward(
 
     Args:
         rows: ``[M]`` row indices of the mini-batch.
+        micro_batch_size, micro_batch_tokens: the most rows, and tokens encoded, of one
+            micro-batch (:func:`split_micro_batches`).
         advantages: ``[N]`` one per row of ``batch``.
         old_logprobs: ``N`` tensors ``[R_i]`` from the policy that sampled, or ``None`` for a
             strictly on-policy single pass (the current log-probs, detached).
@@ -139,7 +179,7 @@ def policy_gradient_backward(
     if shared_prefix != "none":
         for column in (batch.step, batch.traj_id, batch.group_id):  # stable sorts: by group, trajectory, step
             active = active[torch.sort(column[active], stable=True).indices]
-    micros = list(active.split(micro_batch_size)) if active.numel() else []
+    micros = split_micro_batches(batch, active, micro_batch_size, micro_batch_tokens, shared_prefix)
     passes = lockstep_count(dist, len(micros))
     if passes == 0:  # no rank has a row with a learning signal
         return out

@@ -22,7 +22,7 @@ from .distributed import SINGLE, DistContext, autocast, clip_grad_norm, lockstep
 from .forward import response_logprobs
 from .shared_prefix import packing_mode
 from .trie import trie_logprobs
-from .step import RunningMeans, idle_forward, policy_gradient_backward
+from .step import RunningMeans, idle_forward, policy_gradient_backward, split_micro_batches
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -109,7 +109,8 @@ class PolicyUpdate:
                 metrics = policy_gradient_backward(
                     self.module, batch, rows, adv, old, ac, extras=extras, ref_model=self.ref_model,
                     shared_prefix=tc.shared_prefix, attention=ATTENTION_OPTIONS[tc.attention],
-                    micro_batch_size=tc.micro_batch_size, max_tokens=self.config.rollout.max_new_tokens,
+                    micro_batch_size=tc.micro_batch_size, micro_batch_tokens=tc.micro_batch_tokens,
+                    max_tokens=self.config.rollout.max_new_tokens,
                     temperature=self.config.rollout.temperature, pad_id=self.pad_id, dist=self.dist,
                     autocast=self.autocast,
                 )
@@ -136,15 +137,16 @@ class PolicyUpdate:
         denominator of the ratio over several passes (through the trie forward under
         ``trainer.shared_prefix=trie``). Ranks run equally many forwards."""
         self.module.eval()
-        size = self.config.trainer.micro_batch_size
-        starts = list(range(0, len(batch), size))
+        tc = self.config.trainer
+        micros = split_micro_batches(batch, torch.arange(len(batch)), tc.micro_batch_size, tc.micro_batch_tokens,
+                                     packing_mode(tc.shared_prefix))
         out: list[Tensor] = []
-        for k in range(lockstep_count(self.dist, len(starts))):
+        for k in range(lockstep_count(self.dist, len(micros))):
             with self.autocast():
-                if k >= len(starts):
+                if k >= len(micros):
                     idle_forward(self.module, self.pad_id)
                     continue
-                idx = range(starts[k], min(starts[k] + size, len(batch)))
+                idx = micros[k].tolist()
                 prompts, responses = [batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx]
                 if packing_mode(self.config.trainer.shared_prefix) == "trie":  # rows come in episode order
                     logp, _, _ = trie_logprobs(self.module, prompts, responses,
