@@ -324,8 +324,6 @@ class RolloutConfig:
         _check(self.max_episode_tokens is None or (self.episode_format == "conversation" and self.max_episode_tokens >= 2),
                "rollout.max_episode_tokens", self.max_episode_tokens,
                "null, or an integer >= 2 with rollout.episode_format=conversation")
-        _check(self.episode_format == "memory" or self.sampler != "tree", "rollout.episode_format", self.episode_format,
-               "memory with rollout.sampler=tree (tree sampling replays memory-format prompts)")
 
 
 @dataclass

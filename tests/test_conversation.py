@@ -179,8 +179,7 @@ def test_config_checks_the_episode_format():
     assert rc.overlong_prompt == "end_episode"  # the format's default
     for bad, key in ((dict(episode_format="chat"), "rollout.episode_format"),
                      (dict(episode_format="conversation", overlong_prompt="truncate_history"), "rollout.overlong_prompt"),
-                     (dict(max_episode_tokens=64), "rollout.max_episode_tokens"),
-                     (dict(episode_format="conversation", sampler="tree"), "rollout.episode_format")):
+                     (dict(max_episode_tokens=64), "rollout.max_episode_tokens")):
         with pytest.raises(ConfigError, match=key):
             Config(rollout=RolloutConfig(**bad)).validate()
 
@@ -205,11 +204,12 @@ def test_a_backend_answer_is_kept_verbatim_even_when_its_text_would_encode_diffe
     assert torch.equal(batch.response_ids[0], torch.tensor(odd))
 
 
-@pytest.mark.parametrize("scheduler, estimator", [("full", "grpo"), ("continuous", "gigpo")])
+@pytest.mark.parametrize("scheduler, estimator", [("full", "grpo"), ("continuous", "gigpo"), ("full", "tree_grpo")])
 def test_training_on_conversation_episodes_through_the_trie_forward(tmp_path, scheduler, estimator):
     """A run with conversation episodes and the trie forward: the update's log-probs of the
     sampled tokens equal the sampler's (the trie reproduces each conversation exactly);
-    GiGPO's step groups come from the turns' anchors as in the memory format."""
+    GiGPO's step groups come from the turns' anchors as in the memory format; Tree-GRPO's
+    trees branch conversations."""
     import json
 
     from grpo_lab.config import AlgoConfig, EnvConfig, LoggerConfig, ModelConfig, TrainerConfig, WarmupConfig
@@ -218,7 +218,8 @@ def test_training_on_conversation_episodes_through_the_trie_forward(tmp_path, sc
     config = Config(
         algo=AlgoConfig(estimator=estimator, group_size=3, entropy_coef=0.001),  # every row trains, rewarded or not
         env=EnvConfig(max_steps=4),
-        rollout=RolloutConfig(episode_format="conversation", max_episode_tokens=400, scheduler=scheduler, env_workers=0),
+        rollout=RolloutConfig(episode_format="conversation", max_episode_tokens=400, scheduler=scheduler, env_workers=0,
+                              sampler="tree" if estimator == "tree_grpo" else "chain"),
         model=ModelConfig(tiny_hidden_size=64, tiny_num_heads=1, tiny_num_kv_heads=1, tiny_intermediate_size=128),
         trainer=TrainerConfig(total_steps=2, tasks_per_step=2, eval_episodes=2, lr=1e-3, shared_prefix="trie",
                               warmup=WarmupConfig(steps=0)),
@@ -254,3 +255,30 @@ def test_warmup_demonstrations_are_conversations_that_extend_one_another():
     assert chains >= len(demos) - 3  # every turn but an episode's first extends the one before
     capped = conversation_demonstrations(FrozenLakeEnv, 3, 6, 0, encoder, tok.eos_token_id, max_tokens=120)
     assert capped and all(len(p) + len(a) <= 120 for p, a in capped)
+
+
+@pytest.mark.parametrize("node", ["step", "segment"])
+def test_tree_sampled_conversations_continue_their_ancestors_tokens(node):
+    """Tree-GRPO / TreeRPO on conversation episodes: a node's prompt is its parent's prompt
+    and answer followed (at a turn's end) by the closing and the next user turn."""
+    import random
+
+    from grpo_lab.rollout.tree import TreeSamplerConfig, sample_trees
+
+    tok = chat_tokenizer("chatml")
+    model = build_tiny_model(tok, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    config = AgentLoopConfig(max_steps=4, sampling=SamplingParams(max_tokens=6), episode_format="conversation",
+                             request_seed=2)
+    tree = TreeSamplerConfig(trees_per_prompt=2, rounds=1, nodes_per_round=2, node=node, segment_tokens=3)
+    batch, _ = sample_trees(HFBackend(model, tok), PromptEncoder(tok), FrozenLakeEnv, [7], config, tree,
+                            random.Random(0))
+    row_of = {(int(t), int(n)): i for i, (t, n) in enumerate(zip(batch.tree_id, batch.node_id))}
+    children = 0
+    for i in range(len(batch)):
+        parent = row_of.get((int(batch.tree_id[i]), int(batch.parent_id[i])))
+        if parent is None:
+            continue
+        children += 1
+        before = batch.prompt_ids[parent].tolist() + batch.response_ids[parent].tolist()
+        assert is_prefix(before, batch.prompt_ids[i].tolist())
+    assert children >= 3

@@ -186,6 +186,32 @@ def tree_rows(tokenizer):
     return len(tokenizer), batch
 
 
+@pytest.fixture(scope="module")
+def conversation_tree_rows():
+    """Rows of Tree-GRPO trees of conversation episodes (branches continue their
+    ancestors' tokens)."""
+    from chat_templates import chat_tokenizer
+
+    from grpo_lab.modeling import build_tiny_model
+
+    tok = chat_tokenizer("llama3")
+    sampler = build_tiny_model(tok, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    config = AgentLoopConfig(max_steps=5, sampling=SamplingParams(max_tokens=5), request_seed=9,
+                             episode_format="conversation")
+    tree = TreeSamplerConfig(trees_per_prompt=2, rounds=2, nodes_per_round=2)
+    batch, _ = sample_trees(HFBackend(sampler, tok), PromptEncoder(tok), FrozenLakeEnv, [3, 4], config, tree,
+                            random.Random(1))
+    return len(tok), batch
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_conversation_trees_equal_the_plain_forward(arch, conversation_tree_rows):
+    vocab, batch = conversation_tree_rows
+    packed = build_trie([torch.cat([p, r]) for p, r in zip(batch.prompt_ids, batch.response_ids)])
+    assert packed.layout.length * 3 < packed.row_tokens
+    assert_same(*both_ways(family_model(arch, vocab), batch.prompt_ids, batch.response_ids))
+
+
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_groups_equal_the_plain_forward(arch):
     gen = torch.Generator().manual_seed(1)

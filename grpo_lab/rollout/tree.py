@@ -30,6 +30,10 @@ Departures, stated:
   depend on the leaves below them, which the failed branch would have added. The
   prompt keeps its other trees when they hold at least two leaves.
 
+Both episode formats (:mod:`~grpo_lab.rollout.agent_loop`): with conversation episodes a
+node carries the conversation up to its child's prompt, so a branch continues its
+ancestors' exact tokens and the tree's rows share them (the trie forward encodes them once).
+
 Rows of the batch are nodes: ``tree_id`` (unique in the batch), ``node_id`` (unique in its
 tree), ``parent_id`` (-1 for the first node of the initial chain), ``group_id`` (the
 prompt), ``traj_id`` (the chain or continuation that generated the node: each leaf ends
@@ -45,7 +49,18 @@ from typing import Callable, Mapping, Sequence
 
 from ..data import RolloutBatch
 from ..envs.base import Env, Observation, TextFormat, text_format_of
-from .agent_loop import AgentLoopConfig, _Row, act, close_env, env_name, fit_prompt, rows_to_batch, turn_outcome
+from .agent_loop import (
+    AgentLoopConfig,
+    OverlongPromptError,
+    _Row,
+    act,
+    close_env,
+    env_name,
+    fit_prompt,
+    rows_to_batch,
+    turn_outcome,
+)
+from .conversation import first_message, next_message
 from .backend import Backend
 from .env_pool import EnvFault, guard
 from .faults import FaultLog, drop_failed
@@ -113,6 +128,7 @@ class _Node:
     done: bool
     turn_prompt: tuple[int, ...] | None  # segment nodes inside an unfinished turn
     partial: tuple[int, ...]  # tokens of the unfinished turn so far
+    conversation: tuple[int, ...] | None = None  # conversation episodes: the next turn's prompt (None at the root)
 
 
 @dataclass
@@ -131,6 +147,17 @@ def _render(state: _Node, encoder: PromptEncoder, instruction: str, config: Agen
     :class:`EnvFault` when the prompt cannot fit the context."""
     if state.turn_prompt is not None:
         return list(state.turn_prompt), list(state.partial)
+    if config.episode_format == "conversation":
+        ids = (list(state.conversation) if state.conversation is not None
+               else encoder.conversation.start(first_message(instruction, state.obs.text)))
+        limit = config.token_limit
+        if limit is not None and len(ids) >= limit:
+            detail = f"the conversation has {len(ids)} tokens and the limit is {limit} (after {state.steps} turns)"
+            if config.overlong == "error":
+                raise OverlongPromptError(f"env {name!r} seed {state.seed} step {state.steps}: {detail}; set "
+                                          "rollout.overlong_prompt=end_episode or drop_episode to go on without it")
+            raise EnvFault("overlong", name, state.seed, state.steps, detail)
+        return ids, []
     return fit_prompt(encoder, instruction, state.history, state.obs.text, config, (name, state.seed, state.steps), faults,
                       fmt), []
 
@@ -152,8 +179,6 @@ def sample_trees(
     (its ``group_size`` is not used: a prompt gets ``tree.leaves_per_prompt()`` leaves);
     ``rng`` picks the nodes to expand. Faults drop their tree (module docstring) and
     are counted in ``faults``; every branch counts as an episode."""
-    if config.episode_format != "memory":
-        raise ValueError(f"tree sampling replays memory-format prompts; got episode_format={config.episode_format!r}")
     faults = faults if faults is not None else FaultLog()
     stats = TreeStats()
     rows: list[_Row] = []
@@ -292,7 +317,7 @@ def _grow(
             answer = partial + list(comp.token_ids)
             text = tokenizer.decode(answer, skip_special_tokens=True) if tree.node == "segment" else (
                 comp.text or tokenizer.decode(comp.token_ids, skip_special_tokens=True))
-            full = config.max_context is not None and len(turn_prompt) + len(answer) >= config.max_context
+            full = config.token_limit is not None and len(turn_prompt) + len(answer) >= config.token_limit
             stopped = any(stop in text for stop in text_format_of(b.env).stop)
             turn_over = tree.node == "step" or comp.finish_reason == "stop" or stopped or len(answer) >= max_tokens or full
             node_id = next_node[s.tree]
@@ -302,7 +327,7 @@ def _grow(
                        tree_id=s.tree, node_id=node_id, parent_id=s.node)
             if not turn_over:  # a segment inside an answer: no action yet
                 new = _Node(s.tree, node_id, s.node, s.group, s.seed, s.actions, s.history, s.obs, s.steps, False,
-                            tuple(turn_prompt), tuple(answer))
+                            tuple(turn_prompt), tuple(answer), s.conversation)
                 rows.append(_Row(**row, reward=0.0, done=False, valid=True, won=False))
             else:
                 try:
@@ -315,8 +340,17 @@ def _grow(
                 reward, env_done, valid, won, obs = turn_outcome(result, s.obs)
                 steps = s.steps + 1
                 done = env_done or steps >= config.max_steps
+                conversation = None
+                if config.episode_format == "conversation" and not done:
+                    conversation = tuple(encoder.conversation.extend(turn_prompt, answer,
+                                                                     next_message(obs.text, result is not None)))
+                    limit = config.token_limit
+                    if config.overlong == "end_episode" and limit is not None and len(conversation) >= limit:
+                        done = True  # the branch ends at its last turn that fitted
+                        faults.overlong_ended += 1
                 new = _Node(s.tree, node_id, s.node, s.group, s.seed, s.actions + (action,),
-                            s.history + (Turn(s.obs.text, action if valid else None),), obs, steps, done, None, ())
+                            s.history + (Turn(s.obs.text, action if valid else None),), obs, steps, done, None, (),
+                            conversation)
                 rows.append(_Row(**row, reward=reward, done=done, valid=valid, won=won))
             nodes_of_tree[s.tree].append(new)
             b.state = new
