@@ -368,8 +368,8 @@ class TrainerConfig:
     minibatches_per_epoch: int = 1
     micro_batch_size: int = 64
     micro_batch_tokens: Optional[int] = None  # also cut micro-batches at this many tokens encoded (None: rows only)
-    shared_prefix: str = "group"  # group: each group's common prompt prefix once (Prefix Grouper) | trie: every shared
-    # token prefix once (groups, conversation turns, tree branches) | none (true / false: group / none)
+    shared_prefix: str = "trie"  # trie: every shared token prefix once (groups, conversation turns, tree branches) |
+    # group: each group's common prompt prefix once (Prefix Grouper) | none (true / false: group / none)
     attention: str = "sdpa_shared_prefix"  # sdpa_shared_prefix | triton_shared_prefix (GPU)
     eval_episodes: int = 64  # evaluation tasks (seeds), after the warm-up and at the end
     eval_samples: int = 1  # sampled episodes per evaluation task; > 1 adds pass@k (k = 1, 2, 4, ..., eval_samples)
@@ -394,6 +394,7 @@ class TrainerConfig:
     HARMLESS_ON_RESUME = ("trainer.total_steps", "trainer.checkpoint_every", "trainer.keep_checkpoints",
                           "trainer.resume", "trainer.resume_allow_changes", "trainer.output_dir", "trainer.save_final",
                           "trainer.micro_batch_size", "trainer.micro_batch_tokens",  # the gradient does not depend on them
+                          "trainer.shared_prefix",  # nor on the packing (exact, up to summation order)
                           "rollout.env_workers", "env.step_timeout_s", "rollout.max_env_fault_rate")
 
     def resume_mode(self) -> str:

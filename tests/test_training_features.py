@@ -56,7 +56,7 @@ def gradients(model, batch, adv, algo, **kwargs) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("shared_prefix", [False, True])
+@pytest.mark.parametrize("shared_prefix", [False, True, "trie"])
 def test_gradient_checkpointing_gives_the_same_gradient(rollout, shared_prefix):
     """Recomputing activations in the backward changes memory, not the gradient (also
     through the shared-prefix forward)."""
