@@ -264,8 +264,8 @@ def trie_attention_reference(q: Tensor, k: Tensor, v: Tensor, layout: "TrieLayou
         seen = sum(b - a for a, b in anc)
         keys = torch.cat([torch.arange(a, b) for a, b in anc] + [torch.arange(start, start + n)]).to(q.device)
         allowed = torch.arange(seen + n, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None] + seen
-        out = masked_attention(q[start:start + n].transpose(0, 1), k[keys].transpose(0, 1), v[keys].transpose(0, 1),
-                               allowed, scale, softcap)
+        ks, vs = (torch.index_select(x, 0, keys).transpose(0, 1) for x in (k, v))  # a reproducible backward
+        out = masked_attention(q[start:start + n].transpose(0, 1), ks, vs, allowed, scale, softcap)
         pieces.append(out.transpose(0, 1))
     out = torch.cat(pieces) if pieces else v.new_zeros(0, q.shape[1], v.shape[2])
     if q.shape[0] > layout.length:

@@ -398,3 +398,4 @@ def test_kernel_on_gpu_against_a_float64_reference(dtype, tol, d, poisoned):
     for name, a, b in zip(("out", "dq", "dk", "dv"), (ref, *ref_grads), (got, *got_grads)):
         error = float((b.double() - a).norm() / a.norm())
         assert error < tol, (name, error)
+

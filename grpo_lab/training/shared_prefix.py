@@ -167,7 +167,9 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     """The function registered as ``"grpo_shared_prefix"`` in ``transformers``.
 
     With ``shared_prefix_layout`` among the model call's keyword arguments it computes
-    packed attention (the mask argument is ignored: the layout defines it); without, it is
+    packed attention (the mask argument is ignored: the layout defines it): of packed
+    groups for :class:`RowLayout` rows, of a packed trie for a
+    :class:`~grpo_lab.training.trie.TrieLayout`; without, it is
     the model's ordinary attention: ``transformers``' SDPA, or :func:`masked_attention`
     when the layer soft-caps its logits.
     """
@@ -441,7 +443,9 @@ def shared_prefix_logprobs(
         rows = [i for i, _, _ in targets]
         pred = pad_rows([t for _, _, t in targets], 0, torch.long).to(device)  # [M, R]
         which = torch.tensor([b for _, b, _ in targets], device=device)
-        picked = logits[which[:, None], pred]  # [M, R, V]
+        flat = logits.reshape(-1, logits.shape[-1])  # index_select: a reproducible backward (see trie.py)
+        picked = torch.index_select(flat, 0, (which[:, None] * logits.shape[1] + pred).flatten()).view(
+            *pred.shape, logits.shape[-1])  # [M, R, V]
         picked = picked.to(torch.promote_types(picked.dtype, torch.float32)) / temperature
         logp_all = torch.log_softmax(picked, dim=-1)
         tgt = pad_rows([response_ids[i] for i in rows], pad_id, torch.long).to(device)

@@ -278,7 +278,9 @@ def trie_logprobs(
     # response token j of row i sits at depth P_i + j and is predicted at depth P_i + j - 1
     pred = pad_rows([packed.index[i][p.numel() - 1: p.numel() - 1 + r.numel()]
                      for i, (p, r) in enumerate(zip(prompt_ids, response_ids))], 0, torch.long).to(device)  # [N, R]
-    picked = logits[pred]  # [N, R, V]
+    # index_select, not logits[pred]: rows share positions, and on CPU the backward of
+    # advanced indexing adds duplicates in a thread-dependent order (not reproducible)
+    picked = torch.index_select(logits, 0, pred.flatten()).view(*pred.shape, logits.shape[-1])  # [N, R, V]
     picked = picked.to(torch.promote_types(picked.dtype, torch.float32)) / temperature
     logp_all = torch.log_softmax(picked, dim=-1)
     targets = pad_rows(list(response_ids), pad_id, torch.long).to(device)
