@@ -57,12 +57,21 @@ def response_logprobs(
     # the logit at position t predicts token t + 1: response token j sits at P + j
     positions = (p_len[:, None] - 1 + offsets).clamp(max=input_ids.shape[1] - 1)
     picked = logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-    picked = picked.to(torch.promote_types(picked.dtype, torch.float32)) / temperature  # bf16/fp16 -> fp32
-    logp_all = torch.log_softmax(picked, dim=-1)
     targets = pad_rows(list(response_ids), pad_id, torch.long).to(device)
-    logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
-    entropy = token_entropy(logp_all, entropy_grad) * mask if with_entropy else None
-    return logprobs, mask.float(), entropy
+    logprobs, entropy = token_logprobs(picked, targets, temperature, with_entropy, entropy_grad)
+    return logprobs * mask, mask.float(), entropy * mask if with_entropy else None
+
+
+def token_logprobs(picked: Tensor, targets: Tensor, temperature: float = 1.0, with_entropy: bool = False,
+                   entropy_grad: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Log-probs of ``targets`` ``[N, R]`` from the logits ``[N, R, V]`` that predict them,
+    temperature-scaled in float32 at least (bf16/fp16 logits are upcast), and, if asked,
+    the entropy ``[N, R]`` of each distribution (see :func:`response_logprobs`). Every
+    forward (plain, shared-prefix, trie) ends here."""
+    picked = picked.to(torch.promote_types(picked.dtype, torch.float32)) / temperature
+    logp_all = torch.log_softmax(picked, dim=-1)
+    logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logprobs, token_entropy(logp_all, entropy_grad) if with_entropy else None
 
 
 def token_entropy(logp_all: Tensor, with_grad: bool = False) -> Tensor:

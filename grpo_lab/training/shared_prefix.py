@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..modeling import text_config
-from .forward import pad_rows, response_logprobs, token_entropy
+from .forward import pad_rows, response_logprobs, token_logprobs
 
 #: ``trainer.shared_prefix``: the plain per-row forward, one shared prompt prefix per
 #: group (this module), or every shared token prefix once (:mod:`~grpo_lab.training.trie`)
@@ -366,6 +366,21 @@ def groups_by_prompt(prompt_ids: Sequence[Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
+def packed_forward(model: torch.nn.Module, input_ids: Tensor, position_ids: Tensor, layout, attention: str) -> Tensor:
+    """The logits of packed rows (``layout``: :class:`RowLayout` rows, or a
+    :class:`~grpo_lab.training.trie.TrieLayout`), with the proof that every attention
+    layer took the packed path (:func:`_check_receipt`)."""
+    receipt = _Receipt()
+    token = _RECEIPT.set(receipt)
+    try:
+        logits = model(input_ids=input_ids, position_ids=position_ids,
+                       **{LAYOUT_KWARG: layout, "shared_prefix_backend": attention}).logits
+    finally:
+        _RECEIPT.reset(token)
+    _check_receipt(model, receipt)
+    return logits
+
+
 def shared_prefix_logprobs(
     model: torch.nn.Module,
     prompt_ids: Sequence[Tensor],
@@ -432,26 +447,15 @@ def shared_prefix_logprobs(
                 start += s.numel()
         input_ids = pad_rows(seqs, pad_id, torch.long).to(device)
         position_ids = pad_rows(positions, 0, torch.long).to(device)
-        receipt = _Receipt()
-        token = _RECEIPT.set(receipt)
-        try:
-            logits = model(input_ids=input_ids, position_ids=position_ids,
-                           **{LAYOUT_KWARG: layouts, "shared_prefix_backend": attention}).logits
-        finally:
-            _RECEIPT.reset(token)
-        _check_receipt(model, receipt)
+        logits = packed_forward(model, input_ids, position_ids, layouts, attention)
         rows = [i for i, _, _ in targets]
         pred = pad_rows([t for _, _, t in targets], 0, torch.long).to(device)  # [M, R]
         which = torch.tensor([b for _, b, _ in targets], device=device)
         flat = logits.reshape(-1, logits.shape[-1])  # index_select: a reproducible backward (see trie.py)
         picked = torch.index_select(flat, 0, (which[:, None] * logits.shape[1] + pred).flatten()).view(
             *pred.shape, logits.shape[-1])  # [M, R, V]
-        picked = picked.to(torch.promote_types(picked.dtype, torch.float32)) / temperature
-        logp_all = torch.log_softmax(picked, dim=-1)
         tgt = pad_rows([response_ids[i] for i in rows], pad_id, torch.long).to(device)
-        lp = logp_all.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-        ent = token_entropy(logp_all, entropy_grad) if with_entropy else None
-        outputs.append((rows, lp, ent))
+        outputs.append((rows, *token_logprobs(picked, tgt, temperature, with_entropy, entropy_grad)))
     mask = pad_rows([torch.ones(r.numel()) for r in response_ids], 0.0).to(device)
     parts_lp, parts_ent, order = [], [], []
     for rows, lp, ent in outputs:

@@ -12,7 +12,7 @@ from ..advantages.grouping import dense_ids
 from ..data import RolloutBatch
 from .distributed import SINGLE, DistContext, global_sums, gradient_sync, lockstep_count
 from .forward import pad_rows, response_logprobs
-from .shared_prefix import packing_mode, shared_prefix_logprobs
+from .shared_prefix import common_prefix_length, packing_mode, shared_prefix_logprobs
 from .trie import trie_logprobs
 from .losses import LossScale, aggregate, behaviour_weights, clipped_policy_loss, kl_penalty, reinforce_loss
 
@@ -41,17 +41,12 @@ def split_micro_batches(batch: RolloutBatch, rows: Tensor, max_rows: int, max_to
     micros, current, used, prev = [], [], 0, None
     for i in rows.tolist():
         seq = torch.cat([batch.prompt_ids[i], batch.response_ids[i]])
-        cost = seq.numel()
-        if packing == "trie" and prev is not None:
-            n = min(cost, prev.numel())
-            differ = torch.nonzero(seq[:n] != prev[:n])
-            cost -= int(differ[0]) if differ.numel() else n
-        if current and (len(current) >= max_rows or used + cost > max_tokens):
+        shared = common_prefix_length([seq, prev]) if packing == "trie" and prev is not None else 0
+        if current and (len(current) >= max_rows or used + seq.numel() - shared > max_tokens):
             micros.append(torch.tensor(current))
-            current, used = [], 0
-            cost = seq.numel() if packing == "trie" else cost  # a new micro-batch shares nothing yet
+            current, used, shared = [], 0, 0  # a new micro-batch shares nothing yet
         current.append(i)
-        used += cost
+        used += seq.numel() - shared
         prev = seq
     micros.append(torch.tensor(current))
     return micros

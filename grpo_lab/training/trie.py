@@ -34,8 +34,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .forward import pad_rows, token_entropy
-from .shared_prefix import _RECEIPT, LAYOUT_KWARG, _check_receipt, _Receipt
+from .forward import pad_rows, token_logprobs
+from .shared_prefix import packed_forward
 
 
 @dataclass(frozen=True)
@@ -267,26 +267,18 @@ def trie_logprobs(
         raise ValueError("every response needs at least one token")
     device = next(model.parameters()).device
     packed = build_trie([torch.cat([p.cpu(), r.cpu()]) for p, r in zip(prompt_ids, response_ids)])
-    receipt = _Receipt()
-    token = _RECEIPT.set(receipt)
-    try:
-        logits = model(input_ids=packed.input_ids[None].to(device), position_ids=packed.positions[None].to(device),
-                       **{LAYOUT_KWARG: packed.layout, "shared_prefix_backend": attention}).logits[0]  # [L, V]
-    finally:
-        _RECEIPT.reset(token)
-    _check_receipt(model, receipt)
+    logits = packed_forward(model, packed.input_ids[None].to(device), packed.positions[None].to(device),
+                            packed.layout, attention)[0]  # [L, V]
     # response token j of row i sits at depth P_i + j and is predicted at depth P_i + j - 1
     pred = pad_rows([packed.index[i][p.numel() - 1: p.numel() - 1 + r.numel()]
                      for i, (p, r) in enumerate(zip(prompt_ids, response_ids))], 0, torch.long).to(device)  # [N, R]
     # index_select, not logits[pred]: rows share positions, and on CPU the backward of
     # advanced indexing adds duplicates in a thread-dependent order (not reproducible)
     picked = torch.index_select(logits, 0, pred.flatten()).view(*pred.shape, logits.shape[-1])  # [N, R, V]
-    picked = picked.to(torch.promote_types(picked.dtype, torch.float32)) / temperature
-    logp_all = torch.log_softmax(picked, dim=-1)
     targets = pad_rows(list(response_ids), pad_id, torch.long).to(device)
     mask = pad_rows([torch.ones(r.numel()) for r in response_ids], 0.0).to(device)
-    logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
-    entropy = token_entropy(logp_all, entropy_grad) * mask if with_entropy else None
+    logprobs, entropy = token_logprobs(picked, targets, temperature, with_entropy, entropy_grad)
+    logprobs, entropy = logprobs * mask, entropy * mask if with_entropy else None
     return logprobs, mask, entropy
 
 
@@ -306,10 +298,4 @@ def trie_attention(query: Tensor, key: Tensor, value: Tensor, layout: TrieLayout
     else:
         raise ValueError(f"unknown trie attention backend {backend!r}")
     return out[None]
-
-
-def dedup_ratio(prompt_ids: Sequence[Tensor], response_ids: Sequence[Tensor]) -> tuple[int, int]:
-    """``(row tokens, trie tokens)``: what the per-row forward and the trie encode."""
-    packed = build_trie([torch.cat([p, r]) for p, r in zip(prompt_ids, response_ids)])
-    return packed.row_tokens, packed.layout.length
 
