@@ -25,7 +25,7 @@ from grpo_lab.rollout import AgentLoopConfig, PromptEncoder, SamplingParams, run
 from grpo_lab.rollout.agent_loop import OverlongPromptError
 from grpo_lab.rollout.backend import Completion
 from grpo_lab.rollout.backends.hf import HFBackend
-from grpo_lab.rollout.conversation import NO_ACTION_NOTE, ConversationRenderer, TemplateError, is_prefix
+from grpo_lab.rollout.conversation import NO_ACTION_NOTE, TemplateError, is_prefix
 from grpo_lab.rollout.faults import FaultLog
 
 ANSWERS = ["<action>left</action>", "I think <action>down</action>", "no idea"]
@@ -35,7 +35,7 @@ OBSERVATIONS = ["Grid:\nS.F\nFHG\nYou are at S.", "Grid:\n.S.\nFHG", "Grid:\n..S
 def by_template(tok, system, answers, observations, close_sampled):
     """The conversation's tokens, built turn by turn; answers are the tokens of their text
     (plus the end-of-turn token when ``close_sampled``)."""
-    r = ConversationRenderer(tok, chat=True, system=system)
+    r = PromptEncoder(tok, system=system).conversation
     ids = r.start("Task.\n\n" + observations[0])
     for answer, obs in zip(answers, observations[1:]):
         sampled = tok(answer, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if close_sampled else [])
@@ -62,13 +62,13 @@ def test_turn_by_turn_equals_the_templates_rendering_of_the_whole_conversation(k
 
 def test_closing_adds_only_what_the_answer_lacks():
     tok = chat_tokenizer("chatml")
-    r = ConversationRenderer(tok, chat=True)
+    r = PromptEncoder(tok).conversation
     im_end, newline = tok.convert_tokens_to_ids("<|im_end|>"), tok("\n", add_special_tokens=False)["input_ids"]
     assert r.close_ids == [im_end, *newline]
     assert r.closing([5, 6]) == [im_end, *newline]  # stopped on a stop string: the whole closing
     assert r.closing([5, im_end]) == newline  # sampled <|im_end|>: the newline the template puts after it
     assert r.closing([5, im_end, *newline]) == []
-    llama = ConversationRenderer(chat_tokenizer("llama3"), chat=True)
+    llama = PromptEncoder(chat_tokenizer("llama3")).conversation
     assert llama.closing([5, llama.close_ids[0]]) == []  # <|eot_id|> alone closes a Llama-3 turn
 
 
@@ -76,7 +76,7 @@ def test_a_template_that_rewrites_earlier_turns_keeps_them_as_sampled():
     """Qwen3 drops the reasoning block of earlier answers; the conversation keeps the
     sampled tokens instead (as verl does), and the user turn is still the template's."""
     tok = chat_tokenizer("qwen3")
-    r = ConversationRenderer(tok, chat=True)
+    r = PromptEncoder(tok).conversation
     first = r.start("hello")
     answer = tok("<think>\nhm\n</think>\n\n<action>up</action>", add_special_tokens=False)["input_ids"]
     ids = r.extend(first, answer, "next")
@@ -88,12 +88,12 @@ def test_a_template_that_drops_the_answer_text_is_refused_by_name():
     tok = chat_tokenizer("chatml")
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}{% endfor %}"
     with pytest.raises(TemplateError, match="does not write an assistant message's text"):
-        ConversationRenderer(tok, chat=True)
+        PromptEncoder(tok).conversation
 
 
 def test_plain_text_conversation_appends_eos_and_the_observation():
     tok = chat_tokenizer("chatml")
-    r = ConversationRenderer(tok, chat=False, system="Sys.")
+    r = PromptEncoder(tok, use_chat_template=False, system="Sys.").conversation
     first = r.start("Task")
     assert tok.decode(first) == "Sys.\n\nTask"
     ids = r.extend(first, tok("ok", add_special_tokens=False)["input_ids"], "obs")

@@ -292,20 +292,40 @@ def episode_prompt(ep: _Episode, encoder: PromptEncoder, instruction: str, confi
 
 
 def conversation_prompt(ep: _Episode, encoder: PromptEncoder, instruction: str, config: AgentLoopConfig) -> list[int]:
-    """The conversation so far (its first prompt at the first turn); raises
+    """The episode's conversation so far (:func:`fit_conversation`), kept on the episode."""
+    ep.ids = fit_conversation(encoder, instruction, ep.ids, ep.obs.text, config, (env_name(ep.env), ep.seed, ep.steps))
+    return ep.ids
+
+
+def fit_conversation(encoder: PromptEncoder, instruction: str, ids: Sequence[int] | None, observation: str,
+                     config: AgentLoopConfig, where: tuple[str, int | None, int]) -> list[int]:
+    """The next prompt of a conversation episode: ``ids`` (the conversation so far), or at
+    its first turn (``ids`` None) the first prompt of the task and ``observation``. Raises
     :class:`OverlongPromptError` (``overlong="error"``) or the ``overlong`` fault when it
-    leaves no room for an answer."""
-    if ep.ids is None:
-        ep.ids = encoder.conversation.start(first_message(instruction, ep.obs.text))
+    leaves no room for an answer; ``where`` is ``(environment, seed, step)``."""
+    ids = list(ids) if ids is not None else encoder.conversation.start(first_message(instruction, observation))
     limit = config.token_limit
-    if limit is None or len(ep.ids) < limit:
-        return ep.ids
-    where = (env_name(ep.env), ep.seed, ep.steps)
-    detail = f"the conversation has {len(ep.ids)} tokens and the limit is {limit} (after {ep.steps} turns)"
+    if limit is None or len(ids) < limit:
+        return ids
+    detail = f"the conversation has {len(ids)} tokens and the limit is {limit} (after {where[2]} turns)"
     if config.overlong == "error":
         raise OverlongPromptError(f"env {where[0]!r} seed {where[1]} step {where[2]}: {detail}; set "
                                   "rollout.overlong_prompt=end_episode or drop_episode to go on without it")
     raise EnvFault("overlong", *where, detail)
+
+
+def extend_conversation(encoder: PromptEncoder, prompt: Sequence[int], answer: Sequence[int], observation: str,
+                        had_action: bool, config: AgentLoopConfig, faults: FaultLog | None) -> tuple[list[int], bool]:
+    """The next prompt after a turn that did not end its episode (the turn's prompt, its
+    sampled answer, the missing closing tokens and the next observation), and whether the
+    episode ends here under ``overlong="end_episode"`` because that prompt leaves no room
+    for an answer (counted in ``faults.overlong_ended``)."""
+    ids = encoder.conversation.extend(prompt, answer, next_message(observation, had_action))
+    limit = config.token_limit
+    ended = config.overlong == "end_episode" and limit is not None and len(ids) >= limit
+    if ended and faults is not None:
+        faults.overlong_ended += 1
+    return ids, ended
 
 
 def completion_text(comp: Completion, encoder: PromptEncoder) -> str:
@@ -356,12 +376,8 @@ def finish_turn(
     if config.episode_format == "conversation" and not ep.done:
         if encoder is None:
             raise ValueError("a conversation episode needs the encoder to extend its prompt")
-        ep.ids = encoder.conversation.extend(prompt, comp.token_ids, next_message(next_obs.text, result is not None))
-        limit = config.token_limit
-        if config.overlong == "end_episode" and limit is not None and len(ep.ids) >= limit:
-            ep.done = True
-            if faults is not None:
-                faults.overlong_ended += 1
+        ep.ids, ep.done = extend_conversation(encoder, prompt, comp.token_ids, next_obs.text, result is not None, config,
+                                              faults)
     return _Row(ep.group_id, ep.traj_id, ep.steps - 1, prompt, comp.token_ids, comp.logprobs,
                 reward, ep.done, valid, won, anchor)
 

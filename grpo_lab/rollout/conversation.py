@@ -31,9 +31,12 @@ token and the next observation on a new paragraph.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from .prompts import PromptEncoder
 
 EPISODE_FORMATS = ("memory", "conversation")
 
@@ -49,21 +52,22 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation
 
 
 class ConversationRenderer:
-    """Token deltas of a conversation under ``tokenizer``'s chat template (``chat``) or
-    plain text; ``system`` opens the conversation.
+    """Token deltas of a conversation under ``encoder``'s chat template (or plain text, when
+    it has none or does not use it), opened by its system text; the first prompt is the
+    encoder's own.
 
     Attributes:
         close_ids: the tokens the template puts after an assistant message's text.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, chat: bool, system: str = "") -> None:
-        self.tokenizer, self.chat, self.system = tokenizer, chat, system
-        if chat:
-            self._probe = self._messages(_PROBE_USER) + [{"role": "assistant", "content": _PROBE_ANSWER}]
-            self._close_text = self._after_answer(_render(tokenizer, self._probe, False))
+    def __init__(self, encoder: "PromptEncoder") -> None:
+        self.encoder, self.tokenizer, self.chat = encoder, encoder.tokenizer, encoder.chat
+        if self.chat:
+            self._probe = encoder.messages(_PROBE_USER) + [{"role": "assistant", "content": _PROBE_ANSWER}]
+            self._close_text = self._after_answer(_render(self.tokenizer, self._probe, False))
             self.close_ids = self._encode(self._close_text)
         else:
-            eos = tokenizer.eos_token_id
+            eos = self.tokenizer.eos_token_id
             self.close_ids = [eos] if eos is not None else []
 
     def _after_answer(self, text: str) -> str:
@@ -75,24 +79,13 @@ class ConversationRenderer:
         return text[k + len(_PROBE_ANSWER):]
 
     # ------------------------------------------------------------------ text and tokens
-    def _messages(self, user: str) -> list[dict]:
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        return [*system, {"role": "user", "content": user}]
-
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def start(self, text: str) -> list[int]:
         """Token ids of the first prompt: the system text and the user message ``text``,
-        up to the assistant's generation prompt."""
-        if self.chat:
-            ids = self.tokenizer.apply_chat_template(self._messages(text), add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return list(ids)
-        if self.system:
-            text = f"{self.system}\n\n{text}"
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        up to the assistant's generation prompt (:meth:`PromptEncoder.encode`)."""
+        return self.encoder.encode(text)
 
     def user_turn(self, text: str) -> list[int]:
         """The tokens of one more user message ``text`` after a closed assistant turn, up

@@ -79,14 +79,16 @@ class PromptEncoder:
         text (:mod:`~grpo_lab.rollout.conversation`), built on first use."""
         from .conversation import ConversationRenderer
 
-        return ConversationRenderer(self.tokenizer, self.chat, self.system)
+        return ConversationRenderer(self)
+
+    def messages(self, text: str) -> list[dict]:
+        """The chat messages of a prompt: the system text, when given, and the user's ``text``."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, {"role": "user", "content": text}]
 
     def encode(self, text: str) -> list[int]:
         if self.chat:
-            system = [{"role": "system", "content": self.system}] if self.system else []
-            ids = self.tokenizer.apply_chat_template(
-                [*system, {"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-            )
+            ids = self.tokenizer.apply_chat_template(self.messages(text), add_generation_prompt=True, tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             return list(ids)

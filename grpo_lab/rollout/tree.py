@@ -51,16 +51,16 @@ from ..data import RolloutBatch
 from ..envs.base import Env, Observation, TextFormat, text_format_of
 from .agent_loop import (
     AgentLoopConfig,
-    OverlongPromptError,
     _Row,
     act,
     close_env,
     env_name,
+    extend_conversation,
+    fit_conversation,
     fit_prompt,
     rows_to_batch,
     turn_outcome,
 )
-from .conversation import first_message, next_message
 from .backend import Backend
 from .env_pool import EnvFault, guard
 from .faults import FaultLog, drop_failed
@@ -148,16 +148,8 @@ def _render(state: _Node, encoder: PromptEncoder, instruction: str, config: Agen
     if state.turn_prompt is not None:
         return list(state.turn_prompt), list(state.partial)
     if config.episode_format == "conversation":
-        ids = (list(state.conversation) if state.conversation is not None
-               else encoder.conversation.start(first_message(instruction, state.obs.text)))
-        limit = config.token_limit
-        if limit is not None and len(ids) >= limit:
-            detail = f"the conversation has {len(ids)} tokens and the limit is {limit} (after {state.steps} turns)"
-            if config.overlong == "error":
-                raise OverlongPromptError(f"env {name!r} seed {state.seed} step {state.steps}: {detail}; set "
-                                          "rollout.overlong_prompt=end_episode or drop_episode to go on without it")
-            raise EnvFault("overlong", name, state.seed, state.steps, detail)
-        return ids, []
+        return fit_conversation(encoder, instruction, state.conversation, state.obs.text, config,
+                                (name, state.seed, state.steps)), []
     return fit_prompt(encoder, instruction, state.history, state.obs.text, config, (name, state.seed, state.steps), faults,
                       fmt), []
 
@@ -341,13 +333,10 @@ def _grow(
                 steps = s.steps + 1
                 done = env_done or steps >= config.max_steps
                 conversation = None
-                if config.episode_format == "conversation" and not done:
-                    conversation = tuple(encoder.conversation.extend(turn_prompt, answer,
-                                                                     next_message(obs.text, result is not None)))
-                    limit = config.token_limit
-                    if config.overlong == "end_episode" and limit is not None and len(conversation) >= limit:
-                        done = True  # the branch ends at its last turn that fitted
-                        faults.overlong_ended += 1
+                if config.episode_format == "conversation" and not done:  # the branch may end at the token limit
+                    ids, done = extend_conversation(encoder, turn_prompt, answer, obs.text, result is not None, config,
+                                                    faults)
+                    conversation = tuple(ids)
                 new = _Node(s.tree, node_id, s.node, s.group, s.seed, s.actions + (action,),
                             s.history + (Turn(s.obs.text, action if valid else None),), obs, steps, done, None, (),
                             conversation)

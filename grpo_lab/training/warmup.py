@@ -89,9 +89,10 @@ def conversation_demonstrations(
     renderer = encoder.conversation
     for env, turns in demonstration_episodes(env_factory, num_episodes, max_steps, seed):
         fmt = text_format_of(env)
-        ids: list[int] = []
-        for k, (obs, action) in enumerate(turns):
-            ids = (renderer.start(first_message(env.instruction, obs)) if k == 0
+        ids: list[int] | None = None
+        answer: list[int] = []
+        for obs, action in turns:
+            ids = (renderer.start(first_message(env.instruction, obs)) if ids is None
                    else renderer.extend(ids, answer, next_message(obs, True)))
             answer = encoder.tokenizer(fmt.format(action), add_special_tokens=False)["input_ids"]
             answer = answer + ([eos_id] if eos_id is not None else [])
