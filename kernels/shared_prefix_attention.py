@@ -483,11 +483,19 @@ class _SharedPrefixAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, layout, row_starts=None) -> None:
-    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor, value_dim_may_differ: bool = False) -> None:
+    """``q`` ``[T, H, D]``, ``k`` ``[T, Hkv, D]``, ``v`` ``[T, Hkv, Dv]`` with ``H`` a multiple of
+    ``Hkv`` and ``Dv = D`` (other value widths, multi-head latent attention's, only where
+    ``value_dim_may_differ``: the PyTorch references)."""
+    same_v = k.shape[:2] == v.shape[:2] and (value_dim_may_differ or k.shape == v.shape)
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or not same_v or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"expected q [T, H, D] and k, v [T, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} must be a multiple of key/value heads {k.shape[1]}")
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, layout, row_starts=None) -> None:
+    _check_shapes(q, k, v)
     if q.numel() >= 2**31:
         raise ValueError(f"q has {q.numel()} elements; the kernel indexes with 32-bit offsets (at most 2**31 - 1): "
                          "split the micro-batch")
@@ -505,6 +513,24 @@ def _check(q: Tensor, k: Tensor, v: Tensor, layout, row_starts=None) -> None:
         end = start + row.length
     if end > q.shape[0]:
         raise ValueError(f"the last row ends at token {end} but q has {q.shape[0]}")
+
+
+def kernel_config(head_dim: int, softcap: float | None, config: KernelConfig | None = None,
+                  block_m: int | None = None, block_n: int | None = None) -> KernelConfig:
+    """The tile shapes of a launch (``config``; else one shape for every pass from
+    ``block_m``/``block_n``, tests; else :func:`config_for` the head dimension), after
+    refusing what the kernels cannot run: a head dimension that is not a power of two
+    >= 16, a soft-cap that is not positive."""
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise NotImplementedError(f"head dim {head_dim}: the Triton kernel needs a power of two >= 16 (its tiles are "
+                                  "tl.arange(0, D)); use trainer.attention=sdpa_shared_prefix for this model")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    if config is None:
+        config = config_for(head_dim)
+        if block_m is not None or block_n is not None:
+            config = KernelConfig.uniform(block_m or config.fwd.block_m, block_n or config.fwd.block_n)
+    return config
 
 
 def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: Sequence, scale: float | None = None,
@@ -526,17 +552,8 @@ def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: Sequence, s
         ``[T, H, D]``; tokens outside every row are zero (and get zero gradients).
     """
     _check(q, k, v, layout, row_starts)
-    d = q.shape[2]
-    if d < 16 or d & (d - 1):
-        raise NotImplementedError(f"head dim {d}: the Triton kernel needs a power of two >= 16 (its tiles are "
-                                  "tl.arange(0, D)); use trainer.attention=sdpa_shared_prefix for this model")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    config = kernel_config(q.shape[2], softcap, config, block_m, block_n)
     layout = tuple(layout)
-    if config is None:
-        config = config_for(q.shape[-1])
-        if block_m is not None or block_n is not None:
-            config = KernelConfig.uniform(block_m or config.fwd.block_m, block_n or config.fwd.block_n)
     return _SharedPrefixAttention.apply(q, k, v, layout, _row_starts(layout, row_starts),
                                         scale if scale is not None else q.shape[-1] ** -0.5, config, softcap)
 

@@ -203,14 +203,9 @@ class _TrieAttention(torch.autograd.Function):
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, layout: "TrieLayout", value_dim_may_differ: bool = False) -> None:
-    """Shapes: ``q`` ``[L, H, D]``, ``k`` ``[L, Hkv, D]``, ``v`` ``[L, Hkv, Dv]`` (``Dv = D``
-    for the kernel; the reference takes multi-head latent attention's other value width)."""
-    same_v = k.shape[:2] == v.shape[:2] and (value_dim_may_differ or k.shape == v.shape)
-    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or not same_v or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"expected q [L, H, D] and k, v [L, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads {q.shape[1]} must be a multiple of key/value heads {k.shape[1]}")
+    """Shapes as the shared-prefix kernel's (the reference also takes multi-head latent
+    attention's other value width), and a trie that fits in them."""
+    sp._check_shapes(q, k, v, value_dim_may_differ)
     if layout.length > q.shape[0]:
         raise ValueError(f"the trie holds {layout.length} tokens but q has {q.shape[0]}")
 
@@ -234,17 +229,8 @@ def trie_attention(q: Tensor, k: Tensor, v: Tensor, layout: "TrieLayout", scale:
     _check(q, k, v, layout)
     if q.numel() >= 2**31:
         raise ValueError(f"q has {q.numel()} elements; the kernel indexes with 32-bit offsets: split the micro-batch")
-    d = q.shape[2]
-    if d < 16 or d & (d - 1):
-        raise NotImplementedError(f"head dim {d}: the Triton kernel needs a power of two >= 16; use "
-                                  "trainer.attention=sdpa_shared_prefix for this model")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be None or > 0, got {softcap}")
-    if config is None:
-        config = sp.config_for(d)
-        if block_m is not None or block_n is not None:
-            config = sp.KernelConfig.uniform(block_m or config.fwd.block_m, block_n or config.fwd.block_n)
-    return _TrieAttention.apply(q, k, v, layout, scale if scale is not None else d ** -0.5, config, softcap)
+    config = sp.kernel_config(q.shape[2], softcap, config, block_m, block_n)
+    return _TrieAttention.apply(q, k, v, layout, scale if scale is not None else q.shape[2] ** -0.5, config, softcap)
 
 
 def trie_attention_reference(q: Tensor, k: Tensor, v: Tensor, layout: "TrieLayout", scale: float | None = None,
