@@ -300,3 +300,43 @@ def test_benchmark_scripts_run_their_code_paths_on_cpu(tmp_path):
         assert proc.returncode == 0, (args, proc.stdout[-2000:], proc.stderr[-2000:])
     assert json.loads((tmp_path / "k.json").read_text())["rows"][0]["G"] == 2
     assert "16" in json.loads((tmp_path / "t.json").read_text())
+
+
+BARE_MACHINE = """
+import sys
+# as on a GPU machine with only torch, triton, transformers and pytest: the project is not
+# installed (PYTHONPATH is the checkout) and none of its other dependencies are there
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+ABSENT = {"hydra", "omegaconf", "datasets", "bm25s", "math_verify", "vllm", "textworld", "alfworld", "bs4", "peft"}
+
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ABSENT:
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, Absent())
+"""
+
+
+def test_the_gpu_path_runs_from_a_bare_checkout(tmp_path):
+    """The kernels, the packed forwards, the rollout the GPU tests drive and the GPU
+    benchmarks import from the source tree alone (``PYTHONPATH=.``, nothing installed)
+    without the packages a GPU image may lack; ``grpo_lab.kernels`` comes from the checkout."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "sitecustomize.py").write_text(BARE_MACHINE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), root])}
+    code = ("import grpo_lab.kernels.trie_attention as t, grpo_lab.kernels.shared_prefix_attention, grpo_lab.training.trie, "
+            "grpo_lab.training.shared_prefix, grpo_lab.training.forward, grpo_lab.rollout, grpo_lab.envs.frozenlake, "
+            "grpo_lab.modeling; print(t.__file__)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == os.path.join(root, "grpo_lab", "kernels", "trie_attention.py")
+    for script in ("benchmarks/kernel.py", "benchmarks/shared_prefix.py", "benchmarks/trie.py"):
+        proc = subprocess.run([sys.executable, script, "--help"], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, (script, proc.stderr[-3000:])
+

@@ -120,7 +120,7 @@ def readme_task_commands() -> list[list[str]]:
 
 def test_the_tasks_section_has_a_line_per_shipped_environment():
     names = [dict(o.split("=", 1) for o in overrides)["env"] for overrides in readme_task_commands()]
-    shipped = sorted(p.stem for p in (ROOT / "configs" / "env").glob("*.yaml"))
+    shipped = sorted(p.stem for p in (ROOT / "grpo_lab" / "configs" / "env").glob("*.yaml"))
     assert sorted(names) == shipped
 
 

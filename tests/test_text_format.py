@@ -17,7 +17,7 @@ from grpo_lab.envs import ACTION_FORMAT, TextFormat, get_env_factory, register_e
 from grpo_lab.rollout.prompts import Turn, render_prompt
 
 SHIPPED = ["alfworld", "countdown", "dataset", "frozenlake", "search_qa", "sokoban", "textworld", "webshop"]
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "env"
+CONFIGS = Path(__file__).resolve().parents[1] / "grpo_lab" / "configs" / "env"
 
 plain = st.text(st.characters(blacklist_characters="<>", blacklist_categories=("Cs",)), min_size=1).filter(str.strip)
 
