@@ -90,8 +90,10 @@ def test_bad_layouts_and_rows_are_named():
         TrieLayout((0, 5), (3, 2), (-1, 0), (0, 3))
     with pytest.raises(ValueError, match="parent must come before"):
         TrieLayout((0, 3), (3, 2), (1, -1), (0, 0))
-    with pytest.raises(ValueError, match="at least one token"):
+    with pytest.raises(ValueError, match=r"at least one token; rows \[1\] are empty"):
         build_trie([torch.tensor([1]), torch.tensor([], dtype=torch.long)])
+    with pytest.raises(ValueError, match="no rows"):
+        build_trie([])
 
 
 @settings(max_examples=60, deadline=None)

@@ -193,8 +193,11 @@ def build_trie(seqs: Sequence[Tensor]) -> PackedTrie:
     extends without a branch grows; the rest are new nodes, children of the row's node
     before them. Identical rows read the same positions.
     """
-    if any(s.numel() == 0 for s in seqs):
-        raise ValueError("every row needs at least one token")
+    if not seqs:
+        raise ValueError("build_trie got no rows: a micro-batch to pack needs at least one")
+    empty = [i for i, s in enumerate(seqs) if s.numel() == 0]
+    if empty:
+        raise ValueError(f"every row needs at least one token; rows {empty[:5]} are empty")
     seqs = [s.to("cpu", torch.long).flatten() for s in seqs]
     order = sorted(range(len(seqs)), key=lambda i: seqs[i].tolist())
     lengths = torch.tensor([seqs[i].numel() for i in order])
