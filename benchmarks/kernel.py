@@ -1,28 +1,43 @@
-"""The Triton shared-prefix attention kernel against SDPA and FlexAttention (GPU).
+"""The Triton attention kernels against SDPA and FlexAttention (GPU).
 
     python benchmarks/kernel.py [--groups 4 8 16] [--prefix 1024 4096 16384] [--member 256 512 2048]
                                 [--heads 32 --kv-heads 8 --head-dim 128] [--dtype bfloat16]
                                 [--no-flex] [--json FILE]
+    python benchmarks/kernel.py --layout trie [--workload conversation tree] [--episodes 8]
+                                [--turns 5 10] [--trie-prompt 2048] [--answer 256] [--observation 128]
     python benchmarks/kernel.py --tune [--head-dim 64 128] [--tune-json FILE]
     python benchmarks/kernel.py --accuracy [--head-dim 64 128]
 
-One packed row ``[P; R1..RG]`` per shape. Baselines, each checked against the float32
-reference before it is timed:
+Layouts (``--layout``, one or both):
 
-- SDPA on the repeated-prefix layout ``G x [P; Ri]`` (PyTorch's fused backends only, never
-  the math one; K and V expanded to the query heads beforehand, outside the timing);
-- FlexAttention (``torch.compile``-d ``flex_attention``) on the same packed layout, with a
-  block mask built from it (the prefix-sharing mask of AReaL's tree training).
+- ``shared-prefix``: one packed row ``[P; R1..RG]`` per shape, timed with
+  ``shared_prefix_attention``;
+- ``trie``: the trie of a real batch shape, timed with ``trie_attention``: ``G``
+  conversation episodes of ``turns`` turns from one first prompt, or 2 Tree-GRPO trees
+  of ``turns``-turn chains with ``G`` branches (the rows of ``benchmarks/trie.py``).
+
+Baselines, each checked against the float32 reference on the first case of each kind of
+layout before it is timed (on the CPU, FlexAttention's forward only):
+
+- SDPA on the unpacked rows: ``G x [P; Ri]``, or one causal sequence per root-to-leaf
+  path of the trie (every episode whole, as a per-episode trainer encodes it), batched
+  by length (PyTorch's fused backends only, never the math one; the K and V heads
+  expanded to the query heads beforehand, outside the timing);
+- FlexAttention (``torch.compile``-d ``flex_attention``) on the same packed layout, with
+  a block mask built from it (the prefix-sharing mask of AReaL's tree training): key ``j``
+  is seen by queries ``j <= i < end(j)``, ``end`` the end of the key's member, or of its
+  trie node's subtree.
 
 Prints forward and forward+backward milliseconds (median of ``triton.testing.do_bench``),
-the kernel's achieved TFLOP/s counting only the FLOPs the shared layout needs (the
+the kernel's achieved TFLOP/s counting only the FLOPs the packed layout needs (the
 backward counted as 2.5 forwards), that rate as a share of the dense bf16 matmul rate
 measured in the same run (8192^3), and the speedups. ``--tune`` times every candidate
-tile shape of each pass (forward, dQ, dK/dV) on three shapes, after checking each against
-the reference, and prints the winners in the form of ``TUNED`` in
-``grpo_lab/kernels/shared_prefix_attention.py``. ``--accuracy`` prints the kernel's float16
-and bfloat16 errors against a float64 reference beside those of PyTorch's SDPA in the
-same dtype.
+tile shape of each pass (forward, dQ, dK/dV) of the shared-prefix kernel, whose tile
+shapes the trie kernel shares, on three shapes, after checking each against the
+reference, and prints the winners in the form of ``TUNED`` in
+``grpo_lab/kernels/shared_prefix_attention.py``. ``--accuracy`` prints the kernel's
+float16 and bfloat16 errors against a float64 reference beside those of PyTorch's SDPA in
+the same dtype.
 """
 
 from __future__ import annotations
@@ -33,14 +48,18 @@ import itertools
 import json
 import math
 import multiprocessing
+import random
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from grpo_lab.kernels import shared_prefix_attention as spa
+from grpo_lab.kernels import trie_attention as tri
 from grpo_lab.training.shared_prefix import RowLayout
+from grpo_lab.training.trie import TrieLayout, build_trie
 
 P = spa.PassConfig
 CANDIDATES = {
@@ -54,12 +73,6 @@ CANDIDATES = {
 TUNE_SHAPES = [(8, 4096, 512), (16, 1024, 256), (4, 16384, 1024)]
 DEVICE = "cuda"  # --device cpu runs everything in Triton's interpreter (a check of this script, not a benchmark)
 CHECK_LAYOUT = (RowLayout(300, (70, 190, 129)), RowLayout(64, (200,)))
-
-
-def shared_flops(g: int, p: int, r: int, h: int, d: int) -> float:
-    """Forward FLOPs of attention in the shared layout (QK^T and PV over allowed pairs)."""
-    pairs = p * (p + 1) / 2 + g * (r * p + r * (r + 1) / 2)
-    return 4.0 * d * h * pairs
 
 
 def bench(fn) -> float:
@@ -101,51 +114,82 @@ def random_qkv(t: int, h: int, hkv: int, d: int, dtype: torch.dtype):
     return q, k, v, torch.randn_like(q)
 
 
+def kernel(layout):
+    """The Triton kernel for ``layout`` (packed rows or a trie)."""
+    return tri.trie_attention if isinstance(layout, TrieLayout) else spa.shared_prefix_attention
+
+
 def reference_grads(q, k, v, do, layout):
     ins = [x.detach().float().requires_grad_(True) for x in (q, k, v)]
-    out = spa.shared_prefix_attention_reference(*ins, layout)
+    ref = tri.trie_attention_reference if isinstance(layout, TrieLayout) else spa.shared_prefix_attention_reference
+    out = ref(*ins, layout)
     return (out.detach(), *torch.autograd.grad(out, ins, do.float()))
 
 
+# ----------------------------------------------------------------------------- layouts
+@dataclass
+class Case:
+    """One packed layout to time: its table label, the layout the kernels take, the
+    attended (query, key) pairs, the lengths of the rows the SDPA baseline encodes instead
+    (one causal sequence per prefix-and-member or per root-to-leaf path) and, per packed
+    token, the end of the query range that attends to it (FlexAttention's mask)."""
+
+    label: dict
+    layout: object
+    length: int
+    pairs: float
+    rows: list[int]
+    key_ends: torch.Tensor
+
+    def name(self) -> str:
+        return " ".join(str(v) if k == "workload" else f"{k}={v}" for k, v in self.label.items())
+
+
+def shared_prefix_case(g: int, p: int, r: int) -> Case:
+    """One packed row ``[P; R1..RG]``: prefix keys are seen up to the row's end, member keys
+    up to their member's end."""
+    ends = [p + g * r] * p + [p + (j + 1) * r for j in range(g) for _ in range(r)]
+    pairs = p * (p + 1) / 2 + g * (r * p + r * (r + 1) / 2)
+    return Case(dict(G=g, P=p, R=r), (RowLayout(p, (r,) * g),), p + g * r, pairs, [p + r] * g, torch.tensor(ends))
+
+
+def trie_case(workload: str, g: int, turns: int, prompt: int, answer: int, obs: int) -> Case:
+    """The trie of a real batch shape (``benchmarks/trie.py``'s rows): ``g`` conversation
+    episodes of ``turns`` turns from one first prompt, or 2 Tree-GRPO trees with ``g``
+    branches. A key of node ``u`` is seen by the queries up to the end of ``u``'s subtree
+    (pre-order), later than itself."""
+    from trie import conversation_rows, tree_rows  # benchmarks/trie.py, beside this script
+
+    make = conversation_rows if workload == "conversation" else tree_rows
+    rows = make(random.Random(0), 32000, g, turns, prompt, answer, obs)
+    layout = build_trie([torch.tensor(ids + ans) for ids, ans in rows]).layout
+    has_child = set(layout.parent)
+    leaves = [layout.depth[v] + layout.node_len[v] for v in range(layout.num_nodes) if v not in has_child]
+    pairs = sum(n * d + n * (n + 1) / 2 for n, d in zip(layout.node_len, layout.depth))
+    ends = torch.repeat_interleave(torch.tensor(layout.subtree_end()), torch.tensor(layout.node_len))
+    label = dict(workload=workload, G=g, turns=turns, P=prompt, A=answer, O=obs)
+    return Case(label, layout, layout.length, pairs, leaves, ends)
+
+
 # ----------------------------------------------------------------------------- FlexAttention
-ROW = 2**20  # segment ids: row * ROW + 0 on the row's prefix, + 1 + j on its member j
-
-
-def segment_ids(layout, t_max: int) -> torch.Tensor:
-    """Per token, ``row * ROW`` on a row's prefix and ``row * ROW + 1 + j`` on its member
-    ``j``; -1 past the rows (rows back to back from token 0)."""
-    seg = torch.full((t_max,), -1, dtype=torch.int64)
-    start = 0
-    for i, row in enumerate(layout):
-        seg[start:start + row.prefix_len] = i * ROW
-        pos = start + row.prefix_len
-        for j, n in enumerate(row.member_lens):
-            seg[pos:pos + n] = i * ROW + 1 + j
-            pos += n
-        start = pos
-    return seg
-
-
-def make_mask_mod(seg: torch.Tensor):
-    """The shared-prefix mask as a FlexAttention ``mask_mod``: a key is seen by a later (or
-    the same) query of its row when it is a prefix key or in the query's own member."""
+def make_mask_mod(key_ends: torch.Tensor):
+    """The packed layout's mask as a FlexAttention ``mask_mod``: key ``j`` is seen by the
+    queries ``j <= i < key_ends[j]`` (0 past the layout's tokens)."""
     def mask_mod(b, h, q_idx, kv_idx):
-        sq, sk = seg[q_idx], seg[kv_idx]
-        same_row = (sq // ROW) == (sk // ROW)
-        return (kv_idx <= q_idx) & (sk >= 0) & (sq >= 0) & same_row & (((sk % ROW) == 0) | (sk == sq))
+        return (kv_idx <= q_idx) & (q_idx < key_ends[kv_idx])
     return mask_mod
 
 
-def packed_block_mask(seg: torch.Tensor, t: int, mask_mod, block: int = 128, chunk: int = 8):
+def packed_block_mask(key_ends: torch.Tensor, t: int, mask_mod, block: int = 128, chunk: int = 8):
     """FlexAttention ``BlockMask`` for ``t`` tokens, built from the mask in chunks of query
     blocks (``create_block_mask``'s eager path would hold a ``t x t`` mask at once)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     nb = -(-t // block)
-    kv = torch.arange(nb * block, device=seg.device)
+    kv = torch.arange(nb * block, device=key_ends.device)
     partial, full = [], []
     for b0 in range(0, nb, chunk):
-        q = torch.arange(b0 * block, min(nb, b0 + chunk) * block, device=seg.device)
+        q = torch.arange(b0 * block, min(nb, b0 + chunk) * block, device=key_ends.device)
         m = mask_mod(None, None, q[:, None].clamp(max=t - 1), kv[None, :].clamp(max=t - 1))
         m &= (q[:, None] < t) & (kv[None, :] < t)
         counts = m.view(-1, block, nb, block).sum((1, 3))
@@ -164,8 +208,8 @@ def packed_block_mask(seg: torch.Tensor, t: int, mask_mod, block: int = 128, chu
 
 
 class Flex:
-    """A compiled ``flex_attention`` and one mask function over a reused segment buffer, so
-    that new shapes do not recompile for a new mask."""
+    """A compiled ``flex_attention`` and one mask function over a reused buffer of key
+    ends, so that new shapes do not recompile for a new mask."""
 
     def __init__(self, t_max: int):
         import torch._dynamo
@@ -174,14 +218,15 @@ class Flex:
         for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, 4096)
-        self.fn = torch.compile(flex_attention)
-        self.seg = torch.full((t_max,), -1, dtype=torch.int64, device=DEVICE)
-        self.mask_mod = make_mask_mod(self.seg)
+        # compiled on the GPU; in the CPU check, eager and forward only (FlexAttention has no CPU backward)
+        self.fn = torch.compile(flex_attention) if DEVICE == "cuda" else flex_attention
+        self.key_ends = torch.zeros(t_max, dtype=torch.int64, device=DEVICE)
+        self.mask_mod = make_mask_mod(self.key_ends)
 
-    def prepare(self, layout, t: int):
-        self.seg.fill_(-1)
-        self.seg[:t].copy_(segment_ids(layout, t))
-        return packed_block_mask(self.seg, t, self.mask_mod)
+    def prepare(self, case: Case):
+        self.key_ends.zero_()
+        self.key_ends[:case.length].copy_(case.key_ends)
+        return packed_block_mask(self.key_ends, case.length, self.mask_mod)
 
     def __call__(self, q, k, v, block_mask):
         """``[1, H, T, D]`` in and out."""
@@ -311,91 +356,116 @@ def accuracy(head_dims, h, hkv) -> None:
 
 
 # ----------------------------------------------------------------------------- comparison
-def compare(args, config: spa.KernelConfig | None) -> None:
+def cases(args) -> list[Case]:
+    out = []
+    if "shared-prefix" in args.layout:
+        out += [shared_prefix_case(g, p, r) for g, p, r in itertools.product(args.groups, args.prefix, args.member)]
+    if "trie" in args.layout:
+        out += [trie_case(w, g, n, args.trie_prompt, args.answer, args.observation)
+                for w, g, n in itertools.product(args.workload, args.episodes, args.turns)]
+    return out
+
+
+def time_kernel(layout, q, k, v, do, config, ref) -> tuple[float, float]:
+    """Forward and forward+backward ms of the layout's kernel, checked first when ``ref``
+    (the float32 reference's output and gradients) is given."""
+    attend = kernel(layout)
+
+    def fwd():
+        return attend(q, k, v, layout, config=config)
+
+    if ref is not None:
+        out = fwd()
+        check("kernel", ref, (out.detach(), *torch.autograd.grad(out, (q, k, v), do)))
+    return bench(fwd), bench(lambda: torch.autograd.grad(fwd(), (q, k, v), do))
+
+
+def time_sdpa(lengths: list[int], h: int, d: int, dtype: torch.dtype) -> float:
+    """Forward+backward ms of causal SDPA over rows of these lengths (fresh inputs, one
+    batch per distinct length; fused backends only on the GPU)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    batches = []
+    for n in sorted(set(lengths)):
+        qkv = [torch.randn(lengths.count(n), h, n, d, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3)]
+        batches.append((*qkv, torch.randn_like(qkv[0])))
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+    def fwd_bwd():
+        with sdpa_kernel(fused if DEVICE == "cuda" else [SDPBackend.MATH]):
+            for q, k, v, do in batches:
+                torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), do)
+
+    return bench(fwd_bwd)
+
+
+def time_flex(flex: "Flex", case: Case, q, k, v, do, ref) -> tuple[float, float]:
+    """Forward and forward+backward ms of FlexAttention on the packed layout, checked first
+    when ``ref`` is given (on the CPU: the forward only, FlexAttention has no CPU backward)."""
+    grad = DEVICE == "cuda"
+    block_mask = flex.prepare(case)
+    qf, kf, vf, dof = (x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_(grad) for x in (q, k, v, do))
+
+    def fwd():
+        return flex(qf, kf, vf, block_mask)
+
+    if ref is not None:
+        out = fwd()
+        grads = [x[0].transpose(0, 1) for x in torch.autograd.grad(out, (qf, kf, vf), dof)] if grad else ref[1:]
+        check("FlexAttention", ref, (out.detach()[0].transpose(0, 1), *grads))
+    return bench(fwd), bench(lambda: torch.autograd.grad(fwd(), (qf, kf, vf), dof)) if grad else float("nan")
+
+
+def check(name: str, ref, got) -> None:
+    errs = [relative_error(a, b) for a, b in zip(ref, got)]
+    print(f"{name} vs float32 reference (out, dq, dk, dv): {', '.join(f'{e:.1e}' for e in errs)}", flush=True)
+    if not max(errs) < 2e-2:
+        raise SystemExit(f"{name} disagrees with the reference layout; not timing it")
+
+
+def compare(args, config: spa.KernelConfig | None) -> None:
+    """Time every case: the kernel, SDPA on the unpacked rows, FlexAttention on the packed
+    layout. Each implementation is checked against the float32 reference on the first
+    case of each kind of layout (shared prefix, conversation, tree) before it is timed."""
     dtype = getattr(torch, args.dtype)
     h, hkv, d = args.heads, args.kv_heads, args.head_dim[0]
     config = config or spa.config_for(d)
     peak = matmul_tflops(dtype)
-    shapes = list(itertools.product(args.groups, args.prefix, args.member))
-    flex = None if args.no_flex else Flex(max(p + g * r for g, p, r in shapes))
+    todo = cases(args)
+    flex = None if args.no_flex else Flex(max(c.length for c in todo))
     print(f"device: {device_name()}; torch {torch.__version__}; triton {__import__('triton').__version__}; "
           f"dtype {args.dtype}; heads {h}/{hkv}; head dim {d}")
     print(f"dense {args.dtype} matmul 8192^3: {peak:.0f} TFLOP/s")
     print(f"kernel config: {config}")
-    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-    header = ("| G | P | R | kernel fwd (ms) | kernel fwd+bwd (ms) | TFLOP/s fwd | TFLOP/s fwd+bwd | % of matmul | "
-              "SDPA fwd+bwd (ms) | vs SDPA | Flex fwd (ms) | Flex fwd+bwd (ms) | vs Flex fwd | vs Flex fwd+bwd |")
-    lines = [header, "|" + "---:|" * 14]
+    header = ("| layout | tokens packed | tokens in rows | kernel fwd (ms) | kernel fwd+bwd (ms) | TFLOP/s fwd | "
+              "TFLOP/s fwd+bwd | % of matmul | SDPA fwd+bwd (ms) | vs SDPA | Flex fwd (ms) | Flex fwd+bwd (ms) | "
+              "vs Flex fwd | vs Flex fwd+bwd |")
+    lines = [header, "|---|" + "---:|" * 13]
     print("\n".join(lines), flush=True)
-    records = []
-    for i, (g, p, r) in enumerate(shapes):
-        layout = (RowLayout(p, (r,) * g),)
-        t = p + g * r
-        q, k, v, do = random_qkv(t, h, hkv, d, dtype)
-
-        def kernel_fwd():
-            return spa.shared_prefix_attention(q, k, v, layout, config=config)
-
-        def kernel_fwd_bwd():
-            torch.autograd.grad(kernel_fwd(), (q, k, v), do)
-
-        qr = torch.randn(g, h, p + r, d, device=DEVICE, dtype=dtype, requires_grad=True)
-        kr = torch.randn(g, h, p + r, d, device=DEVICE, dtype=dtype, requires_grad=True)
-        vr = torch.randn(g, h, p + r, d, device=DEVICE, dtype=dtype, requires_grad=True)
-        dor = torch.randn_like(qr)
-
-        def sdpa_fwd_bwd():
-            with sdpa_kernel(fused if DEVICE == "cuda" else [SDPBackend.MATH]):
-                out = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True)
-            torch.autograd.grad(out, (qr, kr, vr), dor)
-
-        if i == 0:  # every timed implementation computes the function, on this shape
-            ref = reference_grads(q, k, v, do, layout)
-            out = kernel_fwd()
-            got = (out.detach(), *torch.autograd.grad(out, (q, k, v), do))
-            errs = [relative_error(a, b) for a, b in zip(ref, got)]
-            print(f"kernel vs float32 reference (out, dq, dk, dv): {', '.join(f'{e:.1e}' for e in errs)}")
-            if not max(errs) < 2e-2:
-                raise SystemExit("the kernel disagrees with its reference; not timing it")
-        ms_fwd, ms_all, ms_sdpa = bench(kernel_fwd), bench(kernel_fwd_bwd), bench(sdpa_fwd_bwd)
-        del qr, kr, vr, dor
-        flex_fwd = flex_all = float("nan")
-        if flex is not None:
-            bm = flex.prepare(layout, t)
-            qf, kf, vf, dof = (x.detach().transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v, do))
-            for x in (qf, kf, vf):
-                x.requires_grad_(True)
-
-            def flex_fwd_only():
-                return flex(qf, kf, vf, bm)
-
-            def flex_fwd_bwd():
-                torch.autograd.grad(flex_fwd_only(), (qf, kf, vf), dof)
-
-            if i == 0:
-                out = flex_fwd_only()
-                got = (out.detach()[0].transpose(0, 1), *(x[0].transpose(0, 1) for x in torch.autograd.grad(out, (qf, kf, vf), dof)))
-                errs = [relative_error(a, b) for a, b in zip(ref, got)]
-                print(f"FlexAttention vs float32 reference (out, dq, dk, dv): {', '.join(f'{e:.1e}' for e in errs)}")
-                if not max(errs) < 2e-2:
-                    raise SystemExit("FlexAttention's block mask disagrees with the reference layout")
-            flex_fwd, flex_all = bench(flex_fwd_only), bench(flex_fwd_bwd)
-            del qf, kf, vf, dof, bm
-        fl = shared_flops(g, p, r, h, d)
-        rec = dict(G=g, P=p, R=r, kernel_fwd_ms=ms_fwd, kernel_fwd_bwd_ms=ms_all, tflops_fwd=fl / ms_fwd / 1e9,
-                   tflops_fwd_bwd=3.5 * fl / ms_all / 1e9, sdpa_fwd_bwd_ms=ms_sdpa, flex_fwd_ms=flex_fwd,
-                   flex_fwd_bwd_ms=flex_all, matmul_tflops=peak)
-        records.append(rec)
-        line = (f"| {g} | {p} | {r} | {ms_fwd:.3f} | {ms_all:.3f} | {rec['tflops_fwd']:.0f} | {rec['tflops_fwd_bwd']:.0f} | "
-                f"{100 * rec['tflops_fwd_bwd'] / peak:.0f}% | {ms_sdpa:.2f} | {ms_sdpa / ms_all:.2f}x | "
-                f"{flex_fwd:.3f} | {flex_all:.3f} | {flex_fwd / ms_fwd:.2f}x | {flex_all / ms_all:.2f}x |")
-        lines.append(line)
-        print(line, flush=True)
-        del q, k, v, do
+    records, checked = [], set()
+    for case in todo:
+        kind = case.label.get("workload", "shared-prefix")
+        q, k, v, do = random_qkv(case.length, h, hkv, d, dtype)
+        # every timed implementation computes the function, on each kind of layout
+        ref = reference_grads(q, k, v, do, case.layout) if kind not in checked else None
+        checked.add(kind)
+        ms_fwd, ms_all = time_kernel(case.layout, q, k, v, do, config, ref)
+        ms_sdpa = time_sdpa(case.rows, h, d, dtype)
+        flex_fwd, flex_all = time_flex(flex, case, q, k, v, do, ref) if flex is not None else (float("nan"),) * 2
+        del q, k, v, do, ref
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
+        fl = 4.0 * d * h * case.pairs  # QK^T and PV over the attended pairs
+        rec = dict(case.label, tokens_packed=case.length, tokens_rows=sum(case.rows), kernel_fwd_ms=ms_fwd,
+                   kernel_fwd_bwd_ms=ms_all, tflops_fwd=fl / ms_fwd / 1e9, tflops_fwd_bwd=3.5 * fl / ms_all / 1e9,
+                   sdpa_fwd_bwd_ms=ms_sdpa, flex_fwd_ms=flex_fwd, flex_fwd_bwd_ms=flex_all, matmul_tflops=peak)
+        records.append(rec)
+        line = (f"| {case.name()} | {case.length} | {sum(case.rows)} | {ms_fwd:.3f} | {ms_all:.3f} | "
+                f"{rec['tflops_fwd']:.0f} | {rec['tflops_fwd_bwd']:.0f} | {100 * rec['tflops_fwd_bwd'] / peak:.0f}% | "
+                f"{ms_sdpa:.2f} | {ms_sdpa / ms_all:.2f}x | {flex_fwd:.3f} | {flex_all:.3f} | {flex_fwd / ms_fwd:.2f}x | "
+                f"{flex_all / ms_all:.2f}x |")
+        lines.append(line)
+        print(line, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=device_name(), torch=torch.__version__, dtype=args.dtype,
@@ -403,11 +473,21 @@ def compare(args, config: spa.KernelConfig | None) -> None:
     print("\n" + "\n".join(lines))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--prefix", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--member", type=int, nargs="+", default=[256, 512, 2048])
+    parser.add_argument("--layout", nargs="+", default=["shared-prefix"], choices=["shared-prefix", "trie"],
+                        help="packed layouts to time: one prefix and G members (--groups, --prefix, --member), "
+                             "and/or tries of real batch shapes (--workload, --episodes, --turns, ...)")
+    parser.add_argument("--workload", nargs="+", default=["conversation", "tree"], choices=["conversation", "tree"])
+    parser.add_argument("--episodes", type=int, nargs="+", default=[8],
+                        help="trie: conversation episodes per group, or branches per Tree-GRPO tree")
+    parser.add_argument("--turns", type=int, nargs="+", default=[5, 10])
+    parser.add_argument("--trie-prompt", type=int, default=2048, help="trie: tokens of the first prompt")
+    parser.add_argument("--answer", type=int, default=256, help="trie: tokens of each answer")
+    parser.add_argument("--observation", type=int, default=128, help="trie: tokens of each observation")
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, nargs="+", default=[128])
@@ -420,7 +500,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=12, help="processes compiling the candidates (--tune)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: run this script's code paths in Triton's interpreter, tiny shapes (a check, not a benchmark)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     global DEVICE
     DEVICE = args.device
     if DEVICE == "cuda" and not torch.cuda.is_available():

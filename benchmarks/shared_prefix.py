@@ -31,9 +31,10 @@ from grpo_lab.training.shared_prefix import enable_shared_prefix, shared_prefix_
 
 CONFIGS = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=64, vocab_size=512),
+                 num_key_value_heads=1, head_dim=64, vocab_size=512, max_position_embeddings=32768),
     "real": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, head_dim=64, vocab_size=151936, tie_word_embeddings=True),
+                 num_key_value_heads=2, head_dim=64, vocab_size=151936, tie_word_embeddings=True,
+                 max_position_embeddings=32768),
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                          num_key_value_heads=2, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
                          max_position_embeddings=32768, rope_theta=1e6),
@@ -54,18 +55,19 @@ def step(model, method, prompts, responses, groups) -> None:
     (logp * mask).sum().backward()
 
 
-def measure(model, method, prompts, responses, groups, repeats, device):
-    """Median seconds and peak MiB (CUDA) of one forward+backward, or None on out-of-memory."""
+def measure(run, model, repeats, device):
+    """Median seconds and peak MiB (CUDA) of ``run()`` (one forward+backward of ``model``),
+    or ``(None, "OOM")`` on out-of-memory."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     try:
-        step(model, method, prompts, responses, groups)  # warm-up (and kernel compilation)
+        run()  # warm-up (and kernel compilation)
         times = []
         for _ in range(repeats):
             sync(device)
             start = time.perf_counter()
-            step(model, method, prompts, responses, groups)
+            run()
             sync(device)
             times.append(time.perf_counter() - start)
     except torch.OutOfMemoryError:
@@ -75,7 +77,7 @@ def measure(model, method, prompts, responses, groups, repeats, device):
     return statistics.median(times), peak
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--ratios", type=int, nargs="+", default=[1, 4, 16])
@@ -89,7 +91,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tuned-json", help="kernel configurations from benchmarks/kernel.py --tune to use "
                         "instead of the shipped ones")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     if args.tuned_json:
         import json
 
@@ -126,7 +132,8 @@ def main() -> None:
                 groups.append(list(range(len(prompts), len(prompts) + g)))
                 prompts += [prompt] * g
                 responses += [torch.randint(0, config.vocab_size, (r,), generator=gen) for _ in range(g)]
-            results = [measure(model, m, prompts, responses, groups, args.repeats, device) for m in methods]
+            results = [measure(lambda: step(model, m, prompts, responses, groups), model, args.repeats, device)
+                       for m in methods]
             times = [f"{t:.3f}" if t is not None else "OOM" for t, _ in results]
             peaks = [peak for _, peak in results]
             base = results[0][0]

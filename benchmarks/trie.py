@@ -2,7 +2,7 @@
 
     python benchmarks/trie.py [--workload conversation tree] [--group 4] [--turns 10]
                               [--prompt 200] [--answer 32] [--observation 64]
-                              [--config tiny|real] [--device cpu|cuda] [--dtype float32]
+                              [--config tiny|real|qwen2.5-1.5b] [--device cpu|cuda] [--dtype float32]
                               [--attention reference triton] [--repeats 3]
 
 Workloads, shaped as the rollout makes them (random token ids):
@@ -20,15 +20,14 @@ log-probs (one micro-batch) with ``response_logprobs`` (``plain``: every row enc
 whole prompt), ``shared_prefix_logprobs`` (``group``: the group's common prompt prefix
 once, Prefix Grouper) and ``trie_logprobs`` for each attention backend (``trie-reference``,
 ``trie-triton``). The table gives the tokens each encodes, the ideal ratio (row tokens /
-distinct trie tokens), the median time of each, and the measured speedups of the trie.
+distinct trie tokens), the median time and (CUDA) peak memory of each, and the measured
+speedups of the trie.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import statistics
-import time
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -36,14 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from grpo_lab.training.forward import response_logprobs
 from grpo_lab.training.shared_prefix import common_prefix_length, enable_shared_prefix, shared_prefix_logprobs
 from grpo_lab.training.trie import build_trie, trie_logprobs
-
-CONFIGS = {
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=64, vocab_size=512, max_position_embeddings=32768),
-    "real": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, head_dim=64, vocab_size=151936, tie_word_embeddings=True,
-                 max_position_embeddings=32768),
-}
+from shared_prefix import CONFIGS, measure  # benchmarks/shared_prefix.py: model sizes, timing
 
 
 def conversation_rows(gen: random.Random, vocab: int, group: int, turns: int, prompt: int, answer: int, obs: int):
@@ -92,26 +84,7 @@ def step(model, method, prompts, responses) -> None:
     (logp * mask).sum().backward()
 
 
-def measure(model, method, prompts, responses, repeats, device):
-    """Median seconds of one forward+backward, or None on out-of-memory."""
-    try:
-        step(model, method, prompts, responses)  # warm-up (and kernel compilation)
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step(model, method, prompts, responses)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    except torch.OutOfMemoryError:
-        model.zero_grad(set_to_none=True)
-        return None
-    return statistics.median(times)
-
-
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", nargs="+", default=["conversation", "tree"], choices=["conversation", "tree"])
     parser.add_argument("--group", type=int, nargs="+", default=[4])
@@ -124,7 +97,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--attention", nargs="+", default=["reference"], choices=["reference", "triton"])
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     device = torch.device(args.device)
     if "triton" in args.attention and device.type != "cuda":
         raise SystemExit("--attention triton needs --device cuda")
@@ -138,8 +115,9 @@ def main() -> None:
           f"{args.prompt}, answers {args.answer}, observations {args.observation} tokens; time = forward + backward "
           "of the response log-probs of every row (one micro-batch)")
     print("| workload | G | turns | rows | tokens plain | tokens group | tokens trie | ideal (plain/trie) | "
-          + " | ".join(f"{m} (s)" for m in methods) + " | trie vs plain | trie vs group |")
-    print("|---|" + "---:|" * (9 + len(methods)))
+          + " | ".join(f"{m} (s)" for m in methods) + " | " + " | ".join(f"peak MiB {m}" for m in methods)
+          + " | trie vs plain | trie vs group |")
+    print("|---|" + "---:|" * (9 + 2 * len(methods)))
     for workload in args.workload:
         for g in args.group:
             for turns in args.turns:
@@ -152,8 +130,10 @@ def main() -> None:
                 shared = common_prefix_length(prompts)
                 group = shared + sum(p.numel() - shared + r.numel() for p, r in zip(prompts, responses))
                 trie = build_trie([torch.cat([p, r]) for p, r in zip(prompts, responses)]).layout.length
-                times = [measure(model, m, prompts, responses, args.repeats, device) for m in methods]
-                cells = [f"{t:.3f}" if t is not None else "OOM" for t in times]
+                results = [measure(lambda: step(model, m, prompts, responses), model, args.repeats, device)
+                           for m in methods]
+                times = [t for t, _ in results]
+                cells = [f"{t:.3f}" if t is not None else "OOM" for t in times] + [peak for _, peak in results]
                 best = times[-1]
                 ratio = [f"{times[k] / best:.2f}x" if times[k] is not None and best is not None else "-" for k in (0, 1)]
                 print(f"| {workload} | {g} | {turns} | {len(rows)} | {plain} | {group} | {trie} | {plain / trie:.2f}x | "

@@ -278,8 +278,10 @@ def test_missing_cuda_is_a_clear_error(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_scripts_run_their_code_paths_on_cpu(tmp_path):
-    """The GPU benchmark's comparison and tuning paths (in the interpreter, tiny shapes),
-    and the training-step benchmark with its tuned-configuration override, run end to end."""
+    """The GPU benchmark's comparison (both layouts, each implementation checked against the
+    reference, FlexAttention's mask included) and tuning paths (in the interpreter, tiny
+    shapes), and the training-step benchmark with its tuned-configuration override, run
+    end to end."""
     import json
     import os
     import subprocess
@@ -289,7 +291,8 @@ def test_benchmark_scripts_run_their_code_paths_on_cpu(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     tiny = ["--dtype", "float32", "--heads", "4", "--kv-heads", "2", "--head-dim", "16"]
     runs = [
-        ["benchmarks/kernel.py", "--device", "cpu", "--groups", "2", "--prefix", "64", "--member", "32", "--no-flex",
+        ["benchmarks/kernel.py", "--device", "cpu", "--layout", "shared-prefix", "trie", "--groups", "2", "--prefix", "64",
+         "--member", "32", "--episodes", "2", "--turns", "2", "--trie-prompt", "40", "--answer", "8", "--observation", "5",
          "--json", str(tmp_path / "k.json"), *tiny],
         ["benchmarks/kernel.py", "--device", "cpu", "--tune", "--workers", "1", "--tune-json", str(tmp_path / "t.json"), *tiny],
         ["benchmarks/shared_prefix.py", "--groups", "2", "--ratios", "1", "--repeats", "1",
@@ -298,7 +301,9 @@ def test_benchmark_scripts_run_their_code_paths_on_cpu(tmp_path):
     for args in runs:
         proc = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, (args, proc.stdout[-2000:], proc.stderr[-2000:])
-    assert json.loads((tmp_path / "k.json").read_text())["rows"][0]["G"] == 2
+    rows = json.loads((tmp_path / "k.json").read_text())["rows"]
+    assert [r.get("workload") for r in rows] == [None, "conversation", "tree"] and rows[0]["G"] == 2
+    assert all(r["tokens_packed"] < r["tokens_rows"] for r in rows)
     assert "16" in json.loads((tmp_path / "t.json").read_text())
 
 
@@ -340,3 +345,27 @@ def test_the_gpu_path_runs_from_a_bare_checkout(tmp_path):
                               timeout=300)
         assert proc.returncode == 0, (script, proc.stderr[-3000:])
 
+
+def test_the_gpu_session_script_names_real_options_and_files(monkeypatch):
+    """Every benchmark command of ``benchmarks/gpu_session.sh`` parses with its script's
+    own argument parser, and every test file it runs exists: a typo would otherwise first
+    show on a lent GPU."""
+    import importlib
+    import os
+    import re
+    import shlex
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "benchmarks", "gpu_session.sh")).read().replace("\\\n", " ")
+    monkeypatch.syspath_prepend(os.path.join(root, "benchmarks"))
+    commands = re.findall(r"\$py (benchmarks/\w+\.py[^\n]*)", text)
+    assert len(commands) == 6, commands
+    for line in commands:
+        script, *argv = shlex.split(line.replace("${KERNEL_ARGS:-}", "").replace("$out", "out"))
+        module = importlib.import_module(os.path.basename(script)[:-3])
+        module.parse_args(argv)  # argparse exits on an unknown option or a bad value
+    tests = re.findall(r"tests/\w+\.py", text)
+    assert tests and all(os.path.isfile(os.path.join(root, t)) for t in tests)
+    phases = re.findall(r"^(\w+)\)$", text, flags=re.M)
+    assert phases == ["check", "tune", "kernel", "step"]
+    assert all(f"bash benchmarks/gpu_session.sh {p} " in text for p in phases)  # its usage lines
