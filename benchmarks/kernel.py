@@ -166,7 +166,7 @@ def trie_case(workload: str, g: int, turns: int, prompt: int, answer: int, obs: 
     has_child = set(layout.parent)
     leaves = [layout.depth[v] + layout.node_len[v] for v in range(layout.num_nodes) if v not in has_child]
     pairs = sum(n * d + n * (n + 1) / 2 for n, d in zip(layout.node_len, layout.depth))
-    ends = torch.repeat_interleave(torch.tensor(layout.subtree_end()), torch.tensor(layout.node_len))
+    ends = torch.tensor(layout.subtree_end())[layout.node_of_token()]
     label = dict(workload=workload, G=g, turns=turns, P=prompt, A=answer, O=obs)
     return Case(label, layout, layout.length, pairs, leaves, ends)
 
@@ -404,7 +404,9 @@ def time_flex(flex: "Flex", case: Case, q, k, v, do, ref) -> tuple[float, float]
     when ``ref`` is given (on the CPU: the forward only, FlexAttention has no CPU backward)."""
     grad = DEVICE == "cuda"
     block_mask = flex.prepare(case)
-    qf, kf, vf, dof = (x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_(grad) for x in (q, k, v, do))
+    qf, kf, vf, dof = (x.detach().transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v, do))
+    for x in (qf, kf, vf):
+        x.requires_grad_(grad)
 
     def fwd():
         return flex(qf, kf, vf, block_mask)
