@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from .envs import env_names
-from .modeling import _DTYPES
+from .modeling import DTYPES
+from .paths import looks_like_local_path
 from .rollout.adaptive import AdaptiveConfig
 from .rollout.agent_loop import OVERLONG_BY_FORMAT
 from .rollout.conversation import EPISODE_FORMATS
 from .rollout.tree import TreeSamplerConfig
 from .advantages.shaping import PENALTY_PLACEMENTS, default_penalty_placement
-from .training.shared_prefix import PACKING_MODES, packing_mode
+from .training.packing import PACKINGS, packing_name
 from .training.losses import KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, RATIO_LEVELS
 
 
@@ -187,7 +188,7 @@ class ModelConfig:
     def validate(self) -> None:
         if self.name_or_path is not None:
             check_model_source(str(self.name_or_path))
-        _check(self.dtype in _DTYPES, "model.dtype", self.dtype, f"one of {sorted(_DTYPES)}")
+        _check(self.dtype in DTYPES, "model.dtype", self.dtype, f"one of {sorted(DTYPES)}")
         _check(self.tiny_architecture in ("qwen2", "qwen3", "llama"), "model.tiny_architecture", self.tiny_architecture, "qwen2, qwen3 or llama")
         for key in ("tiny_hidden_size", "tiny_num_layers", "tiny_num_heads", "tiny_num_kv_heads", "tiny_intermediate_size"):
             _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "an integer >= 1")
@@ -201,12 +202,6 @@ class ModelConfig:
             and all(isinstance(m, str) for m in self.lora_target_modules)),
             "model.lora_target_modules", self.lora_target_modules, "'all-linear' or a non-empty list of module names")
         _check(self.tokenizer_vocab_size >= 300, "model.tokenizer_vocab_size", self.tokenizer_vocab_size, "an integer >= 300 (256 byte symbols and merges)")
-
-
-def looks_like_local_path(name: str) -> bool:
-    """A model name that can only be a local path: absolute, relative with ``.`` or ``~``,
-    more than one ``/``, or a backslash (a hub id is ``name`` or ``org/name``)."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or os.path.isabs(name)
 
 
 def check_model_source(name: str) -> None:
@@ -368,8 +363,9 @@ class TrainerConfig:
     minibatches_per_epoch: int = 1
     micro_batch_size: int = 64
     micro_batch_tokens: Optional[int] = None  # also cut micro-batches at this many tokens encoded (None: rows only)
-    shared_prefix: str = "trie"  # trie: every shared token prefix once (groups, conversation turns, tree branches) |
-    # group: each group's common prompt prefix once (Prefix Grouper) | none (true / false: group / none)
+    shared_prefix: str = "auto"  # auto: per micro-batch the trie or none, whichever costs less | trie: every shared
+    # token prefix once (groups, conversation turns, tree branches) | group: each group's common prompt prefix once
+    # (Prefix Grouper) | none (true / false: group / none)
     attention: str = "sdpa_shared_prefix"  # sdpa_shared_prefix | triton_shared_prefix (GPU)
     eval_episodes: int = 64  # evaluation tasks (seeds), after the warm-up and at the end
     eval_samples: int = 1  # sampled episodes per evaluation task; > 1 adds pass@k (k = 1, 2, 4, ..., eval_samples)
@@ -412,9 +408,9 @@ class TrainerConfig:
         _check(self.attention in ("sdpa_shared_prefix", "triton_shared_prefix"), "trainer.attention", self.attention,
                "sdpa_shared_prefix or triton_shared_prefix")
         try:
-            self.shared_prefix = packing_mode(self.shared_prefix)
+            self.shared_prefix = packing_name(self.shared_prefix)
         except ValueError:
-            _check(False, "trainer.shared_prefix", self.shared_prefix, f"one of {list(PACKING_MODES)} (or true / false)")
+            _check(False, "trainer.shared_prefix", self.shared_prefix, f"one of {list(PACKINGS)} (or true / false)")
         _check(self.shared_prefix != "none" or self.attention == "sdpa_shared_prefix", "trainer.attention",
                self.attention, "sdpa_shared_prefix when trainer.shared_prefix=none (the kernel is the packed forward)")
         _check(self.checkpoint_every >= 0, "trainer.checkpoint_every", self.checkpoint_every, "an integer >= 0 (0: none)")

@@ -45,6 +45,8 @@ class RolloutBatch:
     - ``off_policy`` ``[N]``: the row was sampled by an earlier policy than this step's
       (AR3PO's reused episodes); its ``rollout_logprobs`` are that policy's, and the loss
       weighs it by ``pi_old / pi_behaviour`` (truncated).
+    - ``reward_parts``: ``N`` dicts, the named parts of each step's reward where the
+      environment reports them (several reward functions), else empty; for logging.
     """
 
     group_id: Tensor
@@ -63,12 +65,15 @@ class RolloutBatch:
     node_id: Tensor | None = None
     parent_id: Tensor | None = None
     off_policy: Tensor | None = None
+    reward_parts: list[dict[str, float]] | None = None
 
     def __setstate__(self, state: dict) -> None:
         """Batches pickled before the ``off_policy`` column existed load with it all False."""
         self.__dict__.update(state)
         if "off_policy" not in state:
             self.off_policy = torch.zeros(len(self.prompt_ids), dtype=torch.bool)
+        if "reward_parts" not in state:
+            self.reward_parts = [{} for _ in self.prompt_ids]
 
     def __post_init__(self) -> None:
         n = len(self.prompt_ids)
@@ -84,6 +89,7 @@ class RolloutBatch:
         self.rollout_logprobs = [torch.as_tensor(lp, dtype=torch.float32) for lp in self.rollout_logprobs]
         self.loss_mask = [torch.as_tensor(m, dtype=torch.float32) for m in self.loss_mask]
         self.anchor = list(self.anchor)
+        self.reward_parts = [dict(p) for p in self.reward_parts] if self.reward_parts is not None else [{} for _ in range(n)]
         self.validate()
 
     def __len__(self) -> int:
@@ -99,8 +105,9 @@ class RolloutBatch:
         for name in _TOKEN_COLUMNS:
             if len(getattr(self, name)) != n:
                 raise ValueError(f"column {name!r} has {len(getattr(self, name))} rows, expected {n}")
-        if len(self.anchor) != n:
-            raise ValueError(f"column 'anchor' has {len(self.anchor)} rows, expected {n}")
+        for name in ("anchor", "reward_parts"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"column {name!r} has {len(getattr(self, name))} rows, expected {n}")
         for i, (resp, lp, mask) in enumerate(zip(self.response_ids, self.rollout_logprobs, self.loss_mask)):
             if not (resp.shape == lp.shape == mask.shape) or resp.dim() != 1:
                 raise ValueError(
@@ -131,6 +138,14 @@ class RolloutBatch:
             values = [getattr(b, f.name) for b in batches]
             kwargs[f.name] = torch.cat(values) if isinstance(values[0], Tensor) else [x for v in values for x in v]
         return RolloutBatch(**kwargs)
+
+    def reward_part_means(self) -> dict[str, float]:
+        """``{name: mean}`` of each named reward part over the rows that report it."""
+        sums: dict[str, list[float]] = {}
+        for parts in self.reward_parts:
+            for name, value in parts.items():
+                sums.setdefault(name, []).append(value)
+        return {name: sum(v) / len(v) for name, v in sums.items()}
 
     def num_response_tokens(self) -> int:
         return int(sum(int(m.sum()) for m in self.loss_mask))

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def text_config(model: torch.nn.Module):
@@ -24,9 +24,9 @@ def text_config(model: torch.nn.Module):
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; valid: {sorted(_DTYPES)}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -39,20 +39,21 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``corpus`` (any text round-trips: the 256
-    byte symbols are always in the vocabulary)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    byte symbols are always in the vocabulary), in Qwen2's pipeline: NFC, Qwen2's
+    pre-tokenizer (digits one by one), byte-level symbols.
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS, PAD],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
+    Qwen2's pipeline because ``AutoTokenizer`` loads a directory whose ``config.json``
+    says ``qwen2`` (the tiny model's default family) as ``Qwen2Tokenizer`` whatever class
+    the tokenizer was saved as, and rebuilds that class's own pre-tokenizer around the
+    saved vocabulary: a tokenizer with another pipeline would come back tokenizing
+    differently (``" 12"`` one token in memory, three after the reload). This one is a
+    ``Qwen2Tokenizer`` already, so what the run saves reloads to the same ids, under
+    every tiny family.
+    """
+    from transformers import Qwen2TokenizerFast  # Qwen2Tokenizer itself in transformers 5
+
+    base = Qwen2TokenizerFast(eos_token=EOS, pad_token=PAD, unk_token=None)
+    return base.train_new_from_iterator(corpus, vocab_size=vocab_size)
 
 
 def build_tiny_model(

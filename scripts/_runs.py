@@ -111,8 +111,9 @@ def train(run: Run, args: argparse.Namespace) -> Result:
         print(f"reusing {out}: {command}", file=sys.stderr, flush=True)
         seconds = json.loads((out / "wall_seconds.json").read_text())
     else:
-        if out.exists():
-            shutil.rmtree(out)
+        if out.exists() and any(out.iterdir()):
+            refuse_earlier_runs([out])
+        shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         (out / "command.txt").write_text(command)
         print(f"$ {command}", file=sys.stderr, flush=True)
@@ -128,7 +129,22 @@ def train(run: Run, args: argparse.Namespace) -> Result:
     return Result(run, records, json.loads(done.read_text()), seconds, command)
 
 
+def refuse_earlier_runs(dirs: Sequence[Path]) -> None:
+    """Stop with one line: run directories of an earlier invocation are in the way."""
+    where = f"{dirs[0]} holds a run" if len(dirs) == 1 else f"{dirs[0]} and {len(dirs) - 1} more hold runs"
+    print(f"error: {where} of an earlier invocation: pass --reuse to keep the finished ones (same command), or "
+          "--out DIR to write elsewhere", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def train_all(runs: Sequence[Run], args: argparse.Namespace) -> list[Result]:
+    """Every run in turn; without ``--reuse``, refuses at once when a run directory of
+    an earlier invocation exists (never overwriting it)."""
+    if not args.reuse:
+        taken = [args.out / run.slug for run in runs if (args.out / run.slug).exists()
+                 and any((args.out / run.slug).iterdir())]
+        if taken:
+            refuse_earlier_runs(taken)
     return [train(run, args) for run in runs]
 
 

@@ -10,13 +10,18 @@ import textwrap
 import pytest
 
 from grpo_lab.envs import make_env
-from grpo_lab.envs.dataset import DatasetEnv, load_rows
+from grpo_lab.envs.dataset import DatasetEnv, load_rows, prompt_rows
 from grpo_lab.envs.rewards import exact_match, final_answer, format_reward, math_answer
 from grpo_lab.training.warmup import format_demonstrations, prompt_corpus
 
 ROWS = [{"question": "What is 2+3?", "answer": "5", "level": 1},
         {"question": "What is 7*6?", "answer": "42", "level": 2},
         {"question": "What is half of 1?", "answer": "\\frac{1}{2}", "level": 3}]
+
+
+def clear_caches():
+    load_rows.cache_clear()
+    prompt_rows.cache_clear()
 
 
 @pytest.fixture()
@@ -33,11 +38,17 @@ def data(tmp_path, monkeypatch):
 
         def broken(prompt, completion, row):
             return float("nan")
+
+        def as_text(prompt, completion, row):
+            return "1.0"
+
+        def raises(prompt, completion, row):
+            return 1 / 0
     """))
     monkeypatch.chdir(tmp_path)
-    load_rows.cache_clear()
+    clear_caches()
     yield path
-    load_rows.cache_clear()
+    clear_caches()
 
 
 def test_a_row_is_the_prompt_and_rewards_see_the_prompt_and_every_column(data):
@@ -61,11 +72,34 @@ def test_parquet_and_saved_datasets_load_like_jsonl(data, tmp_path):
         assert [env.reset(i).text for i in range(3)] == [r["question"] for r in ROWS]
 
 
-def test_a_reward_that_is_not_finite_fails_the_episode_by_name(data):
-    env = make_env("dataset", path=str(data), prompt_column="question", rewards=["my_rewards:broken"])
-    env.reset(0)
-    with pytest.raises(ValueError, match="my_rewards:broken.*nan"):
-        env.step("5")
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("reward, kind, message", [
+    ("broken", "nonfinite", r"nonfinite: reward nan \(reward 'my_rewards:broken' returned nan\)"),
+    ("as_text", "error", r"error: ValueError: reward 'my_rewards:as_text' returned '1.0' \(str\), not a number"),
+    ("raises", "error", r"error: ValueError: reward 'my_rewards:raises' raised ZeroDivisionError: division by zero"),
+])
+def test_a_faulty_reward_fails_its_episode_as_its_kind_naming_the_function(data, workers, reward, kind, message):
+    """A NaN is a non-finite reward (counted as env_nonfinite_rewards), text is not a
+    number and a raise is an error (env_errors); every fault line names the function,
+    in process and in a worker process."""
+    from grpo_lab.rollout.env_pool import EnvFault, EnvRunner, EnvSpec
+    from grpo_lab.rollout.faults import FaultLog
+
+    spec = EnvSpec.from_registry("dataset", dict(path=str(data), prompt_column="question",
+                                                 rewards=["exact_match", f"my_rewards:{reward}"]))
+    runner = EnvRunner(spec, workers=workers, step_timeout_s=30)
+    try:
+        env = runner()
+        env.reset(0)
+        with pytest.raises(EnvFault, match=message) as err:
+            env.step("5")
+    finally:
+        runner.close()
+    assert err.value.kind == kind
+    faults = FaultLog()
+    faults.record(err.value)
+    counted = {"nonfinite": "env_nonfinite_rewards", "error": "env_errors"}[kind]
+    assert faults.metrics()[counted] == 1 and faults.episodes_dropped == 1
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -85,24 +119,21 @@ def test_missing_paths_and_answer_columns_are_named(data, tmp_path):
         DatasetEnv()
     with pytest.raises(ValueError, match="nothing_here.jsonl"):
         DatasetEnv(path=str(tmp_path / "nothing_here.jsonl"))
-    env = DatasetEnv(path=str(data), prompt_column="question", answer_column="gold")
-    env.reset(0)
-    with pytest.raises(KeyError, match="'gold'"):
-        env.step("5")
+    with pytest.raises(ValueError, match=r"env.kwargs.answer_column='gold' is not a column.*\['exact_match'\]"):
+        DatasetEnv(path=str(data), prompt_column="question", answer_column="gold")
 
 
 def test_conversation_prompts_take_the_system_text_first(tmp_path):
     path = tmp_path / "chat.jsonl"
     row = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}], "answer": "4"}
     path.write_text(json.dumps(row) + "\n")
-    load_rows.cache_clear()
+    clear_caches()
     env = DatasetEnv(path=str(path))
     assert env.reset(0).text == "Be brief.\n\n2+2?"
     path.write_text(json.dumps({"prompt": [{"role": "assistant", "content": "hi"}], "answer": "4"}) + "\n")
-    load_rows.cache_clear()
-    env = DatasetEnv(path=str(path))
-    with pytest.raises(ValueError, match=r"\[system\?, user\].*\['assistant'\]"):
-        env.reset(0)
+    clear_caches()
+    with pytest.raises(ValueError, match=r"rows \[0\].*\[system\?, user\].*\['assistant'\]"):
+        DatasetEnv(path=str(path))  # refused when the data loads, naming the row
 
 
 @pytest.mark.parametrize("completion, gold, expected", [
@@ -150,3 +181,27 @@ def test_no_demonstrations_but_a_prompt_corpus(data):
     corpus = list(prompt_corpus(factory, 6, seed=0))
     assert len(corpus) == 6 and set(corpus) <= {r["question"] for r in ROWS}
     assert corpus == list(prompt_corpus(factory, 6, seed=0))  # the same for the same seed
+
+
+def test_empty_prompts_are_refused_when_the_data_loads_naming_the_rows(tmp_path):
+    rows = [{"prompt": "2+2?", "answer": "4"}, {"prompt": "", "answer": "0"}, {"prompt": "  \n", "answer": "1"},
+            {"prompt": "3+3?", "answer": "6"}]
+    path = tmp_path / "holes.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    clear_caches()
+    with pytest.raises(ValueError, match=r"prompt_column='prompt'.*2 of 4 rows have an empty prompt, rows \[1, 2\]"):
+        DatasetEnv(path=str(path))
+
+
+def test_a_missing_local_file_is_named_at_once_not_tried_on_the_hub(tmp_path, monkeypatch):
+    """A path with a data-file ending (or a separator) that does not exist is an immediate
+    error naming env.kwargs.path; it never reaches the hub's retries."""
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    clear_caches()
+    for path in ("missing.jsonl", "data/missing.parquet", "./nowhere", "~/nothing/here.csv"):
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match=rf"env.kwargs.path={path!r}: no such file or directory"):
+            DatasetEnv(path=path)
+        assert time.perf_counter() - start < 5

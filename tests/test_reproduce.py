@@ -99,3 +99,20 @@ def test_write_section_replaces_between_markers_or_appends(tmp_path):
 def test_table_has_a_header_rule_per_column():
     text = _runs.table(["a", "b", "c"], [[1, 2, 3]])
     assert text.splitlines() == ["| a | b | c |", "|---|---:|---:|", "| 1 | 2 | 3 |"]
+
+
+def test_a_second_invocation_refuses_in_one_line_instead_of_overwriting(tmp_path):
+    """Run directories of an earlier invocation are in --out: without --reuse the script
+    stops at once with one line naming both ways on (and leaves them as they were)."""
+    import reproduce_ar3po
+
+    out = tmp_path / "out"
+    first = out / reproduce_ar3po.runs(2, [0])[0].slug
+    first.mkdir(parents=True)
+    (first / "metrics.jsonl").write_text("{}\n")
+    proc = subprocess.run([sys.executable, "scripts/reproduce_ar3po.py", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: {first} holds a run of an earlier invocation") and "--reuse" in lines[0] and "--out" in lines[0]
+    assert (first / "metrics.jsonl").read_text() == "{}\n"

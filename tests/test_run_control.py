@@ -22,6 +22,7 @@ from grpo_lab.envs import env_names, register_env
 from grpo_lab.training.checkpoint import list_checkpoints
 from grpo_lab.training.resume import read_metrics
 from grpo_lab.training.stop import Abandon, EnvFaultRateExceeded, RunStopped, StopSignals, TrainingInterrupted
+from grpo_lab.training.resume import RunDirectoryError
 from grpo_lab.training.trainer import Trainer
 
 for _name, _factory in (("faulty_lake", FaultyLake), ("sigterm_lake", SigtermLake), ("verbose_lake", VerboseLake)):
@@ -84,6 +85,7 @@ def test_a_run_survives_raising_hanging_and_nan_environments(tmp_path, caplog):
 def test_the_fault_rate_limit_stops_a_run_whose_episodes_all_fail(tmp_path):
     cfg = config(2, env="faulty_lake", env_kwargs={"reset_error_rate": 1.0}, rollout=RolloutConfig(env_workers=0))
     cfg.trainer.warmup.steps = 0  # no demonstration could be played
+    cfg.trainer.eval_episodes = 0  # (the evaluation has the same limit: next test)
     with pytest.raises(EnvFaultRateExceeded) as err:
         Trainer(cfg, output_dir=tmp_path).train()
     message = str(err.value)
@@ -91,6 +93,52 @@ def test_the_fault_rate_limit_stops_a_run_whose_episodes_all_fail(tmp_path):
     assert "ValueError: no level for seed" in message and "trainer.resume=auto" in message  # no step completed: start afresh
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stopped"]["last_step"] == -1 and summary["stopped"]["checkpoint"] is None
+
+
+def test_evaluation_has_the_fault_rate_limit_and_says_how_many_episodes_it_rests_on(tmp_path, caplog):
+    """Half of the evaluation's episodes fail: past rollout.max_env_fault_rate the run stops
+    naming the evaluation (no success rate of the survivors passed off as the policy's);
+    under a limit that allows it, the figure says how many episodes it rests on."""
+    cfg = config(1, env="faulty_lake", env_kwargs={"reset_error_rate": 0.5}, rollout=RolloutConfig(env_workers=0))
+    cfg.trainer.warmup.steps = 0
+    cfg.trainer.eval_episodes = 16
+    with pytest.raises(EnvFaultRateExceeded, match=r"evaluation \(16 tasks x 1 samples\): \d+ of 16 episodes failed"):
+        Trainer(cfg, output_dir=tmp_path / "strict").train()
+    cfg.rollout.max_env_fault_rate = 1.0
+    with caplog.at_level("INFO", logger="grpo_lab"):
+        summary = Trainer(cfg, output_dir=tmp_path / "lenient").train()
+    evaluation = summary["eval_after_warmup"]
+    assert 0 < evaluation["episodes_dropped"] < 16 and evaluation["episodes"] + evaluation["episodes_dropped"] == 16
+    lines = [r.getMessage() for r in caplog.records if "after warm-up: success rate" in r.getMessage()]
+    assert lines and f"over {evaluation['episodes']} of 16 eval episodes; {evaluation['episodes_dropped']} failed" in lines[0]
+
+
+def test_steps_that_train_nothing_are_shown_counted_and_warned_about(tmp_path, caplog, capsys):
+    """One-turn FrozenLake episodes never reach the goal: every group's rewards are equal,
+    every advantage zero. Each such step says so (signal_rows 0) on the progress bar, the
+    summary counts them, and the third in a row brings a warning naming the likely cause."""
+    cfg = config(4)
+    cfg.env.max_steps = 1
+    cfg.algo.invalid_action_penalty = 0.0
+    cfg.trainer.warmup.steps, cfg.trainer.eval_episodes = 0, 0
+    cfg.logger.progress_bar = True
+    with caplog.at_level("WARNING", logger="grpo_lab"):
+        summary = Trainer(cfg, output_dir=tmp_path).train()
+    assert [r["signal_rows"] for r in metrics(tmp_path)] == [0, 0, 0, 0]
+    assert summary["steps_without_signal"] == 4
+    warnings = [r.getMessage() for r in caplog.records if "trained nothing" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("steps 0-2: every group's advantages were zero")
+    assert "no episode succeeds" in warnings[0]
+    assert "no signal=4 steps" in capsys.readouterr().err
+
+
+def test_the_likely_cause_follows_the_success_rate():
+    from grpo_lab.training.trainer import no_signal_warning
+
+    steps = lambda rate: [{"step": s, "success_rate": rate} for s in (5, 6, 7)]  # noqa: E731
+    assert "too hard" in no_signal_warning(steps(0.0)) and "steps 5-7" in no_signal_warning(steps(0.0))
+    assert "too easy" in no_signal_warning(steps(1.0))
+    assert "does not tell the episodes of a task apart" in no_signal_warning(steps(0.5))
 
 
 @pytest.mark.parametrize("policy", ["truncate_history", "drop_episode", "error"])
@@ -333,9 +381,9 @@ def test_resume_auto_continues_a_run_and_restarts_one_that_died_before_its_first
     dead = tmp_path / "dead"
     dead.mkdir()
     (dead / "metrics.jsonl").write_text('{"step": 0, "reward_mean": 0.5}\n')
-    with pytest.raises(FileExistsError, match="stopped before its first checkpoint.*trainer.resume=auto"):
+    with pytest.raises(RunDirectoryError, match="stopped before its first checkpoint.*trainer.resume=auto"):
         Trainer(config(1, rollout=RolloutConfig(env_workers=0)), output_dir=dead).train()
-    with pytest.raises(FileNotFoundError, match="trainer.resume=auto"):
+    with pytest.raises(RunDirectoryError, match="trainer.resume=auto"):
         Trainer(config(1, rollout=RolloutConfig(env_workers=0), resume="true"), output_dir=dead).train()
     Trainer(config(1, rollout=RolloutConfig(env_workers=0), resume="auto"), output_dir=dead).train()
     assert [r["step"] for r in metrics(dead)] == [0]

@@ -94,8 +94,9 @@ def test_family_is_exact(arch, dtype):
         packed = logprobs_and_grads(model, prompts, responses, packed=mode)
         assert float((plain[0] - packed[0]).abs().max()) < lp_tol, (arch, mode)
         assert float((plain[1] - packed[1]).norm() / plain[1].norm()) < grad_tol, (arch, mode)
-    verify_shared_prefix(model)  # the trainer's probes accept it
-    verify_shared_prefix(model, mode="trie")
+    bounds = dict(max_row=BASE["max_position_embeddings"], max_packed=64 * BASE["max_position_embeddings"])
+    verify_shared_prefix(model, **bounds)  # the trainer's probes accept it, at the lengths a run may pack
+    verify_shared_prefix(model, mode="trie", **bounds)
 
 
 @pytest.mark.parametrize("arch", REFUSED_AT_ENABLE)
@@ -166,3 +167,73 @@ def test_sliding_window_is_accepted_when_every_row_fits_and_refused_with_the_len
     short = enable_shared_prefix(build("mistral", sliding_window=20))
     with pytest.raises(NotImplementedError, match="is 36 tokens, longer than this layer's sliding window of 20"):
         shared_prefix_logprobs(short, prompts, responses)
+
+
+def llama4(**extra):
+    """A 4-layer Llama-4 text model: layers 0-2 RoPE with chunked attention, layer 3 NoPE
+    with the attention temperature; ``floor_scale`` and the chunk small enough for the
+    rows here to cross them."""
+    settings = dict(num_hidden_layers=4, intermediate_size_mlp=96, floor_scale=8, attn_scale=0.5,
+                    attention_chunk_size=16)
+    return build("llama4_text", **{**settings, **extra})
+
+
+def test_llama4_nope_temperature_and_chunked_attention_are_exact_under_the_trie():
+    """Llama-4's NoPE layers scale each query by a factor of its index along the sequence
+    (past floor_scale), and its RoPE layers attend inside chunks of attention_chunk_size:
+    packed, both follow each token's depth, as in the unpacked row (rows of 36 tokens here,
+    packed to 94)."""
+    model = enable_shared_prefix(llama4())
+    assert model.config.layer_types[:3] == ["chunked_attention"] * 3 and model.config.no_rope_layers[3] == 0
+    prompts, responses = rows()
+    plain = logprobs_and_grads(model, prompts, responses, packed=False)
+    packed = logprobs_and_grads(model, prompts, responses, packed="trie")
+    assert float((plain[0] - packed[0]).abs().max()) < 1e-12
+    assert float((plain[1] - packed[1]).norm() / plain[1].norm()) < 1e-6
+    # the group packing takes the temperature too, and refuses rows longer than a chunk by name
+    unchunked = enable_shared_prefix(llama4(attention_chunk_size=1000))
+    plain = logprobs_and_grads(unchunked, prompts, responses, packed=False)
+    grouped = logprobs_and_grads(unchunked, prompts, responses, packed=True)
+    assert float((plain[0] - grouped[0]).abs().max()) < 1e-12
+    with pytest.raises(NotImplementedError, match="36 tokens, longer than this layer's attention_chunk_size of 16"):
+        shared_prefix_logprobs(model, prompts, responses)
+
+
+def test_without_the_temperature_fix_llama4_packed_is_wrong_and_the_probe_catches_it(monkeypatch):
+    """The check that the fix is needed: undone, the packed log-probs differ; and the
+    trainer's probe, run at the lengths the run packs (past floor_scale), refuses it,
+    while a probe bounded below floor_scale has nothing to find."""
+    import grpo_lab.training.shared_prefix as sp
+
+    model = enable_shared_prefix(llama4(attn_scale=4.0, attention_chunk_size=1000))
+    prompts, responses = rows()
+    plain = logprobs_and_grads(model, prompts, responses, packed=False)
+    verify_shared_prefix(model, mode="trie", max_row=64, max_packed=4096)
+    monkeypatch.setattr(sp, "undo_packed_query_scaling", lambda module, query, layout: query)
+    broken = logprobs_and_grads(model, prompts, responses, packed="trie")
+    assert float((plain[0] - broken[0]).abs().max()) > 1e-3
+    with pytest.raises(NotImplementedError, match="differs from its ordinary forward"):
+        verify_shared_prefix(model, mode="trie", max_row=64, max_packed=4096)
+    verify_shared_prefix(model, mode="trie", max_row=4, max_packed=8)  # the run cannot pack past floor_scale
+
+
+def test_the_probe_refuses_a_packing_that_cannot_apply_a_window_the_run_reaches():
+    """Rows of the run may be longer than the sliding window (or chunk): the probe crosses
+    it, and the group packing is refused at start naming the setting; the trie applies
+    the window by depth and is accepted. Rows that cannot reach it leave both accepted."""
+    model = enable_shared_prefix(build("mistral", sliding_window=20))
+    with pytest.raises(NotImplementedError, match="sliding window of 20"):
+        verify_shared_prefix(model, mode="group", max_row=64, max_packed=64 * 64)
+    verify_shared_prefix(model, mode="trie", max_row=64, max_packed=64 * 64)
+    verify_shared_prefix(model, mode="group", max_row=20, max_packed=64 * 20)
+    with pytest.raises(NotImplementedError, match="attention_chunk_size of 16"):
+        verify_shared_prefix(enable_shared_prefix(llama4()), mode="group", max_row=64, max_packed=64 * 64)
+
+
+def test_the_trie_applies_a_sliding_window_by_depth():
+    prompts, responses = rows(prefix_len=30)  # rows of up to 36 tokens
+    model = enable_shared_prefix(build("mistral", sliding_window=20))
+    plain = logprobs_and_grads(model, prompts, responses, packed=False)
+    packed = logprobs_and_grads(model, prompts, responses, packed="trie")
+    assert float((plain[0] - packed[0]).abs().max()) < 1e-12
+    assert float((plain[1] - packed[1]).norm() / plain[1].norm()) < 1e-6

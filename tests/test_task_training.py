@@ -58,3 +58,6 @@ def test_three_training_steps_on_a_local_dataset_with_a_reward_module(tmp_path, 
                                             "env.kwargs.reward_weights=[1.0,0.1]", "rollout.max_new_tokens=8"])
     assert "warm-up skipped: environment 'dataset' has no legal actions" in caplog.text
     assert all(r["invalid_action_rate"] < 1 for r in metrics)  # whole completions reach the rewards
+    for r in metrics:  # each reward function's mean is logged, and they add up to the return with their weights
+        assert 0 <= r["reward/exact_match"] <= 1 and 0 <= r["reward/sum_rewards:digits"] <= 1
+        assert r["reward_mean"] == pytest.approx(r["reward/exact_match"] + 0.1 * r["reward/sum_rewards:digits"], abs=1e-6)

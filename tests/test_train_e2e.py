@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from grpo_lab.config import Config, EnvConfig, ModelConfig, TrainerConfig, WarmupConfig, AlgoConfig, LoggerConfig
+from grpo_lab.training.resume import RunDirectoryError
 from grpo_lab.training.trainer import Trainer
 
 STEP_KEYS = {
@@ -59,9 +60,9 @@ def test_training_changes_parameters_and_writes_outputs(tmp_path):
     assert (tmp_path / "training_curves.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved == json.loads(json.dumps(summary))
-    assert set(saved["eval_after_warmup"]) == {"success_rate", "reward_mean", "invalid_action_rate", "episode_length",
+    assert set(saved["eval_after_warmup"]) == {"success_rate", "reward_mean", "invalid_action_rate", "episode_length", "episodes",
                                              "episodes_dropped"}
-    with pytest.raises(FileExistsError, match="metrics.jsonl"):
+    with pytest.raises(RunDirectoryError, match="metrics.jsonl"):
         Trainer(small_config(), output_dir=tmp_path).train()  # never overwrites an earlier run
     from transformers import AutoModelForCausalLM
 
@@ -90,17 +91,57 @@ def test_micro_batch_size_does_not_change_the_gradient(tmp_path):
     assert torch.allclose(grads[0], grads[2], atol=1e-6, rtol=1e-4)
 
 
+TINY_RUN = ["trainer.total_steps=2", "trainer.tasks_per_step=2", "algo.group_size=2", "env.max_steps=3",
+            "trainer.eval_episodes=2", "trainer.warmup.steps=2", "trainer.warmup.episodes=10", "logger.wandb=false"]
+
+
+def train_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "grpo_lab.train", *args], capture_output=True, text=True, timeout=600,
+                          cwd=cwd)
+
+
 @pytest.mark.slow
-def test_command_line_run(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "grpo_lab.train", "trainer.total_steps=2", "trainer.tasks_per_step=2",
-         "algo.group_size=2", "env.max_steps=3", "trainer.eval_episodes=2", "trainer.warmup.steps=2",
-         "trainer.warmup.episodes=10", "logger.wandb=false", f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, timeout=600,
-    )
+def test_command_line_run_keeps_everything_in_its_output_dir(tmp_path):
+    """With trainer.output_dir, the resolved config (.hydra/) and train.log land there with
+    the metrics, and nothing in ./outputs; run again there, it stops with one error line
+    (exit 2), the traceback in the log, and the finished run untouched."""
+    out = tmp_path / "runs" / "a"
+    proc = train_cli(*TINY_RUN, f"trainer.output_dir={out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "success rate:" in proc.stdout
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert "success rate:" in proc.stdout and "(2 eval episodes;" in proc.stdout
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (out / ".hydra" / "config.yaml").is_file() and "output directory" in (out / "train.log").read_text()
+    assert not (tmp_path / "outputs").exists()
+    config = (out / ".hydra" / "config.yaml").read_text()
+    again = train_cli(*TINY_RUN, f"trainer.output_dir={out}", cwd=tmp_path)
+    assert again.returncode == 2
+    lines = again.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "holds a finished run" in lines[0], again.stderr
+    assert "Traceback" not in again.stderr and (out / ".hydra" / "config.yaml").read_text() == config
+
+
+@pytest.mark.parametrize("args, expected, logged", [
+    (["algo.nonsense=1"], "Could not override 'algo.nonsense'", False),
+    (["trainer.lr=abc"], "could not be converted to Float", False),
+    (["algo=nope"], "Could not find 'algo/nope'", False),
+    (["algo.estimator=nope"], "valid names", False),
+    (["model.name_or_path=./nope"], "model.name_or_path='./nope'", False),
+    (["env=dataset", "env.kwargs.path=missing.jsonl"], "env.kwargs.path='missing.jsonl': no such file", True),
+])
+def test_a_user_mistake_is_one_error_line_and_exit_code_2(args, expected, logged, tmp_path):
+    """Hydra's own override errors, bad values and missing files end alike: one line
+    starting with 'error:', exit code 2, no traceback on the console; a mistake found once
+    the run's log is open (the environment is built) leaves its traceback there. Mistakes
+    in the config itself are found before anything is written."""
+    out = tmp_path / "out"
+    proc = train_cli(*args, f"trainer.output_dir={out}", cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr[-3000:]
+    if logged:
+        assert "Traceback" in (out / "train.log").read_text()
+    else:
+        assert not out.exists()
 
 
 @pytest.mark.slow

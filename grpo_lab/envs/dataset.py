@@ -31,8 +31,9 @@ import functools
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..paths import DATA_SUFFIXES, looks_like_local_path
 from .base import Observation, StepResult, TextFormat
-from .rewards import combine
+from .rewards import ANSWER_REWARDS, combine
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
@@ -46,6 +47,9 @@ def load_rows(path: str, split: str = "train", config_name: str | None = None, d
     except ImportError as err:  # pragma: no cover - datasets is a dependency
         raise ImportError("env=dataset needs the datasets library: pip install datasets") from err
     local = Path(path).expanduser()
+    if not local.exists() and looks_like_local_path(path, DATA_SUFFIXES):
+        raise ValueError(f"env.kwargs.path={path!r}: no such file or directory ({local.absolute()}); a local data file "
+                         "or directory must exist (a hub dataset is 'name' or 'org/name')")
     try:
         if local.is_file():
             builder = FILE_BUILDERS.get(local.suffix.lower())
@@ -84,6 +88,38 @@ def split_prompt(value: Any, column: str) -> tuple[str, str]:
                      f"{str(value)[:80]!r}")
 
 
+@functools.lru_cache(maxsize=4)
+def prompt_rows(path: str, split: str, config_name: str | None, data_files: tuple[str, ...] | None, column: str):
+    """:func:`load_rows`, with every row's prompt in ``column`` checked
+    (:func:`check_prompts`) once per dataset and column."""
+    rows = load_rows(path, split, config_name, data_files)
+    if column not in rows.column_names:
+        raise ValueError(f"env.kwargs.prompt_column={column!r} is not a column of {path!r} (columns: {rows.column_names})")
+    check_prompts(rows[column], column, path)
+    return rows
+
+
+def check_prompts(cells: Sequence[Any], column: str, path: str) -> None:
+    """Raise ``ValueError`` naming the rows of ``column`` whose prompt is empty (or only
+    whitespace) or not a prompt at all: caught when the dataset loads, not by the engine."""
+    empty, bad = [], []
+    for i, cell in enumerate(cells):
+        try:
+            _, text = split_prompt(cell, column)
+        except ValueError as err:
+            bad.append((i, err))
+            continue
+        if not text.strip():
+            empty.append(i)
+    if bad:
+        rows = [i for i, _ in bad]
+        raise ValueError(f"env.kwargs.prompt_column={column!r} of {path!r}: {len(bad)} row(s) hold no prompt, e.g. rows "
+                         f"{rows[:10]} ({bad[0][1]})")
+    if empty:
+        raise ValueError(f"env.kwargs.prompt_column={column!r} of {path!r}: {len(empty)} of {len(cells)} rows have an "
+                         f"empty prompt, rows {empty[:10]}{' ...' if len(empty) > 10 else ''}: remove them from the data")
+
+
 class DatasetEnv:
     """See the module docstring. One instance runs one episode at a time."""
 
@@ -98,11 +134,12 @@ class DatasetEnv:
                              "(.jsonl/.json/.csv/.parquet) or a dataset directory")
         if isinstance(rewards, str):
             rewards = [rewards]
-        self.rows = load_rows(str(path), split, config_name, tuple(data_files) if data_files else None)
-        if prompt_column not in self.rows.column_names:
-            raise ValueError(f"env.kwargs.prompt_column={prompt_column!r} is not a column of {path!r} "
-                             f"(columns: {self.rows.column_names})")
+        self.rows = prompt_rows(str(path), split, config_name, tuple(data_files) if data_files else None, prompt_column)
         self.prompt_column = prompt_column
+        needs_answer = [r for r in rewards if r in ANSWER_REWARDS]
+        if needs_answer and answer_column not in self.rows.column_names:
+            raise ValueError(f"env.kwargs.answer_column={answer_column!r} is not a column of {path!r} (columns: "
+                             f"{self.rows.column_names}); the rewards {needs_answer} compare the answer with it")
         self.score = combine(list(rewards), reward_weights, answer_column)
         self.instruction = instruction
         self.success_threshold = float(success_threshold)

@@ -102,6 +102,8 @@ def format_reward(prompt: str, completion: str, row: Mapping[str, Any], answer_c
 
 BUILTIN_REWARDS: dict[str, Callable[..., float]] = {"exact_match": exact_match, "math": math_answer,
                                                     "format": format_reward}
+#: the built-in rewards that read the row's answer column
+ANSWER_REWARDS = ("exact_match", "math")
 
 
 def resolve_reward(spec: str) -> Callable[..., float]:
@@ -129,10 +131,24 @@ def resolve_reward(spec: str) -> Callable[..., float]:
     return fn
 
 
+def reward_value(spec: str, value: Any) -> float:
+    """``value`` returned by reward ``spec`` as a float; raises ``ValueError`` naming the
+    function when it is not a number (a string such as ``"1.0"`` included: a reward that
+    returns text has a bug that ``float()`` would hide)."""
+    if isinstance(value, (str, bytes, bytearray)) or not hasattr(value, "__float__"):
+        raise ValueError(f"reward {spec!r} returned {value!r} ({type(value).__name__}), not a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError) as err:  # e.g. a tensor of several elements
+        raise ValueError(f"reward {spec!r} returned {value!r}, not a number ({err})") from None
+
+
 def combine(specs: Sequence[str], weights: Sequence[float] | None, answer_column: str) -> Callable[..., tuple[float, dict]]:
     """A function ``(prompt, completion, row) -> (total, {spec: reward})`` adding the named
     rewards with ``weights`` (all 1 when ``None``). A reward that raises, or returns
-    something that is not a finite number, raises ``ValueError`` naming it."""
+    something that is not a number, raises ``ValueError`` naming it; one that returns a
+    non-finite number makes the total non-finite (the episode is dropped as a
+    ``nonfinite`` fault, and the fault names the function through ``{spec: reward}``)."""
     if not specs:
         raise ValueError("rewards must name at least one reward function")
     weights = [1.0] * len(specs) if weights is None else [float(w) for w in weights]
@@ -144,14 +160,14 @@ def combine(specs: Sequence[str], weights: Sequence[float] | None, answer_column
     def total(prompt: str, completion: str, row: Mapping[str, Any]) -> tuple[float, dict]:
         parts = {}
         for spec, fn, is_builtin in zip(specs, fns, builtin):
-            value = fn(prompt, completion, row, answer_column=answer_column) if is_builtin else fn(prompt, completion, row)
             try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"reward {spec!r} returned {value!r}, not a number") from None
-            if not math.isfinite(value):
-                raise ValueError(f"reward {spec!r} returned {value!r}")
-            parts[spec] = value
+                value = fn(prompt, completion, row, answer_column=answer_column) if is_builtin else fn(prompt, completion, row)
+            except Exception as err:
+                text = str(err).strip().splitlines()
+                raise ValueError(f"reward {spec!r} raised {type(err).__name__}" + (f": {text[0]}" if text else "")) from err
+            parts[spec] = reward_value(spec, value)
+        if not all(math.isfinite(v) for v in parts.values()):
+            return math.nan, parts
         return sum(w * parts[s] for s, w in zip(specs, weights)), parts
 
     return total

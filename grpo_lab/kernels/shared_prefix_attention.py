@@ -39,6 +39,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .attention import masked_attention
+
 try:  # Triton is optional: the reference works without it
     import triton
     import triton.language as tl
@@ -563,8 +565,6 @@ def shared_prefix_attention_reference(q: Tensor, k: Tensor, v: Tensor, layout: S
                                       softcap: float | None = None) -> Tensor:
     """The same function in PyTorch: per segment, attention over the prefix keys and the
     segment's own keys (``[T, H, D]`` in and out; tokens outside every row are zero)."""
-    from ..training.shared_prefix import masked_attention
-
     _check(q, k, v, layout, row_starts)
     h = q.shape[1]
     k = k.repeat_interleave(h // k.shape[1], dim=1)

@@ -22,10 +22,13 @@ Layout: ``q`` ``[L, H, D]``, ``k``/``v`` ``[L, Hkv, D]``, the packed trie from t
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from .attention import masked_attention
 
 from . import shared_prefix_attention as sp
 
@@ -233,27 +236,114 @@ def trie_attention(q: Tensor, k: Tensor, v: Tensor, layout: "TrieLayout", scale:
     return _TrieAttention.apply(q, k, v, layout, scale if scale is not None else q.shape[2] ** -0.5, config, softcap)
 
 
-def trie_attention_reference(q: Tensor, k: Tensor, v: Tensor, layout: "TrieLayout", scale: float | None = None,
-                             softcap: float | None = None) -> Tensor:
-    """The same function in PyTorch: per node, one attention call over its ancestors'
-    keys and its own, causal inside the node (``[L, H, D]`` in and out)."""
-    from ..training.shared_prefix import masked_attention
+@dataclass(frozen=True)
+class NodeBatch:
+    """Nodes of a trie whose attention runs as one padded call: ``nodes`` of up to ``Q``
+    query tokens each, every one with up to ``K`` keys (its ancestors' tokens, then its own).
 
+    Attributes:
+        query_index: ``[B, Q]`` packed position of each query (padding repeats a real one).
+        key_index: ``[B, K]`` packed position of each key (padding: position 0).
+        allowed: ``[B, Q, K]`` bool: the causal trie mask (a padded query sees key 0 only,
+            so that no softmax row is empty).
+        query_depth, key_depth: ``[B, Q]``, ``[B, K]``: the position ids (depths) of both.
+    """
+
+    query_index: Tensor
+    key_index: Tensor
+    allowed: Tensor
+    query_depth: Tensor
+    key_depth: Tensor
+
+    def to(self, device: torch.device) -> "NodeBatch":
+        return NodeBatch(*(getattr(self, f).to(device) for f in ("query_index", "key_index", "allowed", "query_depth",
+                                                                  "key_depth")))
+
+
+#: a node joins a batch while the padded batch costs at most this much more than its nodes alone
+BATCH_SLACK = 1.5
+
+
+@functools.lru_cache(maxsize=64)
+def node_batches(layout: "TrieLayout", device: torch.device) -> tuple[tuple[NodeBatch, ...], Tensor]:
+    """The trie's nodes in padded batches of similar shape (sorted by keys, then queries,
+    a node joining the batch before it while the padded ``B * Q * K`` stays within
+    :data:`BATCH_SLACK` of the nodes' own ``sum(q_i * k_i)``), and ``[L]``: where each
+    packed token's output sits in the batches' outputs, flattened and concatenated."""
+    depth_of = []
+    for v in range(layout.num_nodes):
+        depth_of.extend(range(layout.depth[v], layout.depth[v] + layout.node_len[v]))
+    depth_of = torch.tensor(depth_of, dtype=torch.long)
+    nodes = []
+    for v in range(layout.num_nodes):
+        start, n = layout.node_start[v], layout.node_len[v]
+        keys = [torch.arange(a, b) for a, b in layout.ancestor_ranges(v)] + [torch.arange(start, start + n)]
+        nodes.append((v, torch.cat(keys)))
+    nodes.sort(key=lambda item: (item[1].numel(), layout.node_len[item[0]]))
+    groups: list[list[tuple[int, Tensor]]] = []
+    for v, keys in nodes:
+        if groups:
+            group = groups[-1] + [(v, keys)]
+            padded = len(group) * max(layout.node_len[u] for u, _ in group) * max(k.numel() for _, k in group)
+            if padded <= BATCH_SLACK * sum(layout.node_len[u] * k.numel() for u, k in group):
+                groups[-1] = group
+                continue
+        groups.append([(v, keys)])
+    batches, flat_of_token, offset = [], torch.empty(layout.length, dtype=torch.long), 0
+    for group in groups:
+        q_max = max(layout.node_len[v] for v, _ in group)
+        k_max = max(k.numel() for _, k in group)
+        b = len(group)
+        query_index = torch.zeros(b, q_max, dtype=torch.long)
+        key_index = torch.zeros(b, k_max, dtype=torch.long)
+        allowed = torch.zeros(b, q_max, k_max, dtype=torch.bool)
+        for row, (v, keys) in enumerate(group):
+            start, n = layout.node_start[v], layout.node_len[v]
+            seen = keys.numel() - n
+            own = torch.arange(start, start + n)
+            query_index[row] = torch.cat([own, own[:1].expand(q_max - n)])
+            key_index[row, :keys.numel()] = keys
+            allowed[row, :n, :keys.numel()] = torch.arange(keys.numel())[None, :] <= torch.arange(n)[:, None] + seen
+            allowed[row, n:, 0] = True
+            flat_of_token[start:start + n] = offset + row * q_max + torch.arange(n)
+        batches.append(NodeBatch(query_index, key_index, allowed, depth_of[query_index], depth_of[key_index]).to(device))
+        offset += b * q_max
+    return tuple(batches), flat_of_token.to(device)
+
+
+def trie_attention_reference(q: Tensor, k: Tensor, v: Tensor, layout: "TrieLayout", scale: float | None = None,
+                             softcap: float | None = None, window: int | None = None,
+                             chunk: int | None = None) -> Tensor:
+    """The same function in PyTorch: the nodes' attention in a few padded SDPA calls
+    (:func:`node_batches`), each query over its ancestors' keys and causally over its
+    own node's (``[L, H, D]`` in and out).
+
+    Position-dependent masks apply by depth, as the model's own masks apply by position
+    in an unpacked row: ``window`` (a sliding window: keys at depths above ``d - window``)
+    and ``chunk`` (chunked attention: keys in the query's chunk, ``depth // chunk``)."""
     _check(q, k, v, layout, value_dim_may_differ=True)
     h = q.shape[1]
     k = k.repeat_interleave(h // k.shape[1], dim=1)
     v = v.repeat_interleave(h // v.shape[1], dim=1)
-    pieces = []
-    for node in range(layout.num_nodes):
-        start, n = layout.node_start[node], layout.node_len[node]
-        anc = layout.ancestor_ranges(node)
-        seen = sum(b - a for a, b in anc)
-        keys = torch.cat([torch.arange(a, b) for a, b in anc] + [torch.arange(start, start + n)]).to(q.device)
-        allowed = torch.arange(seen + n, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None] + seen
-        ks, vs = (torch.index_select(x, 0, keys).transpose(0, 1) for x in (k, v))  # a reproducible backward
-        out = masked_attention(q[start:start + n].transpose(0, 1), ks, vs, allowed, scale, softcap)
-        pieces.append(out.transpose(0, 1))
-    out = torch.cat(pieces) if pieces else v.new_zeros(0, q.shape[1], v.shape[2])
+    batches, flat_of_token = node_batches(layout, q.device)
+    outs = []
+    for nb in batches:
+        b, q_max = nb.query_index.shape
+        k_max = nb.key_index.shape[1]
+        allowed = nb.allowed
+        if window is not None:
+            allowed = allowed & (nb.key_depth[:, None, :] > nb.query_depth[:, :, None] - window)
+        if chunk is not None:
+            allowed = allowed & (nb.key_depth[:, None, :] // chunk == nb.query_depth[:, :, None] // chunk)
+        if window is not None or chunk is not None:
+            allowed = allowed | (~allowed.any(-1, keepdim=True) & (torch.arange(k_max, device=q.device) == 0))
+        # index_select: a reproducible backward (advanced indexing adds repeats in thread order on CPU)
+        qb = q.index_select(0, nb.query_index.flatten()).view(b, q_max, h, -1).transpose(1, 2)  # [B, H, Q, D]
+        kb = k.index_select(0, nb.key_index.flatten()).view(b, k_max, h, -1).transpose(1, 2)  # [B, H, K, D]
+        vb = v.index_select(0, nb.key_index.flatten()).view(b, k_max, h, -1).transpose(1, 2)  # [B, H, K, Dv]
+        out = masked_attention(qb, kb, vb, allowed[:, None], scale, softcap)  # [B, H, Q, Dv]
+        outs.append(out.transpose(1, 2).reshape(b * q_max, h, -1))
+    out = torch.index_select(torch.cat(outs), 0, flat_of_token)  # [L_trie, H, Dv]
     if q.shape[0] > layout.length:
         out = torch.cat([out, q.new_zeros(q.shape[0] - layout.length, *out.shape[1:])])
     return out

@@ -160,6 +160,14 @@ class _Row:
     tree_id: int = -1
     node_id: int = -1
     parent_id: int = -1
+    reward_parts: dict[str, float] | None = None  # the reward functions' own values (StepResult.info["rewards"])
+
+
+def reward_parts(result: StepResult | None) -> dict[str, float] | None:
+    """The named parts of a step's reward (``info["rewards"]``, as the dataset
+    environment's reward functions report them), or ``None``."""
+    parts = result.info.get("rewards") if result is not None else None
+    return {str(k): float(v) for k, v in parts.items()} if isinstance(parts, dict) and parts else None
 
 
 def run_episodes(
@@ -250,6 +258,13 @@ def env_name(env: Env) -> str:
     return getattr(env, "name", type(env).__name__)
 
 
+def refuse_empty(ids: Sequence[int], where: tuple[str, int | None, int]) -> None:
+    """An ``error`` fault for a prompt of no tokens (an empty observation without a chat
+    template or instruction around it): no model can answer it."""
+    if not ids:
+        raise EnvFault("error", *where, "the prompt is empty (the instruction and observation encode to 0 tokens)")
+
+
 def fit_prompt(
     encoder: PromptEncoder, instruction: str, history: Sequence[Turn], observation: str, config: AgentLoopConfig,
     where: tuple[str, int | None, int], faults: FaultLog | None, fmt: TextFormat = ACTION_FORMAT,
@@ -258,6 +273,7 @@ def fit_prompt(
     :class:`AgentLoopConfig`); ``where`` is ``(environment, seed, step)`` for the fault or
     error raised when it cannot fit; ``fmt`` is the environment's text format."""
     ids = encoder.encode(render_prompt(instruction, history, observation, config.history_window, fmt))
+    refuse_empty(ids, where)
     limit = config.max_context
     if limit is None or len(ids) < limit:
         return ids
@@ -304,6 +320,7 @@ def fit_conversation(encoder: PromptEncoder, instruction: str, ids: Sequence[int
     :class:`OverlongPromptError` (``overlong="error"``) or the ``overlong`` fault when it
     leaves no room for an answer; ``where`` is ``(environment, seed, step)``."""
     ids = list(ids) if ids is not None else encoder.conversation.start(first_message(instruction, observation))
+    refuse_empty(ids, where)
     limit = config.token_limit
     if limit is None or len(ids) < limit:
         return ids
@@ -379,7 +396,7 @@ def finish_turn(
         ep.ids, ep.done = extend_conversation(encoder, prompt, comp.token_ids, next_obs.text, result is not None, config,
                                               faults)
     return _Row(ep.group_id, ep.traj_id, ep.steps - 1, prompt, comp.token_ids, comp.logprobs,
-                reward, ep.done, valid, won, anchor)
+                reward, ep.done, valid, won, anchor, reward_parts=reward_parts(result))
 
 
 def rows_to_batch(rows: list[_Row], order: Callable[[_Row], tuple] = lambda r: (r.traj_id, r.step)) -> RolloutBatch:
@@ -402,4 +419,5 @@ def rows_to_batch(rows: list[_Row], order: Callable[[_Row], tuple] = lambda r: (
         tree_id=[r.tree_id for r in rows],
         node_id=[r.node_id for r in rows],
         parent_id=[r.parent_id for r in rows],
+        reward_parts=[r.reward_parts or {} for r in rows],
     )

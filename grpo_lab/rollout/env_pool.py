@@ -61,13 +61,18 @@ class EnvFault(Exception):
 
 def check_reward(result: StepResult, env_name: str, seed: int | None, step: int) -> StepResult:
     """``result``, or an :class:`EnvFault` of kind ``nonfinite`` when its reward is not a
-    finite number."""
+    finite number; the fault names the parts (``info["rewards"]``, as reward functions
+    report them) that were not."""
     try:
         ok = math.isfinite(float(result.reward))
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise EnvFault("nonfinite", env_name, seed, step, f"reward {result.reward!r}")
+        parts = result.info.get("rewards") if isinstance(result.info, dict) else None
+        culprits = [f"reward {name!r} returned {value!r}" for name, value in (parts or {}).items()
+                    if not isinstance(value, (int, float)) or not math.isfinite(value)]
+        raise EnvFault("nonfinite", env_name, seed, step,
+                       f"reward {result.reward!r}" + (f" ({'; '.join(culprits)})" if culprits else ""))
     return result
 
 

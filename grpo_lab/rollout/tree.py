@@ -54,6 +54,7 @@ from .agent_loop import (
     _Row,
     act,
     close_env,
+    reward_parts,
     env_name,
     extend_conversation,
     fit_conversation,
@@ -340,7 +341,7 @@ def _grow(
                 new = _Node(s.tree, node_id, s.node, s.group, s.seed, s.actions + (action,),
                             s.history + (Turn(s.obs.text, action if valid else None),), obs, steps, done, None, (),
                             conversation)
-                rows.append(_Row(**row, reward=reward, done=done, valid=valid, won=won))
+                rows.append(_Row(**row, reward=reward, done=done, valid=valid, won=won, reward_parts=reward_parts(result)))
             nodes_of_tree[s.tree].append(new)
             b.state = new
             if not new.done:

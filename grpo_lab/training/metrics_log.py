@@ -54,23 +54,79 @@ class MetricsLogger:
             self._wandb_run = None
 
 
+#: panel title and y-axis label of each plotted metric
+PANELS = {"success_rate": ("Success rate", "fraction of episodes won"),
+          "reward_mean": ("Return per episode", "mean return")}
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """The mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """The ``(steps, values)`` of ``key`` in ``records``, finite values only."""
+    points = [(r["step"], float(r[key])) for r in records
+              if isinstance(r.get(key), (int, float)) and math.isfinite(float(r[key]))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_panels(records: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """``(key, title, y label)`` of each panel to draw: success rate, return (unless it
+    equals the success rate at every step, as in FrozenLake; the success panel then
+    says so), then every ``reward/<name>``."""
+    panels = []
+    steps_s, success = series(records, "success_rate")
+    steps_r, returns = series(records, "reward_mean")
+    same = steps_s == steps_r and success == returns
+    if success:
+        title, label = PANELS["success_rate"]
+        panels.append(("success_rate", title + (" (= return per episode)" if same else ""), label))
+    if returns and not same:
+        panels.append(("reward_mean", *PANELS["reward_mean"]))
+    parts = sorted({k for r in records for k in r if k.startswith("reward/")})
+    panels += [(k, f"Reward {k.split('/', 1)[1]!r}", "mean per episode") for k in parts]
+    return panels
+
+
 def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike,
-                 keys: tuple[str, ...] = ("reward_mean", "success_rate")) -> Path:
-    """Save a PNG with one panel per key, plotted against ``step``."""
+                 evals: dict[str, tuple[float, dict[str, Any]]] | None = None) -> Path:
+    """Save a PNG with one panel per distinct quantity (:func:`plot_panels`) against the
+    RL step: the raw points, their moving average (over a tenth of the run), and the
+    evaluations in ``evals`` (``{label: (x, metrics)}``, e.g. after the warm-up and at the
+    end) as large markers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None and not math.isnan(r[key])]
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", markersize=3)
+    panels = plot_panels(records) or [("success_rate", *PANELS["success_rate"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    markers = ("s", "D", "^", "v")
+    for ax, (key, title, label) in zip(axes[0], panels):
+        xs, ys = series(records, key)
+        if ys:
+            window = max(1, round(len(ys) / 10))
+            ax.plot(xs, ys, "o", markersize=3, alpha=0.35, color="tab:blue", label="per step")
+            ax.plot(xs, moving_average(ys, window), color="tab:blue", label=f"moving average ({window} steps)")
+        for (name, (x, metrics)), marker in zip((evals or {}).items(), markers):
+            value = metrics.get(key) if metrics else None
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                ax.plot([x], [value], marker, markersize=9, color="tab:red" if name == "final" else "tab:orange",
+                        label=f"evaluation {name}")
+        if key == "success_rate":
+            ax.set_ylim(-0.03, 1.03)
+        ax.set_title(title)
         ax.set_xlabel("RL step")
-        ax.set_title(key)
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
@@ -79,7 +135,7 @@ def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike,
 
 
 #: step metrics that add up over ranks (the others are means, weighted by rows, or maxima)
-SUMMED = ("num_rows", "response_tokens", "rows_dropped", "episodes", "episodes_dropped", "groups_dropped", "env_errors",
+SUMMED = ("num_rows", "signal_rows", "response_tokens", "rows_dropped", "episodes", "episodes_dropped", "groups_dropped", "env_errors",
           "env_timeouts", "env_nonfinite_rewards", "overlong_dropped", "overlong_truncated", "overlong_ended", "env_steps",
           "rollout_env_steps",
           "rollout_replayed_env_steps", "tree_nodes", "tree_expansions_short", "ar3po_reused", "ar3po_unsolved",

@@ -13,6 +13,13 @@ under the same config.
   and line.
 - Directories a crash left half-written (``.tmp_step_*``, ``.old_step_*``,
   ``.tmp_reference``) are removed.
+- A resume starts from the newest checkpoint that verifies
+  (:func:`~grpo_lab.training.checkpoint.verify_checkpoint`); a newer one that does not is
+  moved aside as ``broken_step_N`` with a warning naming its damaged file, and when none
+  verifies the run stops saying so.
+
+Every refusal is a :class:`RunDirectoryError` (a :class:`~grpo_lab.config.ConfigError`)
+that names the fix.
 """
 
 from __future__ import annotations
@@ -25,9 +32,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..config import ConfigError
-from .checkpoint import checkpoint_dir, latest_checkpoint
+from .checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint, newest_loadable
 
 log = logging.getLogger("grpo_lab")
+
+
+class RunDirectoryError(ConfigError):
+    """``trainer.output_dir`` cannot start the run as ``trainer.resume`` asks: it would
+    overwrite a run, or it holds nothing (loadable) to continue."""
 
 PARTIAL_PATTERNS = (".tmp_step_*", ".old_step_*", ".tmp_reference")
 
@@ -144,31 +156,65 @@ def finished_run(output_dir: Path) -> bool:
         return False
 
 
-def choose_start(output_dir: Path, mode: str) -> tuple[int, Path] | None:
-    """The checkpoint to resume from (``None``: start afresh), by ``trainer.resume``
-    (``false``, ``true`` or ``auto``); refuses what would overwrite or lose a run."""
-    remove_partial_writes(output_dir)
+def check_start(output_dir: Path, mode: str) -> None:
+    """Raise :class:`RunDirectoryError` when ``trainer.resume=mode`` cannot start in
+    ``output_dir`` as it is; reads only (a check before anything writes there)."""
     point = latest_checkpoint(output_dir)
     metrics = output_dir / "metrics.jsonl"
     if point is None and finished_run(output_dir) and holds_a_run(output_dir):
-        raise FileExistsError(
+        raise RunDirectoryError(
             f"{output_dir} holds a finished run ({metrics.name}, summary.json) without a checkpoint to continue from: "
-            "choose a new output directory so that its metrics and model are not overwritten")
+            "choose a new trainer.output_dir so that its metrics and model are not overwritten")
     if mode == "true" and point is None:
         died = " (its run stopped before its first checkpoint)" if holds_a_run(output_dir) else ""
-        raise FileNotFoundError(
+        raise RunDirectoryError(
             f"trainer.resume=true but {checkpoint_dir(output_dir)} holds no complete checkpoint{died}: set "
             "trainer.output_dir to the directory of the run to continue (it needs trainer.checkpoint_every > 0), or "
             "use trainer.resume=auto to start this directory afresh")
     if mode == "false" and holds_a_run(output_dir):
         if point is not None:
-            raise FileExistsError(
+            raise RunDirectoryError(
                 f"{output_dir} holds a run with a checkpoint at step {point[0]} ({metrics.name}): set "
-                "trainer.resume=true (or auto) to continue it, or choose a new output directory so that its metrics "
+                "trainer.resume=true (or auto) to continue it, or choose a new trainer.output_dir so that its metrics "
                 "and model are not overwritten")
-        raise FileExistsError(
+        raise RunDirectoryError(
             f"{metrics} already exists from a run that stopped before its first checkpoint: there is nothing to resume; "
-            "set trainer.resume=auto to start it afresh (its metrics are kept aside), or choose a new output directory")
+            "set trainer.resume=auto to start it afresh (its metrics are kept aside), or choose a new trainer.output_dir")
+
+
+def set_aside(error: CheckpointError) -> Path:
+    """Rename the damaged checkpoint of ``error`` to ``broken_step_N`` (never loaded,
+    never pruned); returns the new path."""
+    path = error.path
+    target = path.with_name("broken_" + path.name)
+    k = 1
+    while target.exists():
+        target = path.with_name(f"broken_{path.name}_{k}")
+        k += 1
+    path.rename(target)
+    return target
+
+
+def choose_start(output_dir: Path, mode: str) -> tuple[int, Path] | None:
+    """The checkpoint to resume from (``None``: start afresh), by ``trainer.resume``
+    (``false``, ``true`` or ``auto``); refuses what would overwrite or lose a run
+    (:func:`check_start`). Newer checkpoints that do not verify are set aside; when none
+    verifies, a resume stops naming each one's damaged file."""
+    remove_partial_writes(output_dir)
+    check_start(output_dir, mode)
+    point = None
+    if mode != "false":
+        point, broken = newest_loadable(output_dir)
+        if broken and point is None:
+            lines = "\n".join(f"  {err}" for err in broken)
+            raise RunDirectoryError(
+                f"trainer.resume={mode}: no checkpoint in {checkpoint_dir(output_dir)} can be loaded:\n{lines}\n"
+                "Restore the damaged files from a copy, or start a new run in another trainer.output_dir")
+        for err in broken:
+            moved = set_aside(err)
+            log.warning("checkpoint %s cannot be loaded (%s: %s): moved aside to %s; resuming from %s", err.path.name,
+                        err.file, err.reason, moved.name, point[1].name)
+    metrics = output_dir / "metrics.jsonl"
     if point is None and metrics.exists():
         if metrics.stat().st_size > 0:
             kept = metrics.with_name(f"metrics.before_{time.strftime('%Y%m%d-%H%M%S')}.jsonl")

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from ..config import Config, ConfigError
-from ..envs import make_env
+from ..envs import get_env_factory, make_env
 from ..envs.base import Env
 from ..modeling import build_tiny_model, load_pretrained, text_config, torch_dtype, train_tokenizer
 from ..rollout import HFBackend
@@ -27,17 +27,55 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def unknown_env_options(name: str, kwargs: dict) -> list[str]:
+    """The keys of ``kwargs`` that environment ``name``'s factory does not take (none when
+    it takes ``**kwargs``)."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(get_env_factory(name)).parameters
+    except (TypeError, ValueError):  # a factory without a signature (a builtin)
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return []
+    return sorted(set(kwargs) - set(parameters))
+
+
 def env_factory_from(config: Config) -> Callable[[], Env]:
-    """A factory for the configured environment; bad constructor arguments raise a ``ConfigError``."""
+    """A factory for the configured environment; a bad constructor argument raises a
+    ``ConfigError`` naming it (``env.kwargs.KEY``), not the whole ``env.kwargs``."""
+    name, kwargs = config.env.name, dict(config.env.kwargs)
+    unknown = unknown_env_options(name, kwargs)
+    if unknown:
+        import inspect
+
+        options = [p for p in inspect.signature(get_env_factory(name)).parameters if p != "self"]
+        raise ConfigError(f"env.kwargs.{unknown[0]} is not an option of env {name!r}"
+                          f"{f' (nor are {unknown[1:]})' if len(unknown) > 1 else ''}; its options: {options} "
+                          "(python -m grpo_lab.envs --list)")
 
     def factory() -> Env:
-        return make_env(config.env.name, **dict(config.env.kwargs))
+        return make_env(name, **kwargs)
 
     try:
         factory()
     except (TypeError, ValueError, ImportError, KeyError, FileNotFoundError) as err:
-        raise ConfigError(f"env.kwargs={dict(config.env.kwargs)!r} is invalid for env {config.env.name!r}: {err}") from err
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        raise ConfigError(f"env={name}: {name_the_option(message, kwargs)}") from err
     return factory
+
+
+def name_the_option(message: str, kwargs: dict) -> str:
+    """An environment's error ``message`` led by the ``env.kwargs`` keys it mentions
+    (``env.kwargs.size=1: size must be at least 2``), unless it names them already."""
+    import re
+
+    if "env.kwargs." in message:
+        return message
+    mentioned = [k for k in kwargs if re.search(rf"(?<![\w.]){re.escape(k)}(?!\w)", message)]
+    if not mentioned:
+        return message
+    return ", ".join(f"env.kwargs.{k}={kwargs[k]!r}" for k in mentioned) + f": {message}"
 
 
 def build_model(config: Config, envs: Callable[[], Env]):

@@ -48,25 +48,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels.attention import masked_attention, repeat_kv
 from ..modeling import text_config
 from .forward import pad_rows, response_logprobs, token_logprobs
 
-#: ``trainer.shared_prefix``: the plain per-row forward, one shared prompt prefix per
-#: group (this module), or every shared token prefix once (:mod:`~grpo_lab.training.trie`)
-PACKING_MODES = ("none", "group", "trie")
 ATTENTION_NAME = "grpo_shared_prefix"
 ATTENTION_BACKENDS = ("reference", "triton")
 LAYOUT_KWARG = "shared_prefix_layout"
-
-
-def packing_mode(value: bool | str) -> str:
-    """``trainer.shared_prefix`` as one of :data:`PACKING_MODES` (``true`` is ``group``,
-    ``false`` is ``none``, as before the trie mode existed)."""
-    text = str(value).lower()
-    mode = {"true": "group", "false": "none"}.get(text, text)
-    if mode not in PACKING_MODES:
-        raise ValueError(f"shared_prefix={value!r} is not one of {list(PACKING_MODES)} (or true / false)")
-    return mode
 
 
 @dataclass(frozen=True)
@@ -82,29 +70,6 @@ class RowLayout:
 
 
 # ----------------------------------------------------------------------------- attention
-def _repeat_kv(x: Tensor, times: int) -> Tensor:
-    return x if times == 1 else x.repeat_interleave(times, dim=1)
-
-
-def masked_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float | None = None,
-                     softcap: float | None = None) -> Tensor:
-    """``softmax(cap(q k^T * scale) + mask) v`` for ``[..., Q, D]`` queries and ``[..., K, D]``
-    keys (same head count); ``mask`` bool (True: attend), broadcastable to ``[..., Q, K]``,
-    or ``None`` for causal. Without ``softcap`` it is SDPA; with one, scores become
-    ``softcap * tanh(scores / softcap)`` before masking (Gemma2), in float32 at least."""
-    if softcap is None:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None, scale=scaling)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    compute = torch.promote_types(query.dtype, torch.float32)
-    scores = torch.matmul(query.to(compute), key.to(compute).transpose(-1, -2)) * scale
-    scores = softcap * torch.tanh(scores / softcap)
-    if mask is None:
-        q, k = scores.shape[-2:]
-        mask = torch.ones(q, k, dtype=torch.bool, device=scores.device).tril(k - q)
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # as eager attention: no NaN on empty rows
-    return torch.matmul(torch.softmax(scores, dim=-1), value.to(compute)).to(query.dtype)
-
-
 def packed_attention_reference(query: Tensor, key: Tensor, value: Tensor, layout: Sequence[RowLayout],
                                scaling: float | None = None, softcap: float | None = None) -> Tensor:
     """Attention of packed rows, in PyTorch.
@@ -118,8 +83,8 @@ def packed_attention_reference(query: Tensor, key: Tensor, value: Tensor, layout
         ``[B, H, L, D]``; padding positions are zero.
     """
     b, h, length, d = query.shape
-    key = _repeat_kv(key, h // key.shape[1])
-    value = _repeat_kv(value, h // value.shape[1])
+    key = repeat_kv(key, h // key.shape[1])
+    value = repeat_kv(value, h // value.shape[1])
     rows = []
     for i, row in enumerate(layout):
         p, lens = row.prefix_len, row.member_lens
@@ -189,7 +154,7 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
                 raise NotImplementedError("soft-capped attention with dropout is not implemented")
             groups = query.shape[1] // key.shape[1]
             mask = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask > -1
-            out = masked_attention(query, _repeat_kv(key, groups), _repeat_kv(value, groups), mask, scaling, softcap)
+            out = masked_attention(query, repeat_kv(key, groups), repeat_kv(value, groups), mask, scaling, softcap)
             return out.transpose(1, 2).contiguous(), None
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -199,25 +164,83 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     from .trie import TrieLayout, trie_attention
 
     trie = isinstance(layout, TrieLayout)
-    window = kwargs.get("sliding_window")
-    if window is not None:
-        longest = layout.max_depth if trie else max((row.prefix_len + max(row.member_lens, default=0) for row in layout),
-                                                    default=0)
-        if longest > window:
+    query = undo_packed_query_scaling(module, query, layout)
+    window, chunk = kwargs.get("sliding_window"), chunk_size(module)
+    exact_by_depth = trie and backend == "reference"  # the trie reference applies both masks by depth
+    longest = layout.max_depth if trie else max((row.prefix_len + max(row.member_lens, default=0) for row in layout),
+                                                default=0)
+    for name, limit in (("sliding window", window), ("attention_chunk_size", chunk)):
+        if limit is not None and longest > limit and not exact_by_depth:
             raise NotImplementedError(
                 f"shared-prefix attention: a packed row's prompt plus response is {longest} tokens, longer than this "
-                f"layer's sliding window of {window}: the window would mask part of it, which the packed attention "
-                "does not implement; use trainer.shared_prefix=none, or shorter episodes")
+                f"layer's {name} of {limit}, which the {'Triton kernel' if backend == 'triton' else 'group packing'} "
+                "does not apply; use trainer.shared_prefix=trie (or auto) with trainer.attention=sdpa_shared_prefix, "
+                "trainer.shared_prefix=none, or shorter episodes")
     if dropout and module.training:
         raise NotImplementedError("shared-prefix attention does not support attention dropout")
     if trie:
-        return trie_attention(query, key, value, layout, backend, scaling, softcap), None
+        return trie_attention(query, key, value, layout, backend, scaling, softcap, window, chunk), None
     if backend == "reference":
         out = packed_attention_reference(query, key, value, layout, scaling, softcap)
         return out.transpose(1, 2).contiguous(), None
     if backend == "triton":
         return _packed_attention_triton(query, key, value, layout, scaling, softcap), None
     raise ValueError(f"unknown shared-prefix attention backend {backend!r}; valid: {list(ATTENTION_BACKENDS)}")
+
+
+def token_depths(layout, length: int, device: torch.device) -> Tensor:
+    """``[B, L]``: the position id of every packed token (its depth), for a
+    :class:`~grpo_lab.training.trie.TrieLayout` (``B = 1``) or :class:`RowLayout` rows
+    (padding continues the count)."""
+    from .trie import TrieLayout
+
+    if isinstance(layout, TrieLayout):
+        depth = layout.token_depth()
+        rows = [torch.cat([depth, torch.arange(depth.numel(), length)])]
+    else:
+        rows = []
+        for row in layout:
+            parts = [torch.arange(row.prefix_len)]
+            parts += [torch.arange(row.prefix_len, row.prefix_len + n) for n in row.member_lens]
+            parts.append(torch.arange(row.length, length))
+            rows.append(torch.cat(parts))
+    return torch.stack(rows).to(device)
+
+
+def chunk_size(module) -> int | None:
+    """The chunk of a chunked-attention layer (Llama-4's RoPE layers:
+    ``layer_types[i] == "chunked_attention"``, ``attention_chunk_size``), else ``None``."""
+    config, index = getattr(module, "config", None), getattr(module, "layer_idx", None)
+    types = getattr(config, "layer_types", None)
+    if types is None or index is None or index >= len(types) or types[index] != "chunked_attention":
+        return None
+    return getattr(config, "attention_chunk_size", None)
+
+
+def undo_packed_query_scaling(module, query: Tensor, layout) -> Tensor:
+    """``query`` as the layer would have scaled it by the tokens' depths, where the layer
+    scaled it by their index in the packed row instead.
+
+    Llama-4's NoPE layers (``attn_temperature_tuning``, Nakanishi 2025's attention
+    temperature) multiply each query by ``log1p(floor((t + 1) / floor_scale)) *
+    attn_scale + 1`` with ``t`` counted from 0 along the sequence given, not taken from
+    the position ids; packed, ``t`` runs over the whole packed row. The factor is never
+    0, so the query is divided by the packed-index factor and multiplied by the depth's
+    (exact up to rounding). Other layers pass unchanged."""
+    if not getattr(module, "attn_temperature_tuning", False) or getattr(module, "use_rope", True):
+        return query
+    floor_scale, attn_scale = float(module.floor_scale), float(module.attn_scale)
+    if query.shape[2] < floor_scale:  # every factor is 1 below floor_scale
+        return query
+
+    def factor(t: Tensor) -> Tensor:
+        return torch.log1p(torch.floor((t.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+
+    packed = torch.arange(query.shape[2], device=query.device)
+    depths = token_depths(layout, query.shape[2], query.device)  # [B, L]
+    compute = torch.promote_types(query.dtype, torch.float32)  # the factors as the layer computed them (float32)
+    fix = factor(depths).to(compute) / factor(packed).to(compute)[None, :]  # [B, L]
+    return query * fix[:, None, :, None].to(query.dtype)
 
 
 def _model_type(model: torch.nn.Module) -> str:
@@ -313,18 +336,66 @@ def enable_shared_prefix(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def verify_shared_prefix(model: torch.nn.Module, attention: str = "reference", mode: str = "group") -> None:
-    """One small packed forward (``mode``: ``group`` or ``trie``), beside the ordinary
-    forward of the same rows, to refuse a model before training rather than at its first
-    update: raises ``NotImplementedError``
-    naming the model type when the packed path was not taken in every attention layer,
-    or (float32 and float64 models, where the comparison is meaningful) when the
-    log-probs differ by more than 1e-3."""
-    parameter = next(model.parameters())
+def length_thresholds(model: torch.nn.Module) -> tuple[list[int], list[int]]:
+    """The lengths at which the model's attention starts to depend on position in a way
+    packing must reproduce: ``(by row length, by packed length)``. By row: a sliding
+    window (on the layers that use one) and Llama-4's chunk (``attention_chunk_size``);
+    by packed length: Llama-4's NoPE temperature (``floor_scale``), which the layer
+    counts along the packed sequence (:func:`undo_packed_query_scaling`)."""
     config = text_config(model)
+    types = list(getattr(config, "layer_types", None) or [])
+    rows, packed = [], []
+    window = getattr(config, "sliding_window", None)
+    if window and ("sliding_attention" in types or (not types and getattr(config, "use_sliding_window", True))):
+        rows.append(window)
+    if "chunked_attention" in types:
+        rows.append(getattr(config, "attention_chunk_size", None))
+    if getattr(config, "attn_temperature_tuning", False):
+        packed.append(getattr(config, "floor_scale", None))
+
+    def clean(values: list) -> list[int]:
+        return sorted({int(t) for t in values if isinstance(t, int) and t > 0})
+
+    return clean(rows), clean(packed)
+
+
+def probe_rows(model: torch.nn.Module, max_row: int | None = None, max_packed: int | None = None
+               ) -> tuple[list[Tensor], list[Tensor]]:
+    """Prompts and responses for :func:`verify_shared_prefix`: two short rows sharing a
+    9-token prompt, made long enough to cross every :func:`length_thresholds` the run can
+    reach (``max_row``: its longest row; ``max_packed``: its longest packed sequence;
+    ``None``: no bound): rows longer than the largest reachable row threshold, and
+    together longer than the largest reachable packed one."""
+    vocab = int(text_config(model).vocab_size)
     g = torch.Generator().manual_seed(0)
-    prefix = torch.randint(0, int(config.vocab_size), (9,), generator=g)
-    responses = [torch.randint(0, int(config.vocab_size), (n,), generator=g) for n in (3, 5)]
+    by_row, by_packed = length_thresholds(model)
+    row_t = [t for t in by_row if max_row is None or t < max_row]
+    packed_t = [t for t in by_packed if max_packed is None or t < max_packed]
+    if not row_t and not packed_t:
+        prefix = torch.randint(0, vocab, (9,), generator=g)
+        return [prefix, prefix], [torch.randint(0, vocab, (n,), generator=g) for n in (3, 5)]
+    row = row_t[-1] + 8 if row_t else 16
+    if max_row is not None:
+        row = max(min(row, max_row), 4)
+    total = max(packed_t[-1] + 8 if packed_t else 0, 2 * row)
+    shared = min(9, row - 2)
+    count = max(2, -(-(total - shared) // (row - shared)))  # together past the packed threshold
+    prefix = torch.randint(0, vocab, (shared,), generator=g)
+    return [prefix] * count, [torch.randint(0, vocab, (row - shared,), generator=g) for _ in range(count)]
+
+
+def verify_shared_prefix(model: torch.nn.Module, attention: str = "reference", mode: str = "group",
+                         max_row: int | None = None, max_packed: int | None = None) -> None:
+    """One packed forward (``mode``: ``group`` or ``trie``) of :func:`probe_rows`, beside
+    the ordinary forward of the same rows, to refuse a model before training rather than
+    at its first update: the probe reaches every length-dependent behaviour of the
+    attention (:func:`length_thresholds`) the run can reach (``max_row``, ``max_packed``:
+    its longest row and packed sequence). Raises ``NotImplementedError`` naming the model
+    type when the packed path was not taken in every attention layer, when it refuses the
+    probe's lengths (naming the setting), or (float32 and float64 models, where the
+    comparison is meaningful) when the log-probs differ by more than 1e-3."""
+    parameter = next(model.parameters())
+    prompts, responses = probe_rows(model, max_row, max_packed)
     was_training = model.training
     model.eval()
     try:
@@ -332,18 +403,20 @@ def verify_shared_prefix(model: torch.nn.Module, attention: str = "reference", m
             if mode == "trie":
                 from .trie import trie_logprobs
 
-                packed, mask, _ = trie_logprobs(model, [prefix, prefix], responses, attention=attention)
+                packed, mask, _ = trie_logprobs(model, prompts, responses, attention=attention)
             else:
-                packed, mask, _ = shared_prefix_logprobs(model, [prefix, prefix], responses, attention=attention)
-            plain, _, _ = response_logprobs(model, [prefix, prefix], responses)
+                packed, mask, _ = shared_prefix_logprobs(model, prompts, responses, attention=attention)
+            plain, _, _ = response_logprobs(model, prompts, responses)
     finally:
         model.train(was_training)
     if parameter.dtype in (torch.float32, torch.float64):
         error = float(((packed - plain).abs() * mask).max())
         if not error <= 1e-3:
+            longest = max(p.numel() + r.numel() for p, r in zip(prompts, responses))
             raise NotImplementedError(
                 f"the shared-prefix forward of this {_model_type(model)!r} model differs from its ordinary forward by "
-                f"{error:.2e} in log-prob on a probe: use trainer.shared_prefix=none for it")
+                f"{error:.2e} in log-prob on a probe ({len(prompts)} rows of {longest} tokens): use "
+                "trainer.shared_prefix=none for it")
 
 
 # ----------------------------------------------------------------------------- packing

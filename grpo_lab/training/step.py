@@ -11,9 +11,9 @@ from torch import Tensor
 from ..advantages.grouping import dense_ids
 from ..data import RolloutBatch
 from .distributed import SINGLE, DistContext, global_sums, gradient_sync, lockstep_count
-from .forward import pad_rows, response_logprobs
-from .shared_prefix import common_prefix_length, packing_mode, shared_prefix_logprobs
-from .trie import trie_logprobs
+from .forward import pad_rows
+from .packing import Packing, get_packing
+from .shared_prefix import common_prefix_length
 from .losses import LossScale, aggregate, behaviour_weights, clipped_policy_loss, kl_penalty, reinforce_loss
 
 if TYPE_CHECKING:
@@ -21,12 +21,13 @@ if TYPE_CHECKING:
 
 
 def split_micro_batches(batch: RolloutBatch, rows: Tensor, max_rows: int, max_tokens: int | None = None,
-                        packing: str = "none") -> list[Tensor]:
+                        packing: "str | Packing" = "none") -> list[Tensor]:
     """``rows`` (in order) cut into micro-batches of at most ``max_rows`` rows and, when
     ``max_tokens`` is set, at most that many tokens encoded (a row longer than the budget
-    goes alone). Under ``packing="trie"`` a row costs the tokens it does not share with
-    the row before it (what the trie adds for it, at most); otherwise its prompt and
-    response.
+    goes alone). Under a packing that sorts rows (``trie``, ``auto``, ``group``) a row
+    costs the tokens it does not share with the row before it (what the trie adds for it,
+    at most; ``auto`` falls back to the plain forward only where that costs about as
+    much); otherwise its prompt and response.
 
     Args:
         rows: ``[M]`` row indices of ``batch``.
@@ -38,10 +39,11 @@ def split_micro_batches(batch: RolloutBatch, rows: Tensor, max_rows: int, max_to
         return []
     if max_tokens is None:
         return list(rows.split(max_rows))
+    shares = get_packing(packing).shares_prefixes
     micros, current, used, prev = [], [], 0, None
     for i in rows.tolist():
         seq = torch.cat([batch.prompt_ids[i], batch.response_ids[i]])
-        shared = common_prefix_length([seq, prev]) if packing == "trie" and prev is not None else 0
+        shared = common_prefix_length([seq, prev]) if shares and prev is not None else 0
         if current and (len(current) >= max_rows or used + seq.numel() - shared > max_tokens):
             micros.append(torch.tensor(current))
             current, used, shared = [], 0, 0  # a new micro-batch shares nothing yet
@@ -50,6 +52,28 @@ def split_micro_batches(batch: RolloutBatch, rows: Tensor, max_rows: int, max_to
         prev = seq
     micros.append(torch.tensor(current))
     return micros
+
+
+def micro_groups(batch: RolloutBatch, idx: list[int]) -> list[list[int]]:
+    """The positions in ``idx`` (a micro-batch's rows) of each group, in order of first
+    appearance (what the ``group`` packing packs together)."""
+    groups: dict[int, list[int]] = {}
+    for k, i in enumerate(idx):
+        groups.setdefault(int(batch.group_id[i]), []).append(k)
+    return list(groups.values())
+
+
+def signal_mask(advantages: Tensor, extras: dict[str, Tensor] | None = None) -> Tensor:
+    """``[N]`` bool: the rows whose policy-loss gradient can be non-zero: a non-zero
+    advantage, or COPO's global stream where it has weight (``extras``).
+
+    Args:
+        advantages: ``[N]``.
+    """
+    signal = advantages != 0
+    if extras and "global_advantages" in extras:
+        signal = signal | ((extras["global_advantages"] != 0) & (extras["local_weight"] < 1))
+    return signal
 
 
 def informative_rows(group_id: Tensor, advantages: Tensor) -> Tensor:
@@ -103,7 +127,7 @@ def policy_gradient_backward(
     micro_batch_tokens: int | None = None,
     extras: dict[str, Tensor] | None = None,
     ref_model: torch.nn.Module | None = None,
-    shared_prefix: bool | str = False,
+    shared_prefix: "bool | str | Packing" = False,
     attention: str = "reference",
     temperature: float = 1.0,
     pad_id: int = 0,
@@ -137,14 +161,12 @@ def policy_gradient_backward(
         extras: ``[N]`` streams from the estimator (``global_advantages`` and
             ``local_weight`` for COPO's blended loss).
         ref_model: the frozen reference; required when ``algo.kl_coef > 0``.
-        shared_prefix: the training forward (:data:`~grpo_lab.training.shared_prefix.PACKING_MODES`;
-            ``True`` is ``"group"``): ``"group"`` runs
-            :func:`~grpo_lab.training.shared_prefix.shared_prefix_logprobs`, packing the rows
-            of each group (``group_id``) of a micro-batch; ``"trie"`` runs
-            :func:`~grpo_lab.training.trie.trie_logprobs`, packing the whole micro-batch as
-            one token trie. Packed rows are ordered by group, trajectory and step before the
-            micro-batch split, so that rows sharing prefixes meet (the order does not
-            change the gradient). The model must have gone through ``enable_shared_prefix``.
+        shared_prefix: the training forward, a :class:`~grpo_lab.training.packing.Packing`
+            or its name (:data:`~grpo_lab.training.packing.PACKINGS`; ``True`` is
+            ``"group"``), for the policy and the KL reference alike. Under a packing
+            that shares prefixes, rows are ordered by group, trajectory and step before
+            the micro-batch split, so that rows sharing prefixes meet (the order does not
+            change the gradient); the models must have gone through ``enable_shared_prefix``.
         attention: the packed attention: ``"reference"`` or ``"triton"``.
         autocast: a context for each forward (mixed precision).
 
@@ -164,17 +186,15 @@ def policy_gradient_backward(
     num_tokens, num_seqs = global_sums(dist, [sum(float(masks[i].sum()) for i in rows.tolist()), float(rows.numel())])
     scale = LossScale(num_tokens=num_tokens, num_seqs=num_seqs, max_tokens=float(max_tokens))
     world = float(dist.world_size)
-    signal = advantages != 0
-    if "global_advantages" in extras:
-        signal = signal | ((extras["global_advantages"] != 0) & (extras["local_weight"] < 1))
+    signal = signal_mask(advantages, extras)
     every_row = algo.kl_coef > 0 or algo.entropy_coef > 0  # terms that train rows without advantage too
     active = rows if every_row else rows[signal[rows]]
     out: dict[str, tuple[float, float]] = {}
-    shared_prefix = packing_mode(shared_prefix)
-    if shared_prefix != "none":
+    packing = get_packing(shared_prefix)
+    if packing.shares_prefixes:
         for column in (batch.step, batch.traj_id, batch.group_id):  # stable sorts: by group, trajectory, step
             active = active[torch.sort(column[active], stable=True).indices]
-    micros = split_micro_batches(batch, active, micro_batch_size, micro_batch_tokens, shared_prefix)
+    micros = split_micro_batches(batch, active, micro_batch_size, micro_batch_tokens, packing)
     passes = lockstep_count(dist, len(micros))
     if passes == 0:  # no rank has a row with a learning signal
         return out
@@ -190,7 +210,7 @@ def policy_gradient_backward(
                 idle_backward(model, pad_id, autocast)
                 continue
             metrics, loss, tokens, diff = _micro_batch_backward(
-                model, batch, micros[k], advantages, old_logprobs, algo, scale, extras, ref_model, shared_prefix,
+                model, batch, micros[k], advantages, old_logprobs, algo, scale, extras, ref_model, packing,
                 attention, temperature, pad_id, clip_low, clip_high, loss_agg, world, autocast)
         for key, value in metrics.items():
             add(key, float(value), tokens)
@@ -215,7 +235,7 @@ def idle_backward(model: torch.nn.Module, pad_id: int, autocast: Callable[[], Co
     (logits.float().sum() * 0.0).backward()
 
 
-def _micro_batch_backward(model, batch, micro, advantages, old_logprobs, algo, scale, extras, ref_model, shared_prefix,
+def _micro_batch_backward(model, batch, micro, advantages, old_logprobs, algo, scale, extras, ref_model, packing,
                           attention, temperature, pad_id, clip_low, clip_high, loss_agg, world, autocast):
     """One micro-batch's forward and backward (the loss times ``world``, the number of
     ranks whose gradients are averaged); returns its metrics, its loss, its token count
@@ -223,28 +243,15 @@ def _micro_batch_backward(model, batch, micro, advantages, old_logprobs, algo, s
     masks = batch.loss_mask
     idx = micro.tolist()
     prompts, responses = [batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx]
+    groups = micro_groups(batch, idx)
+    forward = dict(temperature=temperature, pad_id=pad_id, attention=attention)
     with autocast():
-        if shared_prefix == "trie":
-            logp, mask, entropy = trie_logprobs(model, prompts, responses, temperature=temperature, with_entropy=True,
-                                                pad_id=pad_id, attention=attention, entropy_grad=algo.entropy_coef > 0)
-        elif shared_prefix == "group":
-            groups: dict[int, list[int]] = {}
-            for k, i in enumerate(idx):
-                groups.setdefault(int(batch.group_id[i]), []).append(k)
-            logp, mask, entropy = shared_prefix_logprobs(model, prompts, responses, list(groups.values()),
-                                                         temperature=temperature, with_entropy=True, pad_id=pad_id,
-                                                         attention=attention, entropy_grad=algo.entropy_coef > 0)
-        else:
-            logp, mask, entropy = response_logprobs(model, prompts, responses, temperature=temperature,
-                                                    with_entropy=True, pad_id=pad_id, entropy_grad=algo.entropy_coef > 0)
+        logp, mask, entropy = packing.logprobs(model, prompts, responses, groups, with_entropy=True,
+                                               entropy_grad=algo.entropy_coef > 0, **forward)
         ref = None
         if algo.kl_coef > 0:
-            with torch.no_grad():
-                if shared_prefix == "trie":  # the reference is a copy of the policy, packed alike
-                    ref, _, _ = trie_logprobs(ref_model, prompts, responses, temperature=temperature, pad_id=pad_id,
-                                              attention=attention)
-                else:
-                    ref, _, _ = response_logprobs(ref_model, prompts, responses, temperature=temperature, pad_id=pad_id)
+            with torch.no_grad():  # the reference is a copy of the policy, packed alike
+                ref, _, _ = packing.logprobs(ref_model, prompts, responses, groups, **forward)
     logp = logp.float()
     mask = mask * pad_rows([masks[i] for i in idx], 0.0).to(mask.device)
     old = logp.detach() if old_logprobs is None else pad_rows([old_logprobs[i] for i in idx], 0.0).to(logp.device)

@@ -44,6 +44,11 @@ class EnvFaultRateExceeded(RunStopped):
     """A rollout lost more than ``rollout.max_env_fault_rate`` of its episodes."""
 
 
+class CheckpointFailed(RunStopped):
+    """A checkpoint could not be written (a full disk); the run stopped at the step it
+    belonged to, and ``checkpoint`` (the previous one, if any) is intact."""
+
+
 class Abandon(BaseException):
     """Raised by the signal handler inside an abandonable phase. A ``BaseException``, so
     that the handlers that turn an environment's exceptions into faults let it through."""

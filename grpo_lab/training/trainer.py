@@ -62,15 +62,18 @@ from ..rollout.env_pool import EnvRunner, EnvSpec
 from ..rollout.faults import FaultLog
 from ..rollout.samplers import GroupNumbering, RolloutContext, get_sampler
 from . import distributed as dp
-from .checkpoint import (checkpoint_dir, load_model_weights, load_sharded_state, load_trainer_state, save_checkpoint,
-                         sharded_state)
+from .checkpoint import (WRITE_ERRORS, CheckpointError, CheckpointWriteError, as_os_error, checkpoint_dir,
+                         load_model_weights, load_sharded_state, load_trainer_state, save_checkpoint, sharded_state,
+                         verify_checkpoint, write_manifest)
 from .metrics_log import MetricsLogger, plot_metrics, reduce_record
 from .pass_at_k import pass_at_k, pass_at_k_ks, success_counts
-from .resume import check_resume_config, choose_start, metrics_until
+from .resume import RunDirectoryError, check_resume_config, choose_start, metrics_until
 from .setup import build_backend, build_model, context_length, env_factory_from, resolve_device
+from .packing import get_packing
 from .shared_prefix import check_attention_backend, enable_shared_prefix, verify_shared_prefix
-from .step import informative_rows
-from .stop import Abandon, EnvFaultRateExceeded, RunStopped, StopSignals, TrainingInterrupted, signal_name
+from .step import informative_rows, signal_mask
+from .stop import (Abandon, CheckpointFailed, EnvFaultRateExceeded, RunStopped, StopSignals, TrainingInterrupted,
+                   signal_name)
 from .update import ATTENTION_OPTIONS, PolicyUpdate, build_lr_scheduler, build_optimizer, enable_gradient_checkpointing
 from .warmup import conversation_demonstrations, encode_demonstrations, format_demonstrations, supervised_warmup
 
@@ -86,9 +89,43 @@ def save_reference(output_dir: Path, ref_model: torch.nn.Module) -> None:
     final = checkpoint_dir(output_dir) / "reference"
     tmp = final.with_name(".tmp_reference")
     shutil.rmtree(tmp, ignore_errors=True)
-    ref_model.save_pretrained(tmp / "model")
+    try:
+        ref_model.save_pretrained(tmp / "model")
+        write_manifest(tmp)
+    except WRITE_ERRORS as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(-1, as_os_error(err), what="the KL reference") from None
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+
+
+#: consecutive steps without a learning signal after which the run warns
+NO_SIGNAL_WARN_AFTER = 3
+
+
+def no_signal_warning(records: list[dict[str, Any]]) -> str:
+    """The warning for consecutive step ``records`` in which every group's advantages
+    were zero, with the likely cause read from their success rates."""
+    steps = f"steps {records[0]['step']}-{records[-1]['step']}"
+    success = [r.get("success_rate") for r in records if r.get("success_rate") is not None]
+    if success and max(success) == 0:
+        cause = ("no episode succeeds and every episode of a task gets the same reward: the task is too hard for the "
+                 "policy, or its answers are never in the format the environment parses (a format warm-up, "
+                 "trainer.warmup.steps, an easier task or a larger algo.group_size may help)")
+    elif success and min(success) == 1:
+        cause = "every episode succeeds with the same reward: the task is too easy for the policy (use a harder one)"
+    else:
+        cause = ("the reward does not tell the episodes of a task apart (a constant or coarse reward function, or "
+                 "too few episodes per task: algo.group_size)")
+    return (f"{steps}: every group's advantages were zero, so these {len(records)} steps trained nothing. "
+            f"Likely cause: {cause}")
+
+
+def eval_basis(result: dict[str, Any]) -> str:
+    """What an evaluation's figures rest on: ``(over 60 of 64 eval episodes; 4 failed)``."""
+    episodes, dropped = int(result.get("episodes", 0)), int(result.get("episodes_dropped", 0))
+    failed = f"; {dropped} failed" if dropped else ""
+    return f"(over {episodes} of {episodes + dropped} eval episodes{failed})"
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -142,14 +179,16 @@ class Trainer:
         if model is None:
             model, tokenizer = build_model(cfg, self.envs)
         self.model = model.to(self.device)
-        if tc.shared_prefix != "none":
+        self.packing = get_packing(tc.shared_prefix)
+        if self.packing.shares_prefixes:
             try:
                 check_attention_backend(ATTENTION_OPTIONS[tc.attention])
             except RuntimeError as err:
                 raise ConfigError(f"trainer.attention={tc.attention!r}: {err}") from None
             try:  # refuse a model the packed forward cannot be exact for, before any rollout
                 enable_shared_prefix(self.model)
-                verify_shared_prefix(self.model, ATTENTION_OPTIONS[tc.attention], tc.shared_prefix)
+                verify_shared_prefix(self.model, ATTENTION_OPTIONS[tc.attention],
+                                     "group" if self.packing.name == "group" else "trie", *self.packed_lengths())
             except NotImplementedError as err:
                 raise ConfigError(f"trainer.shared_prefix={tc.shared_prefix}: {err}") from None
         self.tokenizer = tokenizer
@@ -225,9 +264,27 @@ class Trainer:
         self._done_step, self._saved_step = -1, -1
         self._dirty = False  # a step's update has begun and the step has not completed
         self._resumed_eval: dict[str, float] = {}
+        self._summary: dict[str, Any] = {}
+        self._earlier_parts: list[dict[str, Any]] = []  # the parts before a resume
+        self._part_start: tuple[float, int] | None = None  # (wall clock, first step) of this part of the run
         eval_rng = random.Random(tc.seed + 1_000_003)
         self.eval_seeds = [eval_rng.randrange(2**31) for _ in range(tc.eval_episodes)]
         self.logger: MetricsLogger | None = None
+
+    def packed_lengths(self) -> tuple[int | None, int | None]:
+        """``(longest row, longest packed sequence)`` the update may see (``None``: no
+        bound): rows within the context and ``rollout.max_episode_tokens``; a
+        micro-batch of ``trainer.micro_batch_size`` of them, or under a prefix-sharing
+        packing ``trainer.micro_batch_tokens`` encoded (one row past it goes alone)."""
+        cfg = self.config
+        bounds = [b for b in (context_length(cfg, self.model), cfg.rollout.max_episode_tokens) if b is not None]
+        row = min(bounds) if bounds else None
+        if row is None:
+            return None, None
+        packed = cfg.trainer.micro_batch_size * row
+        if cfg.trainer.micro_batch_tokens is not None and self.packing.shares_prefixes:
+            packed = min(packed, max(cfg.trainer.micro_batch_tokens, row))
+        return row, packed
 
     @property
     def ref_model(self) -> torch.nn.Module | None:
@@ -319,8 +376,10 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Success rate, mean return, invalid-action rate and episode length over
         ``trainer.eval_samples`` sampled episodes from each evaluation seed (over the
-        episodes that did not fail; ``episodes_dropped`` counts the others), and with more
-        than one sample per seed, ``pass@k`` (:mod:`grpo_lab.training.pass_at_k`)."""
+        ``episodes`` that did not fail; ``episodes_dropped`` counts the others), and with more
+        than one sample per seed, ``pass@k`` (:mod:`grpo_lab.training.pass_at_k`). An
+        evaluation that loses more than ``rollout.max_env_fault_rate`` of its episodes stops
+        the run (:class:`EnvFaultRateExceeded`), as a rollout does."""
         if not self.eval_seeds:
             return {}
         n = self.config.trainer.eval_samples
@@ -331,6 +390,7 @@ class Trainer:
             batch = run_episodes(self.backend, self.encoder, self.envs, seeds, config, faults=faults)
         finally:
             self.envs.clear()
+        self._check_fault_rate(faults, f"evaluation ({len(self.eval_seeds)} tasks x {n} samples)")
         won = batch.trajectory_success()  # an empty batch (every episode failed) gives empty columns
         ks = pass_at_k_ks(n) if n > 1 else []
         per_k = []
@@ -343,12 +403,13 @@ class Trainer:
         success, returns, episodes, invalid, rows, dropped, *sums = dp.global_sums(self.dist, [
             float(won.sum()), float(batch.trajectory_returns().sum()), float(won.numel()),
             float((~batch.valid_action).sum()), float(len(batch)), float(faults.episodes_dropped), *per_k])
-        if episodes == 0:
+        if episodes == 0:  # every episode failed, under rollout.max_env_fault_rate=1
             nan = float("nan")
+            log.warning("evaluation: all %d episodes failed; no success rate", int(dropped))
             return {"success_rate": nan, "reward_mean": nan, "invalid_action_rate": nan, "episode_length": nan,
-                    "episodes_dropped": int(dropped)}
+                    "episodes": 0, "episodes_dropped": int(dropped)}
         out = {"success_rate": success / episodes, "reward_mean": returns / episodes, "invalid_action_rate": invalid / rows,
-               "episode_length": rows / episodes, "episodes_dropped": int(dropped)}
+               "episode_length": rows / episodes, "episodes": int(episodes), "episodes_dropped": int(dropped)}
         for k, total, tasks in zip(ks, sums[0::2], sums[1::2]):
             out[f"pass@{k}"] = total / tasks if tasks else float("nan")
         return out
@@ -366,6 +427,7 @@ class Trainer:
             "env_steps": int(batch.valid_action.sum()),  # actions the environment carried out (tool calls)
             "num_rows": len(batch),
             "response_tokens": batch.num_response_tokens(),
+            **{f"reward/{name}": mean for name, mean in batch.reward_part_means().items()},
         }
 
     def train(self) -> dict[str, Any]:
@@ -393,6 +455,10 @@ class Trainer:
             self.logger = MetricsLogger(self.output_dir, cfg.logger.wandb, cfg.logger.wandb_project, asdict(cfg))
             self.logger.history.extend(history)
         summary: dict[str, Any] = {"output_dir": str(self.output_dir)}
+        carried = dict(resume_state.get("summary", {})) if resume_state is not None else {}  # older checkpoints: {}
+        self._earlier_parts = carried.pop("parts", [])
+        summary.update(carried)  # what the earlier parts of the run found
+        self._summary = summary
         self._done_step = self._saved_step = resume_point[0] if resume_point is not None else -1
         stop = StopSignals(deferred=self.dist.enabled)
         try:
@@ -409,12 +475,31 @@ class Trainer:
                 except OverlongPromptError as err:  # rollout.overlong_prompt=error
                     stop.shield()
                     raise self._stop_run(summary, RunStopped, str(err)) from None
+                except CheckpointWriteError as err:  # a full disk: stop at the last checkpoint written
+                    stop.shield()
+                    raise self._stop_run(summary, CheckpointFailed, str(err), save=False) from None
         finally:
             if self.logger is not None:
                 self.logger.close()
             self.envs.close()
         self._write_summary(summary)
         return summary
+
+    #: summary fields a resumed run carries over from the checkpoint it starts from
+    CARRIED = ("warmup_loss_first", "warmup_loss_last")
+
+    def _times(self, last_step: int) -> dict[str, Any]:
+        """``parts``: the wall time of each part of the run (a first run and each resume),
+        with the steps it took up to ``last_step``; ``train_seconds``: their sum;
+        ``steps_without_signal``: the steps so far that trained nothing (every group's
+        advantages zero)."""
+        started, first = self._part_start
+        parts = [*self._earlier_parts,
+                 {"first_step": first, "last_step": last_step, "seconds": round(time.perf_counter() - started, 3)}]
+        out: dict[str, Any] = {"parts": parts, "train_seconds": round(sum(p["seconds"] for p in parts), 3)}
+        if self.logger is not None:  # rank 0: steps in which every group's advantages were zero
+            out["steps_without_signal"] = sum(r.get("signal_rows") == 0 for r in self.logger.history)
+        return out
 
     def _write_summary(self, summary: dict[str, Any]) -> None:
         if self.dist.is_main:
@@ -441,7 +526,7 @@ class Trainer:
         """The run itself (see :meth:`train`): phases a signal may cut short run inside
         ``stop.abandonable()``."""
         cfg = self.config
-        t0 = time.perf_counter()
+        self._part_start = (time.perf_counter(), resume_point[0] + 1 if resume_point is not None else 0)
         start = 0
         if resume_point is not None:
             start = self._restore(resume_point[1], resume_state) + 1
@@ -462,17 +547,24 @@ class Trainer:
         self._resumed_eval = before
         summary["eval_after_warmup"] = before
         if before:
-            log.info("after warm-up: success rate %.3f (%d eval episodes)", before["success_rate"], len(self.eval_seeds))
+            log.info("after warm-up: success rate %.3f %s", before["success_rate"], eval_basis(before))
         self._end_state = self.rollout_state()
         bar = self._progress(cfg.trainer.total_steps) if self.dist.is_main else None
         if bar is not None and start:
             bar.update(start)
+        silent: list[dict[str, Any]] = []  # the run of consecutive steps without a learning signal
         try:
             for step in range(start, cfg.trainer.total_steps):
                 record = self._step(step, stop)
+                silent = silent + [record] if record.get("signal_rows") == 0 else []
+                if len(silent) == NO_SIGNAL_WARN_AFTER:
+                    log.warning("%s", no_signal_warning(silent))
                 if bar is not None:
-                    bar.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.2f}",
-                                    success=f"{record.get('success_rate', float('nan')):.2f}")
+                    postfix = {"reward": f"{record.get('reward_mean', float('nan')):.2f}",
+                               "success": f"{record.get('success_rate', float('nan')):.2f}"}
+                    if silent:
+                        postfix["no signal"] = f"{len(silent)} step{'s' if len(silent) > 1 else ''}"
+                    bar.set_postfix(postfix)
                     bar.update(1)
                 if cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0:
                     self._save(step)
@@ -487,18 +579,37 @@ class Trainer:
             after = self.evaluate()
         summary["eval_final"] = after
         if after:
-            log.info("final: success rate %.3f (after warm-up %.3f)", after["success_rate"], before["success_rate"])
-        summary["train_seconds"] = time.perf_counter() - t0
+            log.info("final: success rate %.3f %s (after warm-up %.3f)", after["success_rate"], eval_basis(after),
+                     before["success_rate"])
+        summary.update(self._times(cfg.trainer.total_steps - 1))
         if cfg.logger.plot and self.dist.is_main:
-            summary["plot"] = str(plot_metrics(self.logger.history, self.output_dir / "training_curves.png"))
+            evals = {"after warm-up": (-0.5, before),
+                     "final": (cfg.trainer.total_steps - 0.5, after)}
+            summary["plot"] = str(plot_metrics(self.logger.history, self.output_dir / "training_curves.png", evals))
         if cfg.trainer.save_final:
-            final = self.output_dir / "final_model"
-            weights = self._full_state_dict()  # every rank takes part in gathering FSDP shards
-            if self.dist.is_main:
+            summary["final_model"] = str(self._save_final())
+
+    def _save_final(self) -> Path:
+        """``final_model/``: the model and its tokenizer, loadable by ``from_pretrained``;
+        a failed write (a full disk) removes what it wrote and raises
+        :class:`CheckpointWriteError`."""
+        import shutil
+
+        final = self.output_dir / "final_model"
+        weights = self._full_state_dict()  # every rank takes part in gathering FSDP shards
+        failure = None
+        if self.dist.is_main:
+            try:
                 self.model.save_pretrained(final, state_dict=weights)
                 self.tokenizer.save_pretrained(final)
-            dp.barrier(self.dist)
-            summary["final_model"] = str(final)
+            except WRITE_ERRORS as err:
+                shutil.rmtree(final, ignore_errors=True)
+                err = as_os_error(err)
+                failure = (err.errno, err.strerror or str(err), err.filename)
+        failure = dp.broadcast_object(self.dist, failure)
+        if failure is not None:
+            raise CheckpointWriteError(self._done_step, OSError(*failure), what=str(final))
+        return final
 
     def _step(self, step: int, stop: StopSignals) -> dict[str, Any]:
         """One RL step: rollout (abandonable), fault check, advantages, update, log."""
@@ -507,7 +618,7 @@ class Trainer:
         with stop.abandonable():
             batch = self.collect(step)
         t_roll = time.perf_counter()
-        self._check_fault_rate(step)
+        self._check_fault_rate(self.faults, f"step {step}")
         record: dict[str, Any] = {"step": step, **self.faults.metrics(), **self.rollout_stats}
         if dp.global_sums(self.dist, [len(batch)])[0] == 0:  # every group lost (only with a fault rate limit near 1)
             log.warning("step %d: every episode failed or lost its group; no update", step)
@@ -519,6 +630,7 @@ class Trainer:
             adv_out = self.advantages(batch)
             record.update({**self.step_metrics(batch), **adv_out.metrics})
             train_batch, advantages, extras = batch, adv_out.advantages, adv_out.extras
+            record["signal_rows"] = int(signal_mask(advantages, extras).sum())  # 0 on every rank: nothing to learn
         if cfg.algo.drop_zero_std_groups and len(batch):
             keep = informative_rows(batch.group_id, advantages)
             record["rows_dropped"] = len(batch) - int(keep.numel())
@@ -540,50 +652,73 @@ class Trainer:
                                   ac.penalty_placement)
 
     def _log(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Rank 0 writes the step's (reduced) metrics."""
+        """Rank 0 writes the step's (reduced) metrics; a failed write (a full disk) stops
+        the run at its last checkpoint (:class:`CheckpointWriteError`)."""
+        failure = None
         if self.dist.is_main:
-            self.logger.log(record)
+            try:
+                self.logger.log(record)
+            except OSError as err:
+                failure = (err.errno, err.strerror or str(err), err.filename)
+        failure = dp.broadcast_object(self.dist, failure)
+        if failure is not None:
+            raise CheckpointWriteError(record.get("step", -1), OSError(*failure),
+                                       what=f"the metrics of step {record.get('step')}")
         return record
 
-    def _check_fault_rate(self, step: int) -> None:
-        """Stop (:class:`EnvFaultRateExceeded`) when the rollout lost more than
-        ``rollout.max_env_fault_rate`` of its episodes."""
-        f, limit = self.faults, self.config.rollout.max_env_fault_rate
-        episodes, dropped = dp.global_sums(self.dist, [f.episodes, f.episodes_dropped])
+    def _check_fault_rate(self, faults: FaultLog, phase: str) -> None:
+        """Stop (:class:`EnvFaultRateExceeded`) when ``phase`` (a step's rollout, or an
+        evaluation) lost more than ``rollout.max_env_fault_rate`` of its episodes."""
+        limit = self.config.rollout.max_env_fault_rate
+        episodes, dropped = dp.global_sums(self.dist, [faults.episodes, faults.episodes_dropped])
         if episodes == 0 or dropped / episodes <= limit:
             return
-        counts = ", ".join(f"{k}={v}" for k, v in f.metrics().items() if v and k != "episodes_dropped")
-        examples = "\n".join(f"  {line}" for line in f.examples)
+        counts = ", ".join(f"{k}={v}" for k, v in faults.metrics().items() if v and k != "episodes_dropped")
+        examples = "\n".join(f"  {line}" for line in faults.examples)
+        judged = "the success rate of the episodes that happened to run would not be the policy's" if phase.startswith(
+            "evaluation") else "training on the episodes that happened to run would bias the batch"
         raise EnvFaultRateExceeded(
-            f"step {step}: {int(dropped)} of {int(episodes)} episodes failed ({'this rank: ' if self.dist.enabled else ''}{counts}), more than "
-            f"rollout.max_env_fault_rate={limit:g}; training on the episodes that happened to run would bias the "
-            f"batch. First faults:\n{examples}\nFix the environment (or raise rollout.max_env_fault_rate), then resume")
+            f"{phase}: {int(dropped)} of {int(episodes)} episodes failed ({'this rank: ' if self.dist.enabled else ''}"
+            f"{counts}), more than rollout.max_env_fault_rate={limit:g}; {judged}. First faults:\n{examples}\n"
+            "Fix the environment (or raise rollout.max_env_fault_rate), then resume")
 
-    def _stop_run(self, summary: dict[str, Any], kind: type[RunStopped], reason: str, **extra) -> RunStopped:
-        """Save the last completed step (unless saved already) and the summary; the
-        exception to raise, with a message that says how to resume."""
-        checkpoint = None
-        if self._dirty:  # a second signal cut an update short: the weights are no step's; keep the last checkpoint
-            reason += f" during the update of step {self._done_step + 1} (the weights in memory are not saved)"
-            self._done_step = self._saved_step
-            self._end_state = None
-            if self._saved_step >= 0:
-                checkpoint = str(checkpoint_dir(self.output_dir) / f"step_{self._saved_step:06d}")
-        elif self._done_step >= 0:
+    def _stop_run(self, summary: dict[str, Any], kind: type[RunStopped], reason: str, save: bool = True,
+                  **extra) -> RunStopped:
+        """Save the last completed step (unless saved already, or ``save`` is false: the
+        stop is a failed save) and the summary; the exception to raise, with a message
+        that says how to resume."""
+        if self._done_step >= 0 and not self._dirty and save:
             if self._end_state is not None:
                 self.set_rollout_state(self._end_state)  # undo what the abandoned phase drew
             if self._saved_step != self._done_step:
-                self._save(self._done_step)
+                try:
+                    self._save(self._done_step)
+                except CheckpointWriteError as err:
+                    reason += f"; then {err}"
+                    save = False
+        if self._dirty and save:  # a second signal cut an update short: the weights are no step's
+            reason += f" during the update of step {self._done_step + 1} (the weights in memory are not saved)"
+        if self._dirty or not save:  # continue from the last checkpoint written
+            self._done_step = self._saved_step
+            self._end_state = None
+        checkpoint = None
+        if self._done_step >= 0:
             checkpoint = str(checkpoint_dir(self.output_dir) / f"step_{self._done_step:06d}")
-        if checkpoint is not None:
             how = (f"to continue from step {self._done_step + 1}, run again with trainer.output_dir={self.output_dir} "
                    "trainer.resume=true (and the same other settings)")
+            if not save:
+                how = f"the checkpoint of step {self._done_step} is intact; {how}"
         else:
             how = (f"there is no checkpoint to continue from: run again with trainer.output_dir={self.output_dir} "
                    "trainer.resume=auto to start afresh")
         message = f"{reason}; last completed step: {self._done_step}; {how}"
         summary["stopped"] = {"reason": reason, "last_step": self._done_step, "checkpoint": checkpoint}
-        self._write_summary(summary)
+        if self._part_start is not None:
+            summary.update(self._times(self._done_step))
+        try:
+            self._write_summary(summary)
+        except OSError as err:  # the disk that refused the checkpoint may refuse this too
+            log.error("summary.json could not be written: %s", err)
         log.error("%s", message)
         return kind(message, last_step=self._done_step, checkpoint=checkpoint, **extra)
 
@@ -639,9 +774,11 @@ class Trainer:
             "world_size": self.dist.world_size,
             "strategy": self.dist.strategy,
             "config": asdict(self.config),
+            "summary": {**{k: self._summary[k] for k in self.CARRIED if k in self._summary},
+                        "parts": self._times(step)["parts"]},
         }
         save_checkpoint(self.output_dir, step, self.model, state, self.config.trainer.keep_checkpoints, dist=self.dist,
-                        weights=self._full_state_dict(),
+                        weights=self._full_state_dict(), tokenizer=self.tokenizer,
                         write_shards=(lambda d: sharded_state(self.model, self.optimizer, d)) if self._sharded else None)
         self._saved_step = step
 
@@ -674,7 +811,13 @@ class Trainer:
         self.set_rollout_state(state["ranks"][self.dist.rank] if "ranks" in state else state)
         if self.config.algo.kl_coef > 0:
             self.ref_model = self._reference_copy()
-            load_model_weights(self.ref_model, checkpoint_dir(self.output_dir) / "reference")
+            reference = checkpoint_dir(self.output_dir) / "reference"
+            try:
+                verify_checkpoint(reference)
+            except CheckpointError as err:
+                raise RunDirectoryError(f"the KL reference of the run cannot be loaded ({err}): restore it from a copy, "
+                                        "or start a new run") from None
+            load_model_weights(self.ref_model, reference)
         self.push_weights()
         return int(state["step"])
 
@@ -688,7 +831,7 @@ class Trainer:
 
         ref = AutoModelForCausalLM.from_config(self.model.config, torch_dtype=torch_dtype(self.config.model.dtype))
         ref.load_state_dict(dict(dp.full_tensors(self.model)), strict=False)
-        if self.config.trainer.shared_prefix == "trie":  # its forward is packed like the policy's
+        if self.packing.shares_prefixes:  # its forward is packed like the policy's
             enable_shared_prefix(ref)
         return frozen(ref.to(self.device))
 

@@ -116,6 +116,14 @@ class TrieLayout:
                 merged.append((lo, hi))
         return merged
 
+    def token_depth(self) -> Tensor:
+        """``[L]`` the depth (position id) of each packed token."""
+        if "token_depth" not in self._cache:
+            self._cache["token_depth"] = torch.cat(
+                [torch.arange(d, d + n) for d, n in zip(self.depth, self.node_len)]) if self.num_nodes else \
+                torch.zeros(0, dtype=torch.long)
+        return self._cache["token_depth"]
+
     def node_of_token(self) -> Tensor:
         """``[L]`` the node of each packed token."""
         return torch.repeat_interleave(torch.arange(self.num_nodes), torch.tensor(self.node_len, dtype=torch.long))
@@ -286,19 +294,21 @@ def trie_logprobs(
 
 
 def trie_attention(query: Tensor, key: Tensor, value: Tensor, layout: TrieLayout, backend: str,
-                   scaling: float | None, softcap: float | None) -> Tensor:
+                   scaling: float | None, softcap: float | None, window: int | None = None,
+                   chunk: int | None = None) -> Tensor:
     """The packed trie's attention inside a model: ``[1, H, L, D]`` queries, ``[1, Hkv, L,
-    D]`` keys and values in, ``[1, L, H, D]`` out."""
+    D]`` keys and values in, ``[1, L, H, D]`` out. ``window`` and ``chunk`` (a sliding
+    window, chunked attention) apply by depth in the PyTorch reference; the kernel takes
+    neither."""
     from ..kernels import trie_attention as kernels
 
     if query.shape[0] != 1:
         raise ValueError(f"a packed trie is one row; got a batch of {query.shape[0]}")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [L, H, D]
     if backend == "reference":
-        out = kernels.trie_attention_reference(q, k, v, layout, scaling, softcap)
+        out = kernels.trie_attention_reference(q, k, v, layout, scaling, softcap, window, chunk)
     elif backend == "triton":
         out = kernels.trie_attention(q, k, v, layout, scaling, softcap=softcap)
     else:
         raise ValueError(f"unknown trie attention backend {backend!r}")
     return out[None]
-

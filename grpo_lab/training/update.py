@@ -19,10 +19,8 @@ from torch import Tensor
 
 from ..data import RolloutBatch
 from .distributed import SINGLE, DistContext, autocast, clip_grad_norm, lockstep_count, reduce_means
-from .forward import response_logprobs
-from .shared_prefix import packing_mode
-from .trie import trie_logprobs
-from .step import RunningMeans, idle_forward, policy_gradient_backward, split_micro_batches
+from .packing import get_packing
+from .step import RunningMeans, idle_forward, micro_groups, policy_gradient_backward, split_micro_batches
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -134,12 +132,13 @@ class PolicyUpdate:
     @torch.no_grad()
     def logprobs_no_grad(self, batch: RolloutBatch) -> list[Tensor]:
         """The current policy's log-probs of every row (``N`` tensors ``[R_i]``), the
-        denominator of the ratio over several passes (through the trie forward under
-        ``trainer.shared_prefix=trie``). Ranks run equally many forwards."""
+        denominator of the ratio over several passes, through the configured packing
+        (``trainer.shared_prefix``). Ranks run equally many forwards."""
         self.module.eval()
         tc = self.config.trainer
+        packing = get_packing(tc.shared_prefix)
         micros = split_micro_batches(batch, torch.arange(len(batch)), tc.micro_batch_size, tc.micro_batch_tokens,
-                                     packing_mode(tc.shared_prefix))
+                                     packing)
         out: list[Tensor] = []
         for k in range(lockstep_count(self.dist, len(micros))):
             with self.autocast():
@@ -148,12 +147,8 @@ class PolicyUpdate:
                     continue
                 idx = micros[k].tolist()
                 prompts, responses = [batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx]
-                if packing_mode(self.config.trainer.shared_prefix) == "trie":  # rows come in episode order
-                    logp, _, _ = trie_logprobs(self.module, prompts, responses,
-                                               temperature=self.config.rollout.temperature, pad_id=self.pad_id,
-                                               attention=ATTENTION_OPTIONS[self.config.trainer.attention])
-                else:
-                    logp, _, _ = response_logprobs(self.module, prompts, responses,
-                                                   temperature=self.config.rollout.temperature, pad_id=self.pad_id)
+                logp, _, _ = packing.logprobs(self.module, prompts, responses, micro_groups(batch, idx),
+                                              temperature=self.config.rollout.temperature, pad_id=self.pad_id,
+                                              attention=ATTENTION_OPTIONS[tc.attention])
             out.extend(logp[j, : batch.response_ids[i].numel()].float().cpu() for j, i in enumerate(idx))
         return out

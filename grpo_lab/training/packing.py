@@ -1,0 +1,151 @@
+"""How a micro-batch's rows go through the model: the packings, one object each.
+
+``trainer.shared_prefix`` names one, resolved once (:func:`get_packing`) into an object
+whose :meth:`Packing.logprobs` every training forward calls (the policy's, the KL
+reference's and the old log-probs'):
+
+- ``none``: one right-padded row per (prompt, response) (:func:`~grpo_lab.training.forward.response_logprobs`);
+- ``group``: each group's common prompt prefix once (Prefix Grouper, :mod:`~grpo_lab.training.shared_prefix`);
+- ``trie``: every shared token prefix once (:mod:`~grpo_lab.training.trie`);
+- ``auto`` (the default): per micro-batch, the trie or no packing, whichever the cost
+  model (:func:`packing_costs`) says is cheaper.
+
+Every packing gives the same log-probs and gradients (up to summation order), so the
+choice changes speed and memory only; the choice of ``auto`` depends on the rows alone
+(token ids and lengths, never a clock), so a run and its resume choose alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from ..modeling import text_config
+from .forward import pad_rows, response_logprobs
+from .shared_prefix import shared_prefix_logprobs
+from .trie import trie_logprobs
+
+
+class Packing(Protocol):
+    """A training forward: per-token log-probs of ``responses`` given ``prompts``."""
+
+    name: str
+    #: whether it encodes shared prefixes once: its model needs the packed attention, and
+    #: rows should meet their prefix-sharing neighbours (sorted by group, trajectory, step)
+    shares_prefixes: bool
+
+    def logprobs(self, model: torch.nn.Module, prompts: Sequence[Tensor], responses: Sequence[Tensor],
+                 groups: Sequence[Sequence[int]] | None = None, *, temperature: float = 1.0,
+                 with_entropy: bool = False, pad_id: int = 0, attention: str = "reference",
+                 entropy_grad: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``logprobs`` ``[N, R]``, ``mask`` ``[N, R]`` and ``entropy`` ``[N, R]`` (or
+        ``None``) as :func:`~grpo_lab.training.forward.response_logprobs` returns them;
+        ``groups``: the rows of each group (for ``group``)."""
+        ...
+
+
+@dataclass(frozen=True)
+class NoPacking:
+    name: str = "none"
+    shares_prefixes: bool = False
+
+    def logprobs(self, model, prompts, responses, groups=None, *, temperature=1.0, with_entropy=False, pad_id=0,
+                 attention="reference", entropy_grad=False):
+        return response_logprobs(model, prompts, responses, temperature=temperature, with_entropy=with_entropy,
+                                 pad_id=pad_id, entropy_grad=entropy_grad)
+
+
+@dataclass(frozen=True)
+class GroupPacking:
+    name: str = "group"
+    shares_prefixes: bool = True
+
+    def logprobs(self, model, prompts, responses, groups=None, *, temperature=1.0, with_entropy=False, pad_id=0,
+                 attention="reference", entropy_grad=False):
+        return shared_prefix_logprobs(model, prompts, responses, groups, temperature=temperature,
+                                      with_entropy=with_entropy, pad_id=pad_id, attention=attention,
+                                      entropy_grad=entropy_grad)
+
+
+@dataclass(frozen=True)
+class TriePacking:
+    name: str = "trie"
+    shares_prefixes: bool = True
+
+    def logprobs(self, model, prompts, responses, groups=None, *, temperature=1.0, with_entropy=False, pad_id=0,
+                 attention="reference", entropy_grad=False):
+        return trie_logprobs(model, prompts, responses, temperature=temperature, with_entropy=with_entropy,
+                             pad_id=pad_id, attention=attention, entropy_grad=entropy_grad)
+
+
+#: the trie is chosen when it costs at most this fraction of the plain forward (the rest
+#: covers what the cost model leaves out: building the trie, its gathers, its few
+#: attention calls; ``benchmarks/trie.py --sweep`` measured where the trie starts to pay)
+TRIE_AT_MOST = 0.85
+
+
+def packing_costs(seqs: Sequence[Tensor], hidden_size: int) -> tuple[float, float]:
+    """``(plain, trie)`` forward costs of rows ``seqs`` (prompt and response each), in
+    token-equivalents: tokens encoded, plus query-key pairs of attention weighted by
+    ``1 / (6 * hidden_size)`` (a pair costs ``4h`` FLOPs against ``24h^2`` per token in
+    a decoder layer's projections).
+
+    Plain: ``B`` rows padded to the longest, ``B * Lmax^2`` pairs (SDPA under a padding
+    mask computes them all). Trie: each row, in sorted order, adds the tokens past its
+    longest common prefix with the row before it (exactly the trie's tokens), each
+    attending to its row's length (its depth, at most), 1.5 times for the padding of the
+    batched node attention."""
+    lengths = torch.tensor([s.numel() for s in seqs], dtype=torch.float64)
+    b, longest = len(seqs), float(lengths.max())
+    pair_cost = 1.0 / (6.0 * hidden_size)
+    plain = b * longest + b * longest * longest * pair_cost
+    order = sorted(range(b), key=lambda i: seqs[i].tolist())
+    rows = pad_rows([seqs[i].cpu() for i in order], -1, torch.long)  # [B, Lmax]
+    same = (rows[1:] == rows[:-1]) & (rows[1:] >= 0)
+    lcp = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumprod(same.long(), dim=1).sum(1).double()])
+    added = lengths[order] - lcp  # [B]
+    trie = float(added.sum()) + 1.5 * float((added * lengths[order]).sum()) * pair_cost
+    return plain, trie
+
+
+@dataclass(frozen=True)
+class AutoPacking:
+    """Per micro-batch, the trie when :func:`packing_costs` puts it at most
+    :data:`TRIE_AT_MOST` of the plain forward, else no packing (short prompts and long
+    answers, where the trie saves little)."""
+
+    name: str = "auto"
+    shares_prefixes: bool = True
+
+    def choose(self, model: torch.nn.Module, prompts: Sequence[Tensor], responses: Sequence[Tensor]) -> "Packing":
+        seqs = [torch.cat([p.cpu(), r.cpu()]) for p, r in zip(prompts, responses)]
+        plain, trie = packing_costs(seqs, int(getattr(text_config(model), "hidden_size", 1024)))
+        return PACKINGS["trie"] if trie <= TRIE_AT_MOST * plain else PACKINGS["none"]
+
+    def logprobs(self, model, prompts, responses, groups=None, **kwargs):
+        return self.choose(model, prompts, responses).logprobs(model, prompts, responses, groups, **kwargs)
+
+
+PACKINGS: dict[str, Packing] = {p.name: p for p in (NoPacking(), GroupPacking(), TriePacking(), AutoPacking())}
+#: ``trainer.shared_prefix`` values of earlier versions
+ALIASES = {"true": "group", "false": "none"}
+
+
+def packing_name(value: bool | str) -> str:
+    """``trainer.shared_prefix`` as one of :data:`PACKINGS`' names (``true`` is ``group``,
+    ``false`` is ``none``); raises ``ValueError`` listing the valid ones."""
+    text = str(value).lower()
+    name = ALIASES.get(text, text)
+    if name not in PACKINGS:
+        raise ValueError(f"shared_prefix={value!r} is not one of {list(PACKINGS)} (or true / false)")
+    return name
+
+
+def get_packing(value: "bool | str | Packing") -> Packing:
+    """The packing ``value`` names (a :class:`Packing` passes through)."""
+    if not isinstance(value, (str, bool)):
+        return value
+    return PACKINGS[packing_name(value)]
