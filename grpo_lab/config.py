@@ -63,9 +63,15 @@ class AlgoConfig:
     the gradient of KL(policy || reference), and ``k3``'s (the default, as in GRPO and
     verl) is the gradient of the *forward* KL(reference || policy).
 
-    ``entropy_coef`` > 0 adds ``-entropy_coef`` times the mean token entropy of the
-    policy (aggregated like the policy loss) to the loss, which rewards keeping the
-    distribution broad. ``off_policy_is_cap`` truncates the importance weight
+    ``loss_agg``: ``token-mean``, ``seq-mean-token-mean``, ``seq-mean-token-sum`` or
+    ``seq-mean-token-sum-norm`` (:func:`~grpo_lab.training.losses.aggregate`). The last
+    equals TRL's ``dr_grpo`` exactly and differs from verl's option of the same name by a
+    factor of the number of sequences (verl divides the token sum by the maximum length
+    only).
+
+    ``entropy_coef`` > 0 adds ``-entropy_coef`` times the entropy of the policy to the
+    loss, which rewards keeping the distribution broad; it is aggregated like the policy
+    loss (``loss_agg``), where TRL always averages it over tokens. ``off_policy_is_cap`` truncates the importance weight
     ``pi_old / pi_behaviour`` of rows an earlier policy sampled (AR3PO's reused episodes
     with ``reuse_mode=off_policy``).
     """

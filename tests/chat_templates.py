@@ -1,6 +1,10 @@
-"""Tokenizers with the chat templates of two model families, built locally: ChatML as
-Qwen2.5 writes it (a default system message, ``<|im_end|>\\n`` after every message) and
-Llama-3 (a BOS token, header tokens, content trimmed, ``<|eot_id|>`` with no separator)."""
+"""Tokenizers with the chat templates of model families, built locally: ChatML as
+Qwen2.5 writes it (a default system message, ``<|im_end|>\\n`` after every message),
+Llama-3 (a BOS token, header tokens, content trimmed, ``<|eot_id|>`` with no separator),
+Phi-3 and Phi-3.5 (a last assistant message closed with ``<|end|>\\n`` and the end-of-text
+token, a continued one with ``<|end|>\\n`` only), and Mistral v0.3 and Nemo (no system
+role: the system text goes into the *last* user message; the tool-call branches of
+their templates are left out)."""
 
 from __future__ import annotations
 
@@ -32,12 +36,46 @@ QWEN3_LIKE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+PHI3 = (  # microsoft/Phi-3-mini-4k-instruct
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\\n' + message['content'] + "
+    "'<|end|>\\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\\n' + message['content'] + '<|end|>\\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+PHI35 = PHI3.replace("message['role'] == 'system' %}", "message['role'] == 'system' and message['content'] %}")
+MISTRAL_V3 = (  # mistralai/Mistral-7B-Instruct-v0.3, without its tool branches
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}"
+    "{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system_message is defined %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+MISTRAL_NEMO = (  # mistralai/Mistral-Nemo-Instruct-2407, without its tool branches
+    MISTRAL_V3.replace("'[INST] '", "'[INST]'").replace("{{- ' ' + message['content'] + eos_token }}",
+                                                        "{{- message['content'] + eos_token }}")
+)
+PHI_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"]
+MISTRAL_TOKENS = ["<s>", "</s>", "[INST]", "[/INST]"]
 TEMPLATES = {
     "chatml": (CHATML, ["<|im_start|>", "<|im_end|>"], {"eos_token": "<|im_end|>"}),
     "llama3": (LLAMA3, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
                {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}),
     "qwen3": (QWEN3_LIKE, ["<|im_start|>", "<|im_end|>"], {"eos_token": "<|im_end|>"}),
+    "phi3": (PHI3, PHI_TOKENS, {"eos_token": "<|endoftext|>"}),
+    "phi3.5": (PHI35, PHI_TOKENS, {"eos_token": "<|endoftext|>"}),
+    "mistral_v3": (MISTRAL_V3, MISTRAL_TOKENS, {"bos_token": "<s>", "eos_token": "</s>"}),
+    "mistral_nemo": (MISTRAL_NEMO, MISTRAL_TOKENS, {"bos_token": "<s>", "eos_token": "</s>"}),
 }
+#: the token a model of each family samples to end its turn, and what its answers start
+#: with after the generation prompt (Mistral v0.3's template puts a space there)
+END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "qwen3": "<|im_end|>", "phi3": "<|end|>",
+               "phi3.5": "<|end|>", "mistral_v3": "</s>", "mistral_nemo": "</s>"}
+ANSWER_PREFIX = {"mistral_v3": " "}
 
 
 def chat_tokenizer(kind: str):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from chat_templates import chat_tokenizer
+from chat_templates import ANSWER_PREFIX, END_OF_TURN, chat_tokenizer
 
 from grpo_lab.config import Config, ConfigError, RolloutConfig
 from grpo_lab.envs import FrozenLakeEnv
@@ -32,25 +32,40 @@ ANSWERS = ["<action>left</action>", "I think <action>down</action>", "no idea"]
 OBSERVATIONS = ["Grid:\nS.F\nFHG\nYou are at S.", "Grid:\n.S.\nFHG", "Grid:\n..S\nFHG\nStill here."]
 
 
-def by_template(tok, system, answers, observations, close_sampled):
+def by_template(tok, system, answers, observations, close_sampled, kind="chatml"):
     """The conversation's tokens, built turn by turn; answers are the tokens of their text
-    (plus the end-of-turn token when ``close_sampled``)."""
+    (plus the family's end-of-turn token when ``close_sampled``)."""
     r = PromptEncoder(tok, system=system).conversation
     ids = r.start("Task.\n\n" + observations[0])
+    end = tok.convert_tokens_to_ids(END_OF_TURN[kind])
     for answer, obs in zip(answers, observations[1:]):
-        sampled = tok(answer, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if close_sampled else [])
+        sampled = tok(ANSWER_PREFIX.get(kind, "") + answer, add_special_tokens=False)["input_ids"]
+        sampled += [end] if close_sampled else []
         before = list(ids)
         ids = r.extend(ids, sampled, obs)
         assert is_prefix(before + sampled, ids)
     return ids
 
 
-@pytest.mark.parametrize("kind", ["chatml", "llama3"])
+#: templates whose system text is written into the last user message
+SYSTEM_IN_LAST_USER = ("mistral_v3", "mistral_nemo")
+
+
+@pytest.mark.parametrize("kind", ["chatml", "llama3", "phi3", "phi3.5", "mistral_v3", "mistral_nemo"])
 @pytest.mark.parametrize("close_sampled", [False, True])
 @pytest.mark.parametrize("system", ["", "Be brief."])
 def test_turn_by_turn_equals_the_templates_rendering_of_the_whole_conversation(kind, close_sampled, system):
+    """Phi-3 closes a last assistant message with the end-of-text token but a continued one
+    without: the continued form is appended. Mistral's templates write the system text
+    into the last user message: with a system prompt they are refused when the renderer
+    is built (before any turn), saying why; without one they are followed exactly."""
     tok = chat_tokenizer(kind)
-    ids = by_template(tok, system, ANSWERS[:2], OBSERVATIONS, close_sampled)
+    if system and kind in SYSTEM_IN_LAST_USER:
+        with pytest.raises(TemplateError, match="writes the system prompt into the last user message.*"
+                                                "rollout.system_prompt=''"):
+            PromptEncoder(tok, system=system).conversation
+        return
+    ids = by_template(tok, system, ANSWERS[:2], OBSERVATIONS, close_sampled, kind)
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": "Task.\n\n" + OBSERVATIONS[0]},
         {"role": "assistant", "content": ANSWERS[0]}, {"role": "user", "content": OBSERVATIONS[1]},
@@ -58,6 +73,32 @@ def test_turn_by_turn_equals_the_templates_rendering_of_the_whole_conversation(k
     whole = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     whole = list(whole["input_ids"] if hasattr(whole, "keys") else whole)
     assert ids == whole, (tok.decode(ids), tok.decode(whole))
+
+
+def test_a_template_is_checked_when_the_trainer_starts(tmp_path):
+    """A conversation run with a template it cannot follow stops before any rollout, with
+    the reason; Phi-3, refused at its first turn before, starts."""
+    from grpo_lab.config import EnvConfig, LoggerConfig, ModelConfig, TrainerConfig, WarmupConfig
+    from grpo_lab.training.trainer import Trainer
+
+    def config(system):
+        return Config(env=EnvConfig(max_steps=2), model=ModelConfig(),
+                      rollout=RolloutConfig(episode_format="conversation", system_prompt=system, env_workers=0),
+                      trainer=TrainerConfig(total_steps=1, tasks_per_step=1, eval_episodes=0,
+                                            warmup=WarmupConfig(steps=0)),
+                      logger=LoggerConfig(wandb="false", progress_bar=False, plot=False))
+
+    for kind, system in (("mistral_v3", "Be brief."), ("phi3", "Be brief.")):
+        tok = chat_tokenizer(kind)
+        model = build_tiny_model(tok, hidden_size=64, num_layers=1, num_heads=1, num_kv_heads=1, intermediate_size=64)
+        if kind == "mistral_v3":
+            with pytest.raises(ConfigError, match="rollout.episode_format=conversation: the chat template writes the "
+                                                  "system prompt into the last user message"):
+                Trainer(config(system), output_dir=tmp_path / kind, model=model, tokenizer=tok)
+        else:
+            trainer = Trainer(config(system), output_dir=tmp_path / kind, model=model, tokenizer=tok)
+            assert tok.decode(trainer.encoder.conversation.close_ids) == "<|end|>\n"
+            trainer.envs.close()
 
 
 def test_closing_adds_only_what_the_answer_lacks():

@@ -259,7 +259,7 @@ def test_update_step_with_trie_packing_gives_the_plain_gradient(conversation_row
     algo = AlgoConfig(entropy_coef=0.01, kl_coef=0.1)
     grads = {}
     for mode, micro, tokens in (("none", 64, None), ("trie", 64, None), ("trie", 7, None), ("trie", 64, 300),
-                                ("group", 64, None)):
+                                ("group", 64, None), ("auto", 64, None), ("auto", 3, None)):
         model.zero_grad(set_to_none=True)
         policy_gradient_backward(model, batch, torch.arange(len(batch)), adv, None, algo, micro_batch_size=micro,
                                  micro_batch_tokens=tokens, max_tokens=5, shared_prefix=mode, ref_model=ref)
@@ -363,12 +363,13 @@ def test_old_logprobs_of_several_passes_come_through_the_trie_and_equal_the_plai
     vocab, batch = conversation_rows
     model = family_model("llama", vocab)
     out = {}
-    for mode in ("none", "trie"):
+    for mode in ("none", "trie", "group", "auto"):
         config = Config(trainer=TrainerConfig(shared_prefix=mode, micro_batch_size=16, micro_batch_tokens=500))
         update = PolicyUpdate(model, torch.optim.SGD(model.parameters(), lr=0.0), None, config, 0, torch.device("cpu"))
         out[mode] = update.logprobs_no_grad(batch)
-    assert [x.shape for x in out["none"]] == [x.shape for x in out["trie"]]
-    assert max(float((a - b).abs().max()) for a, b in zip(out["none"], out["trie"])) < 1e-10
+    for mode in ("trie", "group", "auto"):
+        assert [x.shape for x in out["none"]] == [x.shape for x in out[mode]]
+        assert max(float((a - b).abs().max()) for a, b in zip(out["none"], out[mode])) < 1e-10, mode
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -25,6 +25,7 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -269,46 +270,49 @@ def node_batches(layout: "TrieLayout", device: torch.device) -> tuple[tuple[Node
     """The trie's nodes in padded batches of similar shape (sorted by keys, then queries,
     a node joining the batch before it while the padded ``B * Q * K`` stays within
     :data:`BATCH_SLACK` of the nodes' own ``sum(q_i * k_i)``), and ``[L]``: where each
-    packed token's output sits in the batches' outputs, flattened and concatenated."""
-    depth_of = []
-    for v in range(layout.num_nodes):
-        depth_of.extend(range(layout.depth[v], layout.depth[v] + layout.node_len[v]))
-    depth_of = torch.tensor(depth_of, dtype=torch.long)
-    nodes = []
-    for v in range(layout.num_nodes):
-        start, n = layout.node_start[v], layout.node_len[v]
-        keys = [torch.arange(a, b) for a, b in layout.ancestor_ranges(v)] + [torch.arange(start, start + n)]
-        nodes.append((v, torch.cat(keys)))
-    nodes.sort(key=lambda item: (item[1].numel(), layout.node_len[item[0]]))
-    groups: list[list[tuple[int, Tensor]]] = []
-    for v, keys in nodes:
+    packed token's output sits in the batches' outputs, flattened and concatenated.
+
+    A node's keys are the tokens at depths ``0 .. depth + len`` on its path, so it has
+    ``depth + len`` of them; its path's packed positions extend its parent's."""
+    starts, lens, depth = (np.asarray(x, dtype=np.int64) for x in (layout.node_start, layout.node_len, layout.depth))
+    keys = depth + lens  # [N] keys of each node
+    paths: list[np.ndarray] = []  # per node, the packed position of each depth on its path
+    for v, parent in enumerate(layout.parent):
+        own = np.arange(starts[v], starts[v] + lens[v])
+        paths.append(own if parent < 0 else np.concatenate([paths[parent][:depth[v]], own]))
+    order = np.lexsort((lens, keys))
+    groups: list[list[int]] = []
+    padded_q = padded_k = area = 0
+    for v in order.tolist():
+        q, k = int(lens[v]), int(keys[v])
         if groups:
-            group = groups[-1] + [(v, keys)]
-            padded = len(group) * max(layout.node_len[u] for u, _ in group) * max(k.numel() for _, k in group)
-            if padded <= BATCH_SLACK * sum(layout.node_len[u] * k.numel() for u, k in group):
-                groups[-1] = group
+            b = len(groups[-1]) + 1
+            if b * max(padded_q, q) * max(padded_k, k) <= BATCH_SLACK * (area + q * k):
+                groups[-1].append(v)
+                padded_q, padded_k, area = max(padded_q, q), max(padded_k, k), area + q * k
                 continue
-        groups.append([(v, keys)])
-    batches, flat_of_token, offset = [], torch.empty(layout.length, dtype=torch.long), 0
+        groups.append([v])
+        padded_q, padded_k, area = q, k, q * k
+    batches, flat_of_token, offset = [], np.empty(layout.length, dtype=np.int64), 0
+    depth_of = layout.token_depth().numpy()
     for group in groups:
-        q_max = max(layout.node_len[v] for v, _ in group)
-        k_max = max(k.numel() for _, k in group)
-        b = len(group)
-        query_index = torch.zeros(b, q_max, dtype=torch.long)
-        key_index = torch.zeros(b, k_max, dtype=torch.long)
-        allowed = torch.zeros(b, q_max, k_max, dtype=torch.bool)
-        for row, (v, keys) in enumerate(group):
-            start, n = layout.node_start[v], layout.node_len[v]
-            seen = keys.numel() - n
-            own = torch.arange(start, start + n)
-            query_index[row] = torch.cat([own, own[:1].expand(q_max - n)])
-            key_index[row, :keys.numel()] = keys
-            allowed[row, :n, :keys.numel()] = torch.arange(keys.numel())[None, :] <= torch.arange(n)[:, None] + seen
-            allowed[row, n:, 0] = True
-            flat_of_token[start:start + n] = offset + row * q_max + torch.arange(n)
-        batches.append(NodeBatch(query_index, key_index, allowed, depth_of[query_index], depth_of[key_index]).to(device))
+        nodes = np.asarray(group)
+        b, q_max, k_max = len(group), int(lens[nodes].max()), int(keys[nodes].max())
+        rows_q = np.arange(q_max)[None, :]  # [1, Q]
+        query_index = starts[nodes, None] + np.minimum(rows_q, lens[nodes, None] - 1)  # [B, Q] padding repeats the last
+        key_index = np.zeros((b, k_max), dtype=np.int64)
+        for row, v in enumerate(group):
+            key_index[row, :keys[v]] = paths[v]
+        cols = np.arange(k_max)[None, None, :]  # [1, 1, K]
+        real_q = rows_q[:, :, None] < lens[nodes, None, None]  # [B, Q, 1]
+        allowed = real_q & (cols <= depth[nodes, None, None] + rows_q[:, :, None])  # [B, Q, K] causal on the path
+        allowed |= ~real_q & (cols == 0)  # a padded query sees key 0 only: no empty softmax row
+        valid = rows_q < lens[nodes, None]  # [B, Q]
+        flat_of_token[query_index[valid]] = offset + np.flatnonzero(valid)
+        batches.append(NodeBatch(*(torch.from_numpy(x) for x in (
+            query_index, key_index, allowed, depth_of[query_index], depth_of[key_index]))).to(device))
         offset += b * q_max
-    return tuple(batches), flat_of_token.to(device)
+    return tuple(batches), torch.from_numpy(flat_of_token).to(device)
 
 
 def trie_attention_reference(q: Tensor, k: Tensor, v: Tensor, layout: "TrieLayout", scale: float | None = None,

@@ -19,14 +19,20 @@ earlier answers sit in the prompt, outside the loss. The trie-packed training fo
 (:mod:`grpo_lab.training.trie`) then encodes each episode once.
 
 The closing tokens and the user-turn tokens come from the tokenizer's own chat
-template, rendered on a probe conversation: what the template writes after an
-assistant message's text, and what one more user message adds after that. Departure
-stated: a template that rewrites earlier turns when a new one comes (Qwen3 drops the
-reasoning of past answers) would re-render them; here, as in verl, earlier turns stay
-as they were sampled, which is the point of token in, token out. Without a chat
-template (or ``use_chat_template=false``) the conversation is plain text: the first
-prompt as the memory format writes it, each answer followed by the end-of-sequence
-token and the next observation on a new paragraph.
+template, rendered on a probe conversation when the renderer is built (so a template
+that cannot work is refused before the first turn): what the template writes after an
+assistant message's text when a user message follows, and what that user message adds.
+A template may close a *last* assistant message differently (Phi-3 and Phi-3.5 add the
+end-of-text token when no generation prompt follows); the continued form is the one
+appended, as it is what the template writes between two turns. Departures stated: a
+template that rewrites earlier turns when a new one comes (Qwen3 drops the reasoning of
+past answers) would re-render them; here, as in verl, earlier turns stay as they were
+sampled, which is the point of token in, token out. A template that writes the system
+prompt into the *last* user message (Mistral v0.3 and Nemo) moves it at every turn, which
+no growing token sequence can follow: with a system prompt it is refused, saying so.
+Without a chat template (or ``use_chat_template=false``) the conversation is plain text:
+the first prompt as the memory format writes it, each answer followed by the
+end-of-sequence token and the next observation on a new paragraph.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ if TYPE_CHECKING:
 
 EPISODE_FORMATS = ("memory", "conversation")
 
-_PROBE_USER, _PROBE_ANSWER = "Probe question 7?", "Probe answer 9 (q7x)."
+_PROBE_USER, _PROBE_ANSWER, _PROBE_NEXT = "Probe question 7?", "Probe answer 9 (q7x).", "Probe reply 8 (z4k)."
 
 
 class TemplateError(ValueError):
@@ -54,17 +60,18 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation
 class ConversationRenderer:
     """Token deltas of a conversation under ``encoder``'s chat template (or plain text, when
     it has none or does not use it), opened by its system text; the first prompt is the
-    encoder's own.
+    encoder's own. Building it checks the template (:class:`TemplateError`).
 
     Attributes:
-        close_ids: the tokens the template puts after an assistant message's text.
+        close_ids: the tokens the template puts after an assistant message's text when
+            a user message follows.
     """
 
     def __init__(self, encoder: "PromptEncoder") -> None:
         self.encoder, self.tokenizer, self.chat = encoder, encoder.tokenizer, encoder.chat
         if self.chat:
             self._probe = encoder.messages(_PROBE_USER) + [{"role": "assistant", "content": _PROBE_ANSWER}]
-            self._close_text = self._after_answer(_render(self.tokenizer, self._probe, False))
+            self._close_text = self._continued_close()
             self.close_ids = self._encode(self._close_text)
         else:
             eos = self.tokenizer.eos_token_id
@@ -77,6 +84,34 @@ class ConversationRenderer:
             raise TemplateError(f"the chat template does not write an assistant message's text as given (rendered "
                                 f"{text[-120:]!r}); use rollout.episode_format=memory with it")
         return text[k + len(_PROBE_ANSWER):]
+
+    def _continued_close(self) -> str:
+        """What the template writes after an assistant message's text when a user message
+        follows: the longest text, ending on a token boundary, that both the last-message
+        rendering (``<|end|>\\n<|endoftext|>`` for Phi-3) and the continued one
+        (``<|end|>\\n<|user|>...``) begin with. Refuses a template that writes the system
+        prompt after that answer."""
+        last = self._after_answer(_render(self.tokenizer, self._probe, False))
+        continued = self._after_answer(_render(self.tokenizer, self._probe + [{"role": "user", "content": _PROBE_NEXT}],
+                                               True))
+        system = self.encoder.system
+        if system and system.strip() in continued:
+            raise TemplateError(
+                "the chat template writes the system prompt into the last user message (Mistral's templates do), so "
+                "it moves at every turn and the conversation's earlier tokens would change when a new turn comes, "
+                "which a token-in/token-out episode cannot follow: put the system text into the task and set "
+                "rollout.system_prompt='', or use rollout.episode_format=memory")
+        ids = self._encode(last)
+        cut = 0
+        while cut < min(len(last), len(continued)) and last[cut] == continued[cut]:
+            cut += 1
+        while cut > 0 and self._encode(last[:cut]) != ids[:len(self._encode(last[:cut]))]:
+            cut -= 1  # back to a token boundary of both: "<|end|>\n<|" is not one
+        if cut == 0 and last:
+            raise TemplateError(f"the chat template closes an assistant message with {last!r} when it is last but "
+                                f"writes {continued[:len(last) + 20]!r} when a user message follows; use "
+                                "rollout.episode_format=memory with it")
+        return last[:cut]
 
     # ------------------------------------------------------------------ text and tokens
     def _encode(self, text: str) -> list[int]:
@@ -94,9 +129,9 @@ class ConversationRenderer:
             return self._encode(f"\n\n{text}")
         rest = self._after_answer(_render(self.tokenizer, self._probe + [{"role": "user", "content": text}], True))
         if not rest.startswith(self._close_text):
-            raise TemplateError(f"the chat template closes an assistant message with {self._close_text!r} when it is "
-                                f"last but writes {rest[:len(self._close_text) + 20]!r} when a user message follows; "
-                                "use rollout.episode_format=memory with it")
+            raise TemplateError(f"the chat template closes an assistant message with {self._close_text!r} before one "
+                                f"user message but writes {rest[:len(self._close_text) + 20]!r} before another; use "
+                                "rollout.episode_format=memory with it")
         return self._encode(rest[len(self._close_text):])
 
     def closing(self, answer: Sequence[int]) -> list[int]:

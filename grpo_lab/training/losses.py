@@ -49,6 +49,12 @@ def aggregate(values: Tensor, mask: Tensor, mode: str, scale: LossScale) -> Tens
       (the original GRPO).
     - ``seq-mean-token-sum``: sum over each row's tokens, summed over rows / ``num_seqs``.
     - ``seq-mean-token-sum-norm``: sum over all tokens / (``num_seqs`` * ``max_tokens``) (Dr. GRPO).
+      This equals TRL's ``loss_type="dr_grpo"`` exactly. verl's option of the same name
+      divides the token sum by ``max_tokens`` only (not by the number of sequences), so
+      its loss, and at a fixed learning rate its step, is ``num_seqs`` times this one.
+
+    An entropy bonus (``algo.entropy_coef``) is aggregated with the same mode as the
+    policy loss; TRL always averages its entropy over tokens (``token-mean``).
     """
     mask = mask.to(values.dtype)
     if mode == "token-mean":

@@ -81,23 +81,28 @@ class TriePacking:
                              pad_id=pad_id, attention=attention, entropy_grad=entropy_grad)
 
 
-#: the trie is chosen when it costs at most this fraction of the plain forward (the rest
-#: covers what the cost model leaves out: building the trie, its gathers, its few
-#: attention calls; ``benchmarks/trie.py --sweep`` measured where the trie starts to pay)
-TRIE_AT_MOST = 0.85
+#: the trie is chosen when it costs at most this fraction of the plain forward, its
+#: per-node overhead included (``benchmarks/trie.py --sweep`` measured where it starts to pay)
+TRIE_AT_MOST = 0.9
+#: what a trie node costs beyond its tokens, in token-equivalents: building the trie,
+#: gathering its keys, reading its rows back (measured on the sweep's short prompts,
+#: where a 26-token row costs about 1.2x its tokens alone)
+NODE_COST = 4.0
 
 
 def packing_costs(seqs: Sequence[Tensor], hidden_size: int) -> tuple[float, float]:
     """``(plain, trie)`` forward costs of rows ``seqs`` (prompt and response each), in
     token-equivalents: tokens encoded, plus query-key pairs of attention weighted by
     ``1 / (6 * hidden_size)`` (a pair costs ``4h`` FLOPs against ``24h^2`` per token in
-    a decoder layer's projections).
+    a decoder layer's projections), plus :data:`NODE_COST` per trie node.
 
     Plain: ``B`` rows padded to the longest, ``B * Lmax^2`` pairs (SDPA under a padding
     mask computes them all). Trie: each row, in sorted order, adds the tokens past its
     longest common prefix with the row before it (exactly the trie's tokens), each
-    attending to its row's length (its depth, at most), 1.5 times for the padding of the
-    batched node attention."""
+    attending to its row's length (its depth, at most; the batched node attention pads
+    little where nodes are alike, as a group's answers are); its nodes are a leaf per
+    row and a branch node per new branch point (a common prefix unlike the previous
+    row's)."""
     lengths = torch.tensor([s.numel() for s in seqs], dtype=torch.float64)
     b, longest = len(seqs), float(lengths.max())
     pair_cost = 1.0 / (6.0 * hidden_size)
@@ -105,9 +110,11 @@ def packing_costs(seqs: Sequence[Tensor], hidden_size: int) -> tuple[float, floa
     order = sorted(range(b), key=lambda i: seqs[i].tolist())
     rows = pad_rows([seqs[i].cpu() for i in order], -1, torch.long)  # [B, Lmax]
     same = (rows[1:] == rows[:-1]) & (rows[1:] >= 0)
-    lcp = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumprod(same.long(), dim=1).sum(1).double()])
-    added = lengths[order] - lcp  # [B]
-    trie = float(added.sum()) + 1.5 * float((added * lengths[order]).sum()) * pair_cost
+    lcp = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumprod(same.long(), dim=1).sum(1)])  # [B]
+    added = lengths[order] - lcp.double()  # [B]
+    branches = int(((lcp[1:] > 0) & (lcp[1:] != lcp[:-1])).sum()) if b > 1 else 0
+    nodes = b + branches
+    trie = float(added.sum()) + float((added * lengths[order]).sum()) * pair_cost + NODE_COST * nodes
     return plain, trie
 
 

@@ -58,6 +58,7 @@ from ..modeling import frozen, torch_dtype
 from ..rollout import AgentLoopConfig, LengthPredictor, PromptEncoder, SamplingParams, SchedulerConfig, run_episodes
 from ..rollout.adaptive import ReuseBuffer
 from ..rollout.agent_loop import OverlongPromptError
+from ..rollout.conversation import TemplateError
 from ..rollout.env_pool import EnvRunner, EnvSpec
 from ..rollout.faults import FaultLog
 from ..rollout.samplers import GroupNumbering, RolloutContext, get_sampler
@@ -217,6 +218,11 @@ class Trainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         chat = {"auto": "auto", "true": True, "false": False}[str(cfg.rollout.use_chat_template).lower()]
         self.encoder = PromptEncoder(tokenizer, chat, cfg.rollout.system_prompt)
+        if cfg.rollout.episode_format == "conversation":
+            try:  # the chat template is checked now, not at the first turn
+                self.encoder.conversation
+            except TemplateError as err:
+                raise ConfigError(f"rollout.episode_format=conversation: {err}") from None
         self.backend = build_backend(cfg, self.model, tokenizer, self._vllm_source)  # before sharding: HF copies the model
         if self.dist.rank > 0:  # ranks sample differently; rank 0 draws as a single process does
             torch.manual_seed(tc.seed + 7919 * self.dist.rank)

@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -165,31 +166,33 @@ class PackedTrie:
         return sum(int(i.numel()) for i in self.index)
 
 
-def _sorted_lcps(seqs: Sequence[Tensor], order: list[int]) -> Tensor:
-    """``[N]`` longest common prefix of each row (in ``order``) with the one before it
-    (0 for the first), compared on the padded batch at once."""
-    n = len(order)
+def _sorted_lcps(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """``[N]`` longest common prefix of each (sorted) row with the one before it (0 for
+    the first), compared on the padded batch at once."""
+    n = len(rows)
     if n < 2:
-        return torch.zeros(n, dtype=torch.long)
-    rows = pad_rows([seqs[i] for i in order], -1, torch.long)  # token ids are >= 0
-    same = (rows[1:] == rows[:-1]) & (rows[1:] >= 0)
-    lcp = torch.cumprod(same.long(), dim=1).sum(1)
-    return torch.cat([torch.zeros(1, dtype=torch.long), lcp])
+        return np.zeros(n, dtype=np.int64)
+    width = max(len(r) for r in rows)
+    padded = np.full((n, width), -1, dtype=np.int64)  # token ids are >= 0
+    for i, r in enumerate(rows):
+        padded[i, :len(r)] = r
+    same = (padded[1:] == padded[:-1]) & (padded[1:] >= 0)
+    return np.concatenate([[0], np.cumprod(same, axis=1).sum(1)])
 
 
-def _branch_depths(adj: Tensor, lengths: Tensor) -> list[list[int]]:
+def _branch_depths(adj: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
     """Per sorted row, the depths inside it where the trie branches: ``lcp(i, j)`` for the
     rows ``j`` that leave row ``i`` there while both go on (``lcp(i, j)`` is the minimum
     of the adjacent lcps between them)."""
-    n = adj.numel()
-    lcp = torch.zeros(n, n, dtype=torch.long)
+    n = len(adj)
+    lcp = np.zeros((n, n), dtype=np.int64)
     for i in range(n - 1):
-        lcp[i, i + 1:] = torch.cummin(adj[i + 1:], 0).values
+        lcp[i, i + 1:] = np.minimum.accumulate(adj[i + 1:])
     lcp = lcp + lcp.T
-    shorter = torch.minimum(lengths[:, None], lengths[None, :])
+    shorter = np.minimum(lengths[:, None], lengths[None, :])
     branch = (lcp < shorter) & (lcp > 0)
-    branch.fill_diagonal_(False)
-    return [sorted(set(lcp[i][branch[i]].tolist())) for i in range(n)]
+    np.fill_diagonal(branch, False)
+    return [np.unique(lcp[i][branch[i]]).tolist() for i in range(n)]
 
 
 def build_trie(seqs: Sequence[Tensor]) -> PackedTrie:
@@ -206,10 +209,10 @@ def build_trie(seqs: Sequence[Tensor]) -> PackedTrie:
     empty = [i for i, s in enumerate(seqs) if s.numel() == 0]
     if empty:
         raise ValueError(f"every row needs at least one token; rows {empty[:5]} are empty")
-    seqs = [s.to("cpu", torch.long).flatten() for s in seqs]
-    order = sorted(range(len(seqs)), key=lambda i: seqs[i].tolist())
-    lengths = torch.tensor([seqs[i].numel() for i in order])
-    adj = _sorted_lcps(seqs, order)
+    rows = [s.detach().to("cpu", torch.long).flatten().numpy() for s in seqs]
+    order = sorted(range(len(rows)), key=lambda i: rows[i].tolist())
+    lengths = np.array([len(rows[i]) for i in order], dtype=np.int64)
+    adj = _sorted_lcps([rows[i] for i in order])
     depths = _branch_depths(adj, lengths)
     # nodes as [representative row, first depth, end depth, parent]
     nodes: list[list[int]] = []
@@ -232,19 +235,17 @@ def build_trie(seqs: Sequence[Tensor]) -> PackedTrie:
                 nodes.append([row, a, b, path[-1] if path else -1])
                 path.append(len(nodes) - 1)
         paths.append(path)
-    starts, pos = [], 0
-    for _, a, b, _ in nodes:
-        starts.append(pos)
-        pos += b - a
-    layout = TrieLayout(tuple(starts), tuple(b - a for _, a, b, _ in nodes), tuple(p for *_, p in nodes),
+    node_len = [b - a for _, a, b, _ in nodes]
+    starts = np.concatenate([[0], np.cumsum(node_len)[:-1]]).tolist()
+    layout = TrieLayout(tuple(starts), tuple(node_len), tuple(p for *_, p in nodes),
                         tuple(a for _, a, _, _ in nodes))
-    input_ids = torch.cat([seqs[r][a:b] for r, a, b, _ in nodes])
-    positions = torch.cat([torch.arange(a, b) for _, a, b, _ in nodes])
+    input_ids = torch.from_numpy(np.concatenate([rows[r][a:b] for r, a, b, _ in nodes]))
+    positions = torch.from_numpy(np.concatenate([np.arange(a, b) for _, a, b, _ in nodes]))
     index: list[Tensor] = [torch.empty(0)] * len(seqs)
     for k, row in enumerate(order):
         n = int(lengths[k])
-        index[row] = torch.cat([torch.arange(starts[v], starts[v] + min(nodes[v][2], n) - nodes[v][1])
-                                for v in paths[k]])
+        index[row] = torch.from_numpy(np.concatenate([
+            np.arange(starts[v], starts[v] + min(nodes[v][2], n) - nodes[v][1]) for v in paths[k]]))
     return PackedTrie(layout, input_ids, positions, index)
 
 
