@@ -160,3 +160,35 @@ def test_system_prompt_opens_every_prompt_as_text_or_as_the_system_message(token
 
     assert PromptEncoder(Chat(), system="Be brief.").encode("hello") == [9, 5, 1, 2]
     assert PromptEncoder(Chat()).encode("hello") == [5, 2]
+
+
+def test_an_empty_prompt_is_an_episode_fault_never_a_backend_error(tokenizer):
+    """An environment whose first observation is empty, with no instruction and no chat
+    template around it, makes a prompt of no tokens: the episode fails by name (counted in
+    env_errors) before any request, instead of the HF backend's 'every prompt needs at
+    least one token' taking the rollout down."""
+    from grpo_lab.envs.base import TextFormat
+    from grpo_lab.rollout.backends.hf import HFBackend
+    from grpo_lab.rollout.faults import FaultLog
+    from grpo_lab.modeling import build_tiny_model
+
+    class Blank:
+        instruction = ""
+        text_format = TextFormat(tags=(), framed=False)
+
+        def reset(self, seed):
+            return Observation("" if seed % 2 else "2+2?", ("row", seed))
+
+        def legal_actions(self):
+            return []
+
+        def step(self, action):
+            return StepResult(Observation("", ("row", 0)), 1.0, True, {"won": True, "valid_action": True})
+
+    model = build_tiny_model(tokenizer, hidden_size=32, num_layers=1, num_heads=1, num_kv_heads=1, intermediate_size=32)
+    faults = FaultLog()
+    config = AgentLoopConfig(group_size=2, max_steps=1, sampling=SamplingParams(max_tokens=3))
+    batch = run_episodes(HFBackend(model, tokenizer), PromptEncoder(tokenizer), Blank, [0, 1], config, faults=faults)
+    assert faults.env_errors == 2 and faults.episodes_dropped == 2
+    assert any("the prompt is empty" in line for line in faults.examples)
+    assert len(batch) == 2 and set(batch.group_id.tolist()) == {0}  # the other task's group played

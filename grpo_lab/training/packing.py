@@ -18,7 +18,7 @@ choice changes speed and memory only; the choice of ``auto`` depends on the rows
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -43,42 +43,34 @@ class Packing(Protocol):
                  entropy_grad: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
         """``logprobs`` ``[N, R]``, ``mask`` ``[N, R]`` and ``entropy`` ``[N, R]`` (or
         ``None``) as :func:`~grpo_lab.training.forward.response_logprobs` returns them;
-        ``groups``: the rows of each group (for ``group``)."""
+        ``groups``: the rows of each group (for ``group``); ``attention``: the packed
+        attention's backend (``reference`` or ``triton``)."""
         ...
 
 
 @dataclass(frozen=True)
-class NoPacking:
-    name: str = "none"
-    shares_prefixes: bool = False
+class FixedPacking:
+    """One forward for every micro-batch: ``forward(model, prompts, responses, groups,
+    attention, **options)``."""
 
-    def logprobs(self, model, prompts, responses, groups=None, *, temperature=1.0, with_entropy=False, pad_id=0,
-                 attention="reference", entropy_grad=False):
-        return response_logprobs(model, prompts, responses, temperature=temperature, with_entropy=with_entropy,
-                                 pad_id=pad_id, entropy_grad=entropy_grad)
+    name: str
+    shares_prefixes: bool
+    forward: Callable[..., tuple[Tensor, Tensor, Tensor | None]]
 
-
-@dataclass(frozen=True)
-class GroupPacking:
-    name: str = "group"
-    shares_prefixes: bool = True
-
-    def logprobs(self, model, prompts, responses, groups=None, *, temperature=1.0, with_entropy=False, pad_id=0,
-                 attention="reference", entropy_grad=False):
-        return shared_prefix_logprobs(model, prompts, responses, groups, temperature=temperature,
-                                      with_entropy=with_entropy, pad_id=pad_id, attention=attention,
-                                      entropy_grad=entropy_grad)
+    def logprobs(self, model, prompts, responses, groups=None, *, attention="reference", **options):
+        return self.forward(model, prompts, responses, groups, attention, **options)
 
 
-@dataclass(frozen=True)
-class TriePacking:
-    name: str = "trie"
-    shares_prefixes: bool = True
+def _plain(model, prompts, responses, groups, attention, **options):
+    return response_logprobs(model, prompts, responses, **options)
 
-    def logprobs(self, model, prompts, responses, groups=None, *, temperature=1.0, with_entropy=False, pad_id=0,
-                 attention="reference", entropy_grad=False):
-        return trie_logprobs(model, prompts, responses, temperature=temperature, with_entropy=with_entropy,
-                             pad_id=pad_id, attention=attention, entropy_grad=entropy_grad)
+
+def _group(model, prompts, responses, groups, attention, **options):
+    return shared_prefix_logprobs(model, prompts, responses, groups, attention=attention, **options)
+
+
+def _trie(model, prompts, responses, groups, attention, **options):
+    return trie_logprobs(model, prompts, responses, attention=attention, **options)
 
 
 #: the trie is chosen when it costs at most this fraction of the plain forward, its
@@ -129,6 +121,8 @@ class AutoPacking:
 
     def choose(self, model: torch.nn.Module, prompts: Sequence[Tensor], responses: Sequence[Tensor]) -> "Packing":
         seqs = [torch.cat([p.cpu(), r.cpu()]) for p, r in zip(prompts, responses)]
+        while not hasattr(model, "config") and hasattr(model, "module"):  # DDP's wrapper
+            model = model.module
         plain, trie = packing_costs(seqs, int(getattr(text_config(model), "hidden_size", 1024)))
         return PACKINGS["trie"] if trie <= TRIE_AT_MOST * plain else PACKINGS["none"]
 
@@ -136,7 +130,9 @@ class AutoPacking:
         return self.choose(model, prompts, responses).logprobs(model, prompts, responses, groups, **kwargs)
 
 
-PACKINGS: dict[str, Packing] = {p.name: p for p in (NoPacking(), GroupPacking(), TriePacking(), AutoPacking())}
+PACKINGS: dict[str, Packing] = {p.name: p for p in (
+    FixedPacking("none", False, _plain), FixedPacking("group", True, _group), FixedPacking("trie", True, _trie),
+    AutoPacking())}
 #: ``trainer.shared_prefix`` values of earlier versions
 ALIASES = {"true": "group", "false": "none"}
 
