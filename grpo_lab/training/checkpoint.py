@@ -120,6 +120,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def write_on_main(dist: DistContext, write: Callable[[], Any], what: str, step: int) -> None:
+    """Run ``write`` on rank 0; when it fails (:data:`WRITE_ERRORS`, a full disk), every
+    rank raises :class:`CheckpointWriteError` naming ``what``."""
+    failure = None
+    if dist.is_main:
+        try:
+            write()
+        except WRITE_ERRORS as err:
+            err = as_os_error(err)
+            failure = (err.errno, err.strerror or str(err), err.filename)
+    failure = broadcast_object(dist, failure)
+    if failure is not None:
+        raise CheckpointWriteError(step, OSError(*failure), what=what)
+
+
 def write_manifest(directory: Path) -> None:
     """``directory/manifest.json``: the size of every file under ``directory``, and the
     SHA-256 of those up to :data:`HASHED_UP_TO` bytes."""

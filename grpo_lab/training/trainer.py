@@ -65,7 +65,7 @@ from ..rollout.samplers import GroupNumbering, RolloutContext, get_sampler
 from . import distributed as dp
 from .checkpoint import (WRITE_ERRORS, CheckpointError, CheckpointWriteError, as_os_error, checkpoint_dir,
                          load_model_weights, load_sharded_state, load_trainer_state, save_checkpoint, sharded_state,
-                         verify_checkpoint, write_manifest)
+                         verify_checkpoint, write_manifest, write_on_main)
 from .metrics_log import MetricsLogger, plot_metrics, reduce_record
 from .pass_at_k import pass_at_k, pass_at_k_ks, success_counts
 from .resume import RunDirectoryError, check_resume_config, choose_start, metrics_until
@@ -396,7 +396,7 @@ class Trainer:
             batch = run_episodes(self.backend, self.encoder, self.envs, seeds, config, faults=faults)
         finally:
             self.envs.clear()
-        self._check_fault_rate(faults, f"evaluation ({len(self.eval_seeds)} tasks x {n} samples)")
+        self._check_fault_rate(faults, f"evaluation ({len(self.eval_seeds)} tasks x {n} samples)", evaluation=True)
         won = batch.trajectory_success()  # an empty batch (every episode failed) gives empty columns
         ks = pass_at_k_ks(n) if n > 1 else []
         per_k = []
@@ -603,18 +603,16 @@ class Trainer:
 
         final = self.output_dir / "final_model"
         weights = self._full_state_dict()  # every rank takes part in gathering FSDP shards
-        failure = None
-        if self.dist.is_main:
+
+        def write() -> None:
             try:
                 self.model.save_pretrained(final, state_dict=weights)
                 self.tokenizer.save_pretrained(final)
-            except WRITE_ERRORS as err:
+            except WRITE_ERRORS:
                 shutil.rmtree(final, ignore_errors=True)
-                err = as_os_error(err)
-                failure = (err.errno, err.strerror or str(err), err.filename)
-        failure = dp.broadcast_object(self.dist, failure)
-        if failure is not None:
-            raise CheckpointWriteError(self._done_step, OSError(*failure), what=str(final))
+                raise
+
+        write_on_main(self.dist, write, str(final), self._done_step)
         return final
 
     def _step(self, step: int, stop: StopSignals) -> dict[str, Any]:
@@ -660,29 +658,21 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> dict[str, Any]:
         """Rank 0 writes the step's (reduced) metrics; a failed write (a full disk) stops
         the run at its last checkpoint (:class:`CheckpointWriteError`)."""
-        failure = None
-        if self.dist.is_main:
-            try:
-                self.logger.log(record)
-            except OSError as err:
-                failure = (err.errno, err.strerror or str(err), err.filename)
-        failure = dp.broadcast_object(self.dist, failure)
-        if failure is not None:
-            raise CheckpointWriteError(record.get("step", -1), OSError(*failure),
-                                       what=f"the metrics of step {record.get('step')}")
+        write_on_main(self.dist, lambda: self.logger.log(record), f"the metrics of step {record.get('step')}",
+                      record.get("step", -1))
         return record
 
-    def _check_fault_rate(self, faults: FaultLog, phase: str) -> None:
+    def _check_fault_rate(self, faults: FaultLog, phase: str, evaluation: bool = False) -> None:
         """Stop (:class:`EnvFaultRateExceeded`) when ``phase`` (a step's rollout, or an
-        evaluation) lost more than ``rollout.max_env_fault_rate`` of its episodes."""
+        ``evaluation``) lost more than ``rollout.max_env_fault_rate`` of its episodes."""
         limit = self.config.rollout.max_env_fault_rate
         episodes, dropped = dp.global_sums(self.dist, [faults.episodes, faults.episodes_dropped])
         if episodes == 0 or dropped / episodes <= limit:
             return
         counts = ", ".join(f"{k}={v}" for k, v in faults.metrics().items() if v and k != "episodes_dropped")
         examples = "\n".join(f"  {line}" for line in faults.examples)
-        judged = "the success rate of the episodes that happened to run would not be the policy's" if phase.startswith(
-            "evaluation") else "training on the episodes that happened to run would bias the batch"
+        judged = ("the success rate of the episodes that happened to run would not be the policy's" if evaluation
+                  else "training on the episodes that happened to run would bias the batch")
         raise EnvFaultRateExceeded(
             f"{phase}: {int(dropped)} of {int(episodes)} episodes failed ({'this rank: ' if self.dist.enabled else ''}"
             f"{counts}), more than rollout.max_env_fault_rate={limit:g}; {judged}. First faults:\n{examples}\n"
