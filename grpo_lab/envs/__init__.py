@@ -22,6 +22,7 @@ not a lambda).
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Callable, TypeVar, Union, overload
 
 from .base import ACTION_FORMAT, Env, Observation, StepResult, TextFormat, text_format_of
@@ -124,6 +125,17 @@ def make_env(name: str, /, **kwargs: Any) -> Env:
     return get_env_factory(name)(**kwargs)
 
 
+def env_options(name: str) -> tuple[list[inspect.Parameter], bool]:
+    """The keyword options (``env.kwargs``) of environment ``name``'s factory, in order,
+    and whether it takes other keywords too (``**kwargs``, or no signature to read)."""
+    try:
+        params = list(inspect.signature(get_env_factory(name)).parameters.values())
+    except (TypeError, ValueError):  # a factory without a signature (a builtin)
+        return [], True
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return named, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
 def env_names() -> list[str]:
     _load_entry_points()
     return sorted(_ENVS)
@@ -139,5 +151,5 @@ register_env("alfworld", "grpo_lab.envs.alfworld:ALFWorldEnv")
 register_env("webshop", "grpo_lab.envs.webshop:WebShopEnv")
 
 __all__ = ["Env", "Observation", "StepResult", "TextFormat", "ACTION_FORMAT", "text_format_of", "FrozenLakeEnv",
-           "SokobanEnv", "make_env", "env_names", "register_env", "unregister_env", "get_env_factory",
+           "SokobanEnv", "make_env", "env_names", "env_options", "register_env", "unregister_env", "get_env_factory",
            "ENTRY_POINT_GROUP"]

@@ -7,7 +7,7 @@ import inspect
 import sys
 from typing import Sequence
 
-from . import _ENVS, env_names, get_env_factory
+from . import _ENVS, env_names, env_options, get_env_factory
 
 
 def describe(name: str) -> str:
@@ -27,12 +27,8 @@ def describe(name: str) -> str:
     lines = [f"{name}  ({where})"]
     if doc:
         lines.append(f"    {doc.splitlines()[0]}")
-    try:
-        params = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        params = []
     options = [f"{p.name}={p.default!r}" if p.default is not p.empty else f"{p.name} (required)"
-               for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+               for p in env_options(name)[0]]
     lines.append("    options (env.kwargs): " + (", ".join(options) if options else "none"))
     return "\n".join(lines)
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..modeling import text_config
-from .forward import pad_rows, response_logprobs
+from .forward import response_logprobs
 from .shared_prefix import shared_prefix_logprobs
-from .trie import trie_logprobs
+from .trie import sorted_rows, trie_logprobs
 
 
 class Packing(Protocol):
@@ -95,18 +96,14 @@ def packing_costs(seqs: Sequence[Tensor], hidden_size: int) -> tuple[float, floa
     little where nodes are alike, as a group's answers are); its nodes are a leaf per
     row and a branch node per new branch point (a common prefix unlike the previous
     row's)."""
-    lengths = torch.tensor([s.numel() for s in seqs], dtype=torch.float64)
-    b, longest = len(seqs), float(lengths.max())
+    order, rows, lcp = sorted_rows(seqs)  # lcp: [B] with the row before, in sorted order
+    lengths = np.array([len(rows[i]) for i in order], dtype=np.float64)  # [B]
+    b, longest = len(rows), float(lengths.max())
     pair_cost = 1.0 / (6.0 * hidden_size)
     plain = b * longest + b * longest * longest * pair_cost
-    order = sorted(range(b), key=lambda i: seqs[i].tolist())
-    rows = pad_rows([seqs[i].cpu() for i in order], -1, torch.long)  # [B, Lmax]
-    same = (rows[1:] == rows[:-1]) & (rows[1:] >= 0)
-    lcp = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumprod(same.long(), dim=1).sum(1)])  # [B]
-    added = lengths[order] - lcp.double()  # [B]
-    branches = int(((lcp[1:] > 0) & (lcp[1:] != lcp[:-1])).sum()) if b > 1 else 0
-    nodes = b + branches
-    trie = float(added.sum()) + float((added * lengths[order]).sum()) * pair_cost + NODE_COST * nodes
+    added = lengths - lcp  # [B]
+    nodes = b + int(((lcp[1:] > 0) & (lcp[1:] != lcp[:-1])).sum())
+    trie = float(added.sum()) + float((added * lengths).sum()) * pair_cost + NODE_COST * nodes
     return plain, trie
 
 

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from ..config import Config, ConfigError
-from ..envs import get_env_factory, make_env
+from ..envs import env_options, make_env
 from ..envs.base import Env
 from ..modeling import build_tiny_model, load_pretrained, text_config, torch_dtype, train_tokenizer
 from ..rollout import HFBackend
@@ -27,29 +27,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def unknown_env_options(name: str, kwargs: dict) -> list[str]:
-    """The keys of ``kwargs`` that environment ``name``'s factory does not take (none when
-    it takes ``**kwargs``)."""
-    import inspect
-
-    try:
-        parameters = inspect.signature(get_env_factory(name)).parameters
-    except (TypeError, ValueError):  # a factory without a signature (a builtin)
-        return []
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return []
-    return sorted(set(kwargs) - set(parameters))
-
-
 def env_factory_from(config: Config) -> Callable[[], Env]:
     """A factory for the configured environment; a bad constructor argument raises a
     ``ConfigError`` naming it (``env.kwargs.KEY``), not the whole ``env.kwargs``."""
     name, kwargs = config.env.name, dict(config.env.kwargs)
-    unknown = unknown_env_options(name, kwargs)
+    named, takes_any = env_options(name)
+    options = [p.name for p in named]
+    unknown = [] if takes_any else sorted(set(kwargs) - set(options))
     if unknown:
-        import inspect
-
-        options = [p for p in inspect.signature(get_env_factory(name)).parameters if p != "self"]
         raise ConfigError(f"env.kwargs.{unknown[0]} is not an option of env {name!r}"
                           f"{f' (nor are {unknown[1:]})' if len(unknown) > 1 else ''}; its options: {options} "
                           "(python -m grpo_lab.envs --list)")

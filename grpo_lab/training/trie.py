@@ -166,18 +166,20 @@ class PackedTrie:
         return sum(int(i.numel()) for i in self.index)
 
 
-def _sorted_lcps(rows: Sequence[np.ndarray]) -> np.ndarray:
-    """``[N]`` longest common prefix of each (sorted) row with the one before it (0 for
-    the first), compared on the padded batch at once."""
-    n = len(rows)
+def sorted_rows(seqs: Sequence[Tensor]) -> tuple[list[int], list[np.ndarray], np.ndarray]:
+    """``seqs`` as numpy rows, their sorted order (rows through any prefix adjacent), and
+    ``[N]`` the longest common prefix of each row, in that order, with the one before it
+    (0 for the first), compared on the padded batch at once."""
+    rows = [s.detach().to("cpu", torch.long).flatten().numpy() for s in seqs]
+    order = sorted(range(len(rows)), key=lambda i: rows[i].tolist())
+    n = len(order)
     if n < 2:
-        return np.zeros(n, dtype=np.int64)
-    width = max(len(r) for r in rows)
-    padded = np.full((n, width), -1, dtype=np.int64)  # token ids are >= 0
-    for i, r in enumerate(rows):
-        padded[i, :len(r)] = r
+        return order, rows, np.zeros(n, dtype=np.int64)
+    padded = np.full((n, max(len(r) for r in rows)), -1, dtype=np.int64)  # token ids are >= 0
+    for k, i in enumerate(order):
+        padded[k, :len(rows[i])] = rows[i]
     same = (padded[1:] == padded[:-1]) & (padded[1:] >= 0)
-    return np.concatenate([[0], np.cumprod(same, axis=1).sum(1)])
+    return order, rows, np.concatenate([[0], np.cumprod(same, axis=1).sum(1)])
 
 
 def _branch_depths(adj: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
@@ -209,10 +211,8 @@ def build_trie(seqs: Sequence[Tensor]) -> PackedTrie:
     empty = [i for i, s in enumerate(seqs) if s.numel() == 0]
     if empty:
         raise ValueError(f"every row needs at least one token; rows {empty[:5]} are empty")
-    rows = [s.detach().to("cpu", torch.long).flatten().numpy() for s in seqs]
-    order = sorted(range(len(rows)), key=lambda i: rows[i].tolist())
+    order, rows, adj = sorted_rows(seqs)
     lengths = np.array([len(rows[i]) for i in order], dtype=np.int64)
-    adj = _sorted_lcps([rows[i] for i in order])
     depths = _branch_depths(adj, lengths)
     # nodes as [representative row, first depth, end depth, parent]
     nodes: list[list[int]] = []
