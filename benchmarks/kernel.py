@@ -58,8 +58,8 @@ import torch.nn.functional as F
 
 from grpo_lab.kernels import shared_prefix_attention as spa
 from grpo_lab.kernels import trie_attention as tri
-from grpo_lab.training.shared_prefix import RowLayout
-from grpo_lab.training.trie import TrieLayout, build_trie
+from grpo_lab.kernels.layouts import RowLayout, TrieLayout
+from grpo_lab.training.trie import build_trie
 
 P = spa.PassConfig
 CANDIDATES = {

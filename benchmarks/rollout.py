@@ -60,7 +60,7 @@ def backends_section(args) -> None:
     from grpo_lab.modeling import train_tokenizer
     from grpo_lab.rollout import HFBackend, SamplingParams
     from grpo_lab.rollout.backends.vllm import VLLMBackend
-    from grpo_lab.training.warmup import format_demonstrations
+    from grpo_lab.rollout.demonstrations import format_demonstrations
 
     pairs = format_demonstrations(lambda: FrozenLakeEnv(), 100, 8, 1, seed=0)
     tokenizer = train_tokenizer([p + " " + a for p, a in pairs], vocab_size=512)
@@ -115,7 +115,7 @@ def schedulers_section(args) -> None:
     from grpo_lab.envs import make_env
     from grpo_lab.rollout import AgentLoopConfig, BatchStream, LengthPredictor, SchedulerConfig, run_scheduled
     from grpo_lab.rollout.backends.vllm import VLLMBackend
-    from grpo_lab.training.trainer import Trainer
+    from grpo_lab.trainer import Trainer
 
     out = tempfile.mkdtemp()
     model_cfg = ModelConfig() if args.config == "tiny" else ModelConfig(

@@ -11,7 +11,7 @@
 ``--rows`` rows (``--rows / G`` groups of ``G`` answers of ``R`` tokens to one prompt of
 ``P`` tokens each), for every ``P``, ``R`` and ``G``; forward and backward with no packing
 (``plain``), Prefix Grouper (``group``), the trie and ``auto`` (the default,
-``trainer.shared_prefix=auto``: the trie or plain per micro-batch by its cost model), as
+``trainer.packing=auto``: the trie or plain per micro-batch by its cost model), as
 times and as ratios to plain, with what ``auto`` chose. The default must never be more
 than 5% slower than plain.
 

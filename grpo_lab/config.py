@@ -8,6 +8,7 @@ checks values (ranges, names) and raises :class:`ConfigError` naming the bad one
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -15,12 +16,12 @@ from .envs import env_names
 from .modeling import DTYPES
 from .paths import looks_like_local_path
 from .rollout.adaptive import AdaptiveConfig
-from .rollout.agent_loop import OVERLONG_BY_FORMAT
-from .rollout.conversation import EPISODE_FORMATS
+from .rollout.backends import BACKENDS
+from .rollout.formats import EPISODE_FORMATS
 from .rollout.tree import TreeSamplerConfig
 from .advantages.shaping import PENALTY_PLACEMENTS, default_penalty_placement
 from .training.packing import PACKINGS, packing_name
-from .training.losses import KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, RATIO_LEVELS
+from .losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, RATIO_LEVELS, Objective
 
 
 class ConfigError(ValueError):
@@ -64,7 +65,7 @@ class AlgoConfig:
     verl) is the gradient of the *forward* KL(reference || policy).
 
     ``loss_agg``: ``token-mean``, ``seq-mean-token-mean``, ``seq-mean-token-sum`` or
-    ``seq-mean-token-sum-norm`` (:func:`~grpo_lab.training.losses.aggregate`). The last
+    ``seq-mean-token-sum-norm`` (:func:`~grpo_lab.losses.aggregate`). The last
     equals TRL's ``dr_grpo`` exactly and differs from verl's option of the same name by a
     factor of the number of sequences (verl divides the token sum by the maximum length
     only).
@@ -105,6 +106,19 @@ class AlgoConfig:
         return (low if self.clip_low is None else self.clip_low, high if self.clip_high is None else self.clip_high,
                 agg if self.loss_agg is None else self.loss_agg)
 
+    def objective(self) -> Objective:
+        """The loss settings with every name resolved (``policy_loss``, ``loss_agg``,
+        ``kl_estimator``) and the ratio level's defaults for the unset ones."""
+        clip_low, clip_high, agg = self.loss_settings()
+        try:
+            return Objective(policy_loss=POLICY_LOSSES.get(self.policy_loss), aggregation=AGGREGATIONS.get(agg),
+                             clip_low=clip_low, clip_high=clip_high, dual_clip_c=self.dual_clip_c,
+                             ratio_level=self.ratio_level, kl_coef=self.kl_coef,
+                             kl_estimator=KL_ESTIMATORS.get(self.kl_estimator), entropy_coef=self.entropy_coef,
+                             tis_cap=self.tis_cap, off_policy_is_cap=self.off_policy_is_cap)
+        except KeyError as err:
+            raise ConfigError(f"algo: {err}") from None
+
     def modifier_settings(self) -> dict[str, dict[str, Any]]:
         """``{name: params}`` of the active modifiers, in order."""
         return {name: dict(self.modifier_params.get(name, {})) for name in self.modifiers}
@@ -119,7 +133,7 @@ class AlgoConfig:
         except KeyError as err:
             raise ConfigError(f"algo: {err.args[0]}") from None
         try:
-            run_estimator(example_inputs(), self.estimator, dict(self.params), self.modifier_settings())
+            example = run_estimator(example_inputs(), self.estimator, dict(self.params), self.modifier_settings())
         except (TypeError, ValueError) as err:
             raise ConfigError(f"algo.params={dict(self.params)!r} / algo.modifier_params: {err}") from None
         _check(self.group_size >= 2, "algo.group_size", self.group_size, "an integer >= 2 (a group needs a baseline)")
@@ -135,19 +149,20 @@ class AlgoConfig:
         self.clip_low, self.clip_high, self.loss_agg = self.loss_settings()
         _check(0 <= self.clip_low < 1, "algo.clip_low", self.clip_low, "a number in [0, 1)")
         _check(self.clip_high >= 0, "algo.clip_high", self.clip_high, "a number >= 0")
-        _check(self.loss_agg in LOSS_AGG_MODES, "algo.loss_agg", self.loss_agg, f"one of {list(LOSS_AGG_MODES)}")
-        _check(self.policy_loss in POLICY_LOSSES, "algo.policy_loss", self.policy_loss, f"one of {list(POLICY_LOSSES)}")
+        _check(self.loss_agg in AGGREGATIONS, "algo.loss_agg", self.loss_agg, f"one of {AGGREGATIONS.names()}")
+        _check(self.policy_loss in POLICY_LOSSES, "algo.policy_loss", self.policy_loss, f"one of {POLICY_LOSSES.names()}")
         _check(self.dual_clip_c is None or self.dual_clip_c > 1, "algo.dual_clip_c", self.dual_clip_c, "null or a number > 1")
         _check(self.kl_coef >= 0, "algo.kl_coef", self.kl_coef, "a number >= 0")
-        _check(self.kl_estimator in KL_ESTIMATORS, "algo.kl_estimator", self.kl_estimator, f"one of {list(KL_ESTIMATORS)}")
+        _check(self.kl_estimator in KL_ESTIMATORS, "algo.kl_estimator", self.kl_estimator, f"one of {KL_ESTIMATORS.names()}")
         _check(self.tis_cap is None or self.tis_cap > 0, "algo.tis_cap", self.tis_cap, "null or a number > 0")
         _check(self.entropy_coef >= 0, "algo.entropy_coef", self.entropy_coef, "a number >= 0")
         _check(self.off_policy_is_cap > 0, "algo.off_policy_is_cap", self.off_policy_is_cap, "a number > 0")
         _check(not (self.drop_zero_std_groups and self.estimator == "copo"), "algo.drop_zero_std_groups",
                self.drop_zero_std_groups, "false with estimator copo (its global stream trains exactly the groups "
                "whose local advantages are all zero)")
-        _check(not (self.policy_loss == "reinforce" and self.estimator == "copo"), "algo.policy_loss", self.policy_loss,
-               "ppo_clip with estimator copo (its blended loss is a clipped loss)")
+        _check(not example.extras or POLICY_LOSSES.get(self.policy_loss).streams, "algo.policy_loss", self.policy_loss,
+               f"a policy loss that reads the estimator's streams {sorted(example.extras)} with estimator "
+               f"{self.estimator} (ppo_clip: its blended loss is a clipped loss)")
 
 
 @dataclass
@@ -285,7 +300,7 @@ class RolloutConfig:
     vllm_tensor_parallel_size: int = 1  # GPUs one engine spans (single-process runs; see docs/cluster.md)
 
     def validate(self) -> None:
-        _check(self.backend in ("hf", "vllm"), "rollout.backend", self.backend, "hf or vllm")
+        _check(self.backend in BACKENDS, "rollout.backend", self.backend, f"one of {BACKENDS.names()}")
         _check(self.vllm_tensor_parallel_size >= 1, "rollout.vllm_tensor_parallel_size", self.vllm_tensor_parallel_size,
                "an integer >= 1")
         _check(0 < self.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization",
@@ -316,13 +331,14 @@ class RolloutConfig:
         _check(self.env_workers >= 0, "rollout.env_workers", self.env_workers, "an integer >= 0 (0: in this process)")
         _check(0 <= self.max_env_fault_rate <= 1, "rollout.max_env_fault_rate", self.max_env_fault_rate, "a number in [0, 1]")
         _check(self.episode_format in EPISODE_FORMATS, "rollout.episode_format", self.episode_format,
-               f"one of {list(EPISODE_FORMATS)}")
-        allowed = OVERLONG_BY_FORMAT[self.episode_format]
+               f"one of {EPISODE_FORMATS.names()}")
+        episode_format = EPISODE_FORMATS.get(self.episode_format)
+        allowed = episode_format.overlong
         if self.overlong_prompt is None:
             self.overlong_prompt = allowed[0]
         _check(self.overlong_prompt in allowed, "rollout.overlong_prompt", self.overlong_prompt,
                f"one of {list(allowed)} for rollout.episode_format={self.episode_format}")
-        _check(self.max_episode_tokens is None or (self.episode_format == "conversation" and self.max_episode_tokens >= 2),
+        _check(self.max_episode_tokens is None or (episode_format.bounded and self.max_episode_tokens >= 2),
                "rollout.max_episode_tokens", self.max_episode_tokens,
                "null, or an integer >= 2 with rollout.episode_format=conversation")
 
@@ -369,9 +385,10 @@ class TrainerConfig:
     minibatches_per_epoch: int = 1
     micro_batch_size: int = 64
     micro_batch_tokens: Optional[int] = None  # also cut micro-batches at this many tokens encoded (None: rows only)
-    shared_prefix: str = "auto"  # auto: per micro-batch the trie or none, whichever costs less | trie: every shared
-    # token prefix once (groups, conversation turns, tree branches) | group: each group's common prompt prefix once
-    # (Prefix Grouper) | none (true / false: group / none)
+    packing: str = "auto"  # auto: per micro-batch the trie or none, whichever costs less | trie: every shared token
+    # prefix once (groups, conversation turns, tree branches) | group: each group's common prompt prefix once
+    # (Prefix Grouper) | none (true / false: group / none); python -m grpo_lab --list packings
+    shared_prefix: Optional[str] = None  # the old name of ``packing``: read, with a warning
     attention: str = "sdpa_shared_prefix"  # sdpa_shared_prefix | triton_shared_prefix (GPU)
     eval_episodes: int = 64  # evaluation tasks (seeds), after the warm-up and at the end
     eval_samples: int = 1  # sampled episodes per evaluation task; > 1 adds pass@k (k = 1, 2, 4, ..., eval_samples)
@@ -396,8 +413,16 @@ class TrainerConfig:
     HARMLESS_ON_RESUME = ("trainer.total_steps", "trainer.checkpoint_every", "trainer.keep_checkpoints",
                           "trainer.resume", "trainer.resume_allow_changes", "trainer.output_dir", "trainer.save_final",
                           "trainer.micro_batch_size", "trainer.micro_batch_tokens",  # the gradient does not depend on them
-                          "trainer.shared_prefix",  # nor on the packing (exact, up to summation order)
+                          "trainer.packing", "trainer.shared_prefix",  # nor on the packing (exact, up to order)
                           "rollout.env_workers", "env.step_timeout_s", "rollout.max_env_fault_rate")
+
+    #: ``attention`` values and the packed attention's backend each selects
+    ATTENTION_BACKENDS = {"sdpa_shared_prefix": "reference", "triton_shared_prefix": "triton"}
+
+    @property
+    def attention_backend(self) -> str:
+        """The packed attention's backend ``attention`` selects (``reference`` or ``triton``)."""
+        return self.ATTENTION_BACKENDS[self.attention]
 
     def resume_mode(self) -> str:
         """``resume`` as one of ``false``, ``true``, ``auto``."""
@@ -411,14 +436,20 @@ class TrainerConfig:
         _check(self.lr > 0, "trainer.lr", self.lr, "a number > 0")
         _check(self.weight_decay >= 0, "trainer.weight_decay", self.weight_decay, "a number >= 0")
         _check(self.max_grad_norm > 0, "trainer.max_grad_norm", self.max_grad_norm, "a number > 0")
-        _check(self.attention in ("sdpa_shared_prefix", "triton_shared_prefix"), "trainer.attention", self.attention,
-               "sdpa_shared_prefix or triton_shared_prefix")
+        _check(self.attention in self.ATTENTION_BACKENDS, "trainer.attention", self.attention,
+               f"one of {list(self.ATTENTION_BACKENDS)}")
+        if self.shared_prefix is not None:  # the old key
+            warnings.warn(f"trainer.shared_prefix is now trainer.packing: reading trainer.shared_prefix="
+                          f"{self.shared_prefix} as trainer.packing={self.shared_prefix}", FutureWarning, stacklevel=2)
+            _check(str(self.packing) in ("auto", str(self.shared_prefix)), "trainer.shared_prefix", self.shared_prefix,
+                   f"null, or the same as trainer.packing={self.packing!r} (it is the old name of trainer.packing)")
+            self.packing, self.shared_prefix = str(self.shared_prefix), None
         try:
-            self.shared_prefix = packing_name(self.shared_prefix)
+            self.packing = packing_name(self.packing)
         except ValueError:
-            _check(False, "trainer.shared_prefix", self.shared_prefix, f"one of {list(PACKINGS)} (or true / false)")
-        _check(self.shared_prefix != "none" or self.attention == "sdpa_shared_prefix", "trainer.attention",
-               self.attention, "sdpa_shared_prefix when trainer.shared_prefix=none (the kernel is the packed forward)")
+            _check(False, "trainer.packing", self.packing, f"one of {PACKINGS.names()} (or true / false)")
+        _check(self.packing != "none" or self.attention == "sdpa_shared_prefix", "trainer.attention",
+               self.attention, "sdpa_shared_prefix when trainer.packing=none (the kernel is the packed forward)")
         _check(self.checkpoint_every >= 0, "trainer.checkpoint_every", self.checkpoint_every, "an integer >= 0 (0: none)")
         _check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
         _check(self.eval_episodes >= 0, "trainer.eval_episodes", self.eval_episodes, "an integer >= 0")
@@ -488,6 +519,7 @@ class Config:
                self.trainer.mixed_precision, f"no with model.dtype={self.model.dtype!r}: mixed precision keeps float32 "
                "weights and computes in half precision, so set model.dtype=float32")
         passes = self.trainer.epochs_per_batch * self.trainer.minibatches_per_epoch
-        _check(self.algo.policy_loss != "reinforce" or passes == 1, "algo.policy_loss", self.algo.policy_loss,
-               "ppo_clip when trainer.epochs_per_batch * trainer.minibatches_per_epoch > 1 (REINFORCE is on-policy only)")
+        _check(POLICY_LOSSES.get(self.algo.policy_loss).ratio or passes == 1, "algo.policy_loss", self.algo.policy_loss,
+               "a ratio loss (ppo_clip) when trainer.epochs_per_batch * trainer.minibatches_per_epoch > 1 "
+               f"({self.algo.policy_loss.upper()} is on-policy only)")
         return self

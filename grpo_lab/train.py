@@ -138,7 +138,7 @@ def hydra_main(cfg: DictConfig) -> None:
     from .training import distributed
 
     distributed.narrow_visible_devices()  # before anything initialises CUDA
-    from .training.trainer import Trainer
+    from .trainer import Trainer
 
     try:
         code = _run(cfg, Trainer)

@@ -1,6 +1,6 @@
 """Prefix Grouper (Liu et al., 2025, "Prefix Grouper: Efficient GRPO Training through
 Shared-Prefix Forward") in the training update of real runs: the shared-prefix forward
-(``trainer.shared_prefix=group``) against the plain forward, on the same batches.
+(``trainer.packing=group``) against the plain forward, on the same batches.
 
     python scripts/reproduce_prefix_grouper.py [--steps 3] [--seeds 0] [--group-sizes 4 8 16]
                                                [--system-repeats 1 4 12] [--quick] [--results benchmarks/RESULTS.md]
@@ -54,7 +54,7 @@ def config_for(group_size: int, repeats: int, seed: int, steps: int, quick: bool
 
 def measure(group_size: int, repeats: int, seed: int, steps: int, quick: bool, overrides: list[str]) -> dict:
     """Run ``steps`` steps; per step, time both updates on the same batch and check they agree."""
-    from grpo_lab.training.trainer import Trainer
+    from grpo_lab.trainer import Trainer
 
     cfg = config_for(group_size, repeats, seed, steps, quick, overrides)
     trainer = Trainer(cfg, output_dir=Path(tempfile.mkdtemp(prefix="prefix_grouper_")))
@@ -83,7 +83,7 @@ def measure(group_size: int, repeats: int, seed: int, steps: int, quick: bool, o
             trainer.model.load_state_dict(start_model)
             trainer.optimizer.load_state_dict(start_optim)
             trainer.lr_scheduler.load_state_dict(start_sched)
-            cfg.trainer.shared_prefix = "group" if mode == "shared" else "none"
+            cfg.trainer.packing = "group" if mode == "shared" else "none"
             t0 = time.perf_counter()
             metrics = trainer.update(batch, adv)
             out[mode].append(time.perf_counter() - t0)

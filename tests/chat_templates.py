@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from grpo_lab.envs import FrozenLakeEnv
 from grpo_lab.modeling import train_tokenizer
-from grpo_lab.training.warmup import format_demonstrations
+from grpo_lab.rollout.demonstrations import format_demonstrations
 
 CHATML = (
     "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 from grpo_lab.envs import FrozenLakeEnv
 from grpo_lab.modeling import build_tiny_model, train_tokenizer
-from grpo_lab.training.warmup import format_demonstrations
+from grpo_lab.rollout.demonstrations import format_demonstrations
 
 
 def pytest_addoption(parser):

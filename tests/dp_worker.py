@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from grpo_lab.advantages import compute_advantages  # noqa: E402
 from grpo_lab.config import AlgoConfig, Config, EnvConfig, LoggerConfig, ModelConfig, RolloutConfig, TrainerConfig, WarmupConfig  # noqa: E402
 from grpo_lab.training import distributed as dp  # noqa: E402
-from grpo_lab.training.losses import LOSS_AGG_MODES  # noqa: E402
-from grpo_lab.training.trainer import Trainer  # noqa: E402
+from grpo_lab.losses import LOSS_AGG_MODES  # noqa: E402
+from grpo_lab.trainer import Trainer  # noqa: E402
 
 TASKS = 4
 

@@ -7,7 +7,7 @@ import torch
 
 from grpo_lab.advantages import AdvantageInputs, run_estimator
 from grpo_lab.advantages.copo import copo
-from grpo_lab.training.losses import LossScale, clipped_policy_loss
+from grpo_lab.losses import LossScale, clipped_policy_loss
 
 
 def three_groups():

@@ -11,7 +11,7 @@ import torch
 from grpo_lab.config import AlgoConfig, Config, EnvConfig, LoggerConfig, ModelConfig, TrainerConfig, WarmupConfig
 from grpo_lab.training.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights, save_checkpoint
 from grpo_lab.training.resume import RunDirectoryError
-from grpo_lab.training.trainer import Trainer
+from grpo_lab.trainer import Trainer
 
 
 def test_a_half_written_checkpoint_is_never_the_latest(tiny_model, tmp_path):

@@ -138,7 +138,7 @@ def test_sampler_options_load():
 
 
 def test_bad_env_kwargs_are_named():
-    from grpo_lab.training.trainer import env_factory_from
+    from grpo_lab.trainer import env_factory_from
 
     with pytest.raises(ConfigError, match="num_holes"):
         env_factory_from(load("env.kwargs.num_holes=99"))
@@ -147,7 +147,7 @@ def test_bad_env_kwargs_are_named():
 
 
 def test_env_errors_name_the_key_not_the_whole_kwargs():
-    from grpo_lab.training.setup import env_factory_from
+    from grpo_lab.build import env_factory_from
 
     with pytest.raises(ConfigError) as err:
         env_factory_from(load("env.kwargs.size=1"))
@@ -165,7 +165,7 @@ def test_reinforce_is_refused_off_policy():
 
 def test_vllm_backend_option_and_missing_install(monkeypatch, tmp_path):
     from grpo_lab.rollout.backends import vllm as vllm_module
-    from grpo_lab.training.trainer import Trainer
+    from grpo_lab.trainer import Trainer
 
     cfg = load("rollout=vllm", "trainer.warmup.steps=0")
     assert cfg.rollout.backend == "vllm"
@@ -186,7 +186,7 @@ def test_vllm_max_model_len_follows_the_model():
     from transformers import AutoConfig
 
     from grpo_lab.config import RolloutConfig
-    from grpo_lab.training.setup import vllm_max_model_len
+    from grpo_lab.build import vllm_max_model_len
 
     def length(configured, **model_config):
         model = types.SimpleNamespace(config=AutoConfig.for_model("qwen2", **model_config))

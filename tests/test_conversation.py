@@ -25,7 +25,7 @@ from grpo_lab.rollout import AgentLoopConfig, PromptEncoder, SamplingParams, run
 from grpo_lab.rollout.agent_loop import OverlongPromptError
 from grpo_lab.rollout.backend import Completion
 from grpo_lab.rollout.backends.hf import HFBackend
-from grpo_lab.rollout.conversation import NO_ACTION_NOTE, TemplateError, is_prefix
+from grpo_lab.rollout.conversation import NO_ACTION_NOTE, ConversationRenderer, TemplateError, is_prefix
 from grpo_lab.rollout.faults import FaultLog
 
 ANSWERS = ["<action>left</action>", "I think <action>down</action>", "no idea"]
@@ -35,7 +35,7 @@ OBSERVATIONS = ["Grid:\nS.F\nFHG\nYou are at S.", "Grid:\n.S.\nFHG", "Grid:\n..S
 def by_template(tok, system, answers, observations, close_sampled, kind="chatml"):
     """The conversation's tokens, built turn by turn; answers are the tokens of their text
     (plus the family's end-of-turn token when ``close_sampled``)."""
-    r = PromptEncoder(tok, system=system).conversation
+    r = ConversationRenderer.of(PromptEncoder(tok, system=system))
     ids = r.start("Task.\n\n" + observations[0])
     end = tok.convert_tokens_to_ids(END_OF_TURN[kind])
     for answer, obs in zip(answers, observations[1:]):
@@ -63,7 +63,7 @@ def test_turn_by_turn_equals_the_templates_rendering_of_the_whole_conversation(k
     if system and kind in SYSTEM_IN_LAST_USER:
         with pytest.raises(TemplateError, match="writes the system prompt into the last user message.*"
                                                 "rollout.system_prompt=''"):
-            PromptEncoder(tok, system=system).conversation
+            ConversationRenderer.of(PromptEncoder(tok, system=system))
         return
     ids = by_template(tok, system, ANSWERS[:2], OBSERVATIONS, close_sampled, kind)
     messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -79,7 +79,7 @@ def test_a_template_is_checked_when_the_trainer_starts(tmp_path):
     """A conversation run with a template it cannot follow stops before any rollout, with
     the reason; Phi-3, refused at its first turn before, starts."""
     from grpo_lab.config import EnvConfig, LoggerConfig, ModelConfig, TrainerConfig, WarmupConfig
-    from grpo_lab.training.trainer import Trainer
+    from grpo_lab.trainer import Trainer
 
     def config(system):
         return Config(env=EnvConfig(max_steps=2), model=ModelConfig(),
@@ -97,19 +97,19 @@ def test_a_template_is_checked_when_the_trainer_starts(tmp_path):
                 Trainer(config(system), output_dir=tmp_path / kind, model=model, tokenizer=tok)
         else:
             trainer = Trainer(config(system), output_dir=tmp_path / kind, model=model, tokenizer=tok)
-            assert tok.decode(trainer.encoder.conversation.close_ids) == "<|end|>\n"
+            assert tok.decode(ConversationRenderer.of(trainer.encoder).close_ids) == "<|end|>\n"
             trainer.envs.close()
 
 
 def test_closing_adds_only_what_the_answer_lacks():
     tok = chat_tokenizer("chatml")
-    r = PromptEncoder(tok).conversation
+    r = ConversationRenderer.of(PromptEncoder(tok))
     im_end, newline = tok.convert_tokens_to_ids("<|im_end|>"), tok("\n", add_special_tokens=False)["input_ids"]
     assert r.close_ids == [im_end, *newline]
     assert r.closing([5, 6]) == [im_end, *newline]  # stopped on a stop string: the whole closing
     assert r.closing([5, im_end]) == newline  # sampled <|im_end|>: the newline the template puts after it
     assert r.closing([5, im_end, *newline]) == []
-    llama = PromptEncoder(chat_tokenizer("llama3")).conversation
+    llama = ConversationRenderer.of(PromptEncoder(chat_tokenizer("llama3")))
     assert llama.closing([5, llama.close_ids[0]]) == []  # <|eot_id|> alone closes a Llama-3 turn
 
 
@@ -117,7 +117,7 @@ def test_a_template_that_rewrites_earlier_turns_keeps_them_as_sampled():
     """Qwen3 drops the reasoning block of earlier answers; the conversation keeps the
     sampled tokens instead (as verl does), and the user turn is still the template's."""
     tok = chat_tokenizer("qwen3")
-    r = PromptEncoder(tok).conversation
+    r = ConversationRenderer.of(PromptEncoder(tok))
     first = r.start("hello")
     answer = tok("<think>\nhm\n</think>\n\n<action>up</action>", add_special_tokens=False)["input_ids"]
     ids = r.extend(first, answer, "next")
@@ -129,12 +129,12 @@ def test_a_template_that_drops_the_answer_text_is_refused_by_name():
     tok = chat_tokenizer("chatml")
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}{% endfor %}"
     with pytest.raises(TemplateError, match="does not write an assistant message's text"):
-        PromptEncoder(tok).conversation
+        ConversationRenderer.of(PromptEncoder(tok))
 
 
 def test_plain_text_conversation_appends_eos_and_the_observation():
     tok = chat_tokenizer("chatml")
-    r = PromptEncoder(tok, use_chat_template=False, system="Sys.").conversation
+    r = ConversationRenderer.of(PromptEncoder(tok, use_chat_template=False, system="Sys."))
     first = r.start("Task")
     assert tok.decode(first) == "Sys.\n\nTask"
     ids = r.extend(first, tok("ok", add_special_tokens=False)["input_ids"], "obs")
@@ -156,7 +156,7 @@ def conversation_batch(kind="chatml", max_steps=10, group_size=2, seeds=(3, 4), 
 @pytest.mark.parametrize("kind", ["chatml", "llama3"])
 def test_conversation_rows_from_the_real_loop_extend_one_another(kind):
     tok, batch, _ = conversation_batch(kind)
-    renderer = PromptEncoder(tok, system="Play well.").conversation
+    renderer = ConversationRenderer.of(PromptEncoder(tok, system="Play well."))
     assert len(batch) > 0 and int(batch.step.max()) == 9  # episodes of 10 turns
     head, foot = tok.decode(renderer.user_turn("XYZ")).split("XYZ")  # the template's user turn around its text
     rows_of: dict[int, list[int]] = {}
@@ -254,7 +254,7 @@ def test_training_on_conversation_episodes_through_the_trie_forward(tmp_path, sc
     import json
 
     from grpo_lab.config import AlgoConfig, EnvConfig, LoggerConfig, ModelConfig, TrainerConfig, WarmupConfig
-    from grpo_lab.training.trainer import Trainer
+    from grpo_lab.trainer import Trainer
 
     config = Config(
         algo=AlgoConfig(estimator=estimator, group_size=3, entropy_coef=0.001),  # every row trains, rewarded or not
@@ -262,7 +262,7 @@ def test_training_on_conversation_episodes_through_the_trie_forward(tmp_path, sc
         rollout=RolloutConfig(episode_format="conversation", max_episode_tokens=400, scheduler=scheduler, env_workers=0,
                               sampler="tree" if estimator == "tree_grpo" else "chain"),
         model=ModelConfig(tiny_hidden_size=64, tiny_num_heads=1, tiny_num_kv_heads=1, tiny_intermediate_size=128),
-        trainer=TrainerConfig(total_steps=2, tasks_per_step=2, eval_episodes=2, lr=1e-3, shared_prefix="trie",
+        trainer=TrainerConfig(total_steps=2, tasks_per_step=2, eval_episodes=2, lr=1e-3, packing="trie",
                               warmup=WarmupConfig(steps=0)),
         logger=LoggerConfig(wandb="false", progress_bar=False),
     )
@@ -280,7 +280,7 @@ def test_warmup_demonstrations_are_conversations_that_extend_one_another():
     """The warm-up of a conversation run imitates conversations: each demonstration's
     prompt is the one before it, its answer (EOS included), the closing the template adds
     and the next observation, as a rollout would build it."""
-    from grpo_lab.training.warmup import conversation_demonstrations
+    from grpo_lab.rollout.demonstrations import conversation_demonstrations
 
     tok = chat_tokenizer("chatml")
     encoder = PromptEncoder(tok)

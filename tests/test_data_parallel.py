@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_lab.training.losses import LOSS_AGG_MODES
+from grpo_lab.losses import LOSS_AGG_MODES
 
 WORKER = Path(__file__).with_name("dp_worker.py")
 STRATEGIES = ("ddp", "fsdp")
@@ -41,7 +41,7 @@ def prepared(tmp_path_factory):
 
     from grpo_lab.advantages import compute_advantages
     from grpo_lab.config import WarmupConfig
-    from grpo_lab.training.trainer import Trainer
+    from grpo_lab.trainer import Trainer
 
     directory = tmp_path_factory.mktemp("dp")
     cfg = config("auto", output_dir=str(directory / "prepare"))

@@ -12,7 +12,7 @@ import pytest
 from grpo_lab.envs import make_env
 from grpo_lab.envs.dataset import DatasetEnv, load_rows, prompt_rows
 from grpo_lab.envs.rewards import exact_match, final_answer, format_reward, math_answer
-from grpo_lab.training.warmup import format_demonstrations, prompt_corpus
+from grpo_lab.rollout.demonstrations import format_demonstrations, prompt_corpus
 
 ROWS = [{"question": "What is 2+3?", "answer": "5", "level": 1},
         {"question": "What is 7*6?", "answer": "42", "level": 2},

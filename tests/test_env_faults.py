@@ -64,10 +64,10 @@ def test_register_env_as_a_decorator_and_from_entry_points(monkeypatch):
 
     ep = importlib.metadata.EntryPoint(name="plugin_test", value="fault_envs:Corridor", group="grpo_lab.envs")
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [ep] if group == "grpo_lab.envs" else [])
-    monkeypatch.setattr(envs_pkg, "_entry_points_loaded", False)
+    envs_pkg.ENVS.refresh_plugins()
     try:
         assert "plugin_test" in envs_pkg.env_names()
-        assert envs_pkg._ENVS["plugin_test"] == "fault_envs:Corridor"  # imported at first use, not at listing
+        assert envs_pkg.ENVS.registered("plugin_test").target == "fault_envs:Corridor"  # imported at first use, not at listing
         assert isinstance(make_env("plugin_test"), Corridor)
     finally:
         unregister_env("plugin_test")
@@ -263,7 +263,7 @@ def test_an_overlong_prompt_is_never_sent(tokenizer, policy):
 def test_truncate_history_drops_the_oldest_turns_first(tokenizer):
     """Hand-worked: window 3, a context that holds the observation and one past turn:
     the prompt shows exactly the newest turn."""
-    from grpo_lab.rollout.agent_loop import fit_prompt
+    from grpo_lab.rollout.formats import fit_prompt
     from grpo_lab.rollout.prompts import Turn, render_prompt
 
     encoder = PromptEncoder(tokenizer)

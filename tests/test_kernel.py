@@ -14,7 +14,8 @@ import torch
 triton = pytest.importorskip("triton")  # on CPU, conftest.py has switched on its interpreter
 
 from grpo_lab.kernels import shared_prefix_attention as spa  # noqa: E402
-from grpo_lab.training.shared_prefix import RowLayout, packed_attention_reference  # noqa: E402
+from grpo_lab.kernels.layouts import RowLayout  # noqa
+from grpo_lab.kernels.packed import packed_attention_reference  # noqa: E402
 
 LAYOUTS = [
     [RowLayout(5, (3, 7, 1))],  # one row, prefix shorter than a tile
@@ -267,7 +268,7 @@ def test_missing_cuda_is_a_clear_error(monkeypatch, tmp_path):
         pytest.skip("CUDA is present")
     from grpo_lab.config import Config, ConfigError, TrainerConfig
     from grpo_lab.training.shared_prefix import check_attention_backend
-    from grpo_lab.training.trainer import Trainer
+    from grpo_lab.trainer import Trainer
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="CUDA"):

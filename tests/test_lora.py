@@ -70,7 +70,7 @@ def test_a_backend_without_an_adapter_refuses_one(tiny_model, tokenizer):
 @pytest.mark.slow
 def test_lora_training_run_changes_only_the_adapter(tmp_path):
     from grpo_lab.config import AlgoConfig, Config, EnvConfig, LoggerConfig, ModelConfig, TrainerConfig, WarmupConfig
-    from grpo_lab.training.trainer import Trainer
+    from grpo_lab.trainer import Trainer
 
     config = Config(
         algo=AlgoConfig(group_size=4, kl_coef=0.01),

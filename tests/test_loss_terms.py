@@ -12,7 +12,7 @@ import torch
 from grpo_lab.config import AlgoConfig
 from grpo_lab.data import RolloutBatch
 from grpo_lab.training.forward import response_logprobs
-from grpo_lab.training.losses import aggregate, behaviour_weights, clipped_policy_loss, kl_penalty, LossScale
+from grpo_lab.losses import aggregate, behaviour_weights, clipped_policy_loss, kl_penalty, LossScale
 from grpo_lab.training.step import informative_rows, policy_gradient_backward
 
 
@@ -99,7 +99,7 @@ def test_a_reused_rows_gradient_weight_is_its_truncated_ratio(tiny_model):
     )
     adv = torch.tensor([-0.5, 1.0])
     tiny_model.zero_grad(set_to_none=True)
-    policy_gradient_backward(tiny_model, batch, torch.arange(2), adv, None, AlgoConfig(off_policy_is_cap=2.0),
+    policy_gradient_backward(tiny_model, batch, torch.arange(2), adv, None, AlgoConfig(off_policy_is_cap=2.0).objective(),
                              micro_batch_size=2, max_tokens=3)
     got = [p.grad.clone() for p in tiny_model.parameters()]
     # by hand: token-mean over 6 tokens of -A * w * log pi, w = 1 on the fresh row, min(ratio, 2) on the reused one
@@ -123,7 +123,7 @@ def test_entropy_bonus_trains_every_row_and_has_the_entropy_gradient(tiny_model)
     )
     zero = torch.zeros(2)  # no advantage anywhere: only the entropy term trains
     tiny_model.zero_grad(set_to_none=True)
-    metrics = policy_gradient_backward(tiny_model, batch, torch.arange(2), zero, None, AlgoConfig(entropy_coef=0.1),
+    metrics = policy_gradient_backward(tiny_model, batch, torch.arange(2), zero, None, AlgoConfig(entropy_coef=0.1).objective(),
                                        micro_batch_size=1, max_tokens=4)
     assert metrics["entropy"][0] > 0
     got = [p.grad.clone() for p in tiny_model.parameters()]

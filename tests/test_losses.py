@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo_lab.training.losses import LOSS_AGG_MODES, LossScale, aggregate, clipped_policy_loss
+from grpo_lab.losses import LOSS_AGG_MODES, LossScale, aggregate, clipped_policy_loss
 
 
 def hand_example():
@@ -128,7 +128,7 @@ def test_gspo_sequence_ratio_by_hand():
 
 
 def test_reinforce_loss_by_hand():
-    from grpo_lab.training.losses import reinforce_loss
+    from grpo_lab.losses import reinforce_loss
 
     logp = torch.tensor([[-1.0, -2.0], [-0.5, -4.0]], dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
@@ -140,7 +140,7 @@ def test_reinforce_loss_by_hand():
 
 
 def test_kl_estimators_by_hand():
-    from grpo_lab.training.losses import kl_penalty
+    from grpo_lab.losses import kl_penalty
 
     logp, ref = torch.tensor([[0.0, -1.0]]), torch.tensor([[-0.5, -0.5]])
     # d = logp - ref = 0.5, -0.5
@@ -154,7 +154,7 @@ def test_kl_estimators_by_hand():
 
 
 def test_truncated_is_weights_by_hand():
-    from grpo_lab.training.losses import truncated_is_weights
+    from grpo_lab.losses import truncated_is_weights
 
     old = torch.log(torch.tensor([[0.5, 0.9, 0.3]]))
     rollout = torch.log(torch.tensor([[0.25, 0.9, 0.05]]))

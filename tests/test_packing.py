@@ -62,6 +62,15 @@ def test_rows_that_share_nothing_never_take_the_trie():
 def test_names_resolve_once_and_bad_names_list_the_valid_ones():
     assert get_packing("true") is PACKINGS["group"] and get_packing("false") is PACKINGS["none"]
     assert get_packing(PACKINGS["trie"]) is PACKINGS["trie"]
-    assert TrainerConfig().validate() is None and TrainerConfig().shared_prefix == "auto"
-    with pytest.raises(ConfigError, match=r"trainer.shared_prefix='nope'.*\['none', 'group', 'trie', 'auto'\]"):
-        TrainerConfig(shared_prefix="nope").validate()
+    assert TrainerConfig().validate() is None and TrainerConfig().packing == "auto"
+    with pytest.raises(ConfigError, match=r"trainer.packing='nope'.*\['auto', 'group', 'none', 'trie'\]"):
+        TrainerConfig(packing="nope").validate()
+
+
+def test_the_old_key_shared_prefix_is_read_as_packing_with_a_warning():
+    tc = TrainerConfig(shared_prefix="trie")
+    with pytest.warns(FutureWarning, match="trainer.shared_prefix is now trainer.packing"):
+        tc.validate()
+    assert tc.packing == "trie" and tc.shared_prefix is None
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="trainer.shared_prefix='group'"):
+        TrainerConfig(packing="trie", shared_prefix="group").validate()

@@ -66,7 +66,7 @@ def test_reported_ks_and_counts():
 def test_evaluation_reports_pass_at_k_over_the_real_rollout(tmp_path):
     from test_train_e2e import small_config
 
-    from grpo_lab.training.trainer import Trainer
+    from grpo_lab.trainer import Trainer
 
     config = small_config(eval_samples=4)
     config.trainer.eval_episodes = 16

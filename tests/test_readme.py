@@ -52,7 +52,7 @@ BUDGET = {"trainer.total_steps": "1", "trainer.tasks_per_step": "2", "trainer.ev
 @pytest.mark.slow
 def test_every_readme_command_line_starts_and_trains_a_step(tmp_path):
     """In order (the resume example continues the checkpoint example's run directory)."""
-    from grpo_lab.training.trainer import Trainer
+    from grpo_lab.trainer import Trainer
 
     if not torch.cuda.is_available():  # vLLM's CPU engine, small and in this process
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -23,7 +23,7 @@ from grpo_lab.training.checkpoint import list_checkpoints
 from grpo_lab.training.resume import read_metrics
 from grpo_lab.training.stop import Abandon, EnvFaultRateExceeded, RunStopped, StopSignals, TrainingInterrupted
 from grpo_lab.training.resume import RunDirectoryError
-from grpo_lab.training.trainer import Trainer
+from grpo_lab.trainer import Trainer
 
 for _name, _factory in (("faulty_lake", FaultyLake), ("sigterm_lake", SigtermLake), ("verbose_lake", VerboseLake)):
     if _name not in env_names():
@@ -133,7 +133,7 @@ def test_steps_that_train_nothing_are_shown_counted_and_warned_about(tmp_path, c
 
 
 def test_the_likely_cause_follows_the_success_rate():
-    from grpo_lab.training.trainer import no_signal_warning
+    from grpo_lab.trainer import no_signal_warning
 
     steps = lambda rate: [{"step": s, "success_rate": rate} for s in (5, 6, 7)]  # noqa: E731
     assert "too hard" in no_signal_warning(steps(0.0)) and "steps 5-7" in no_signal_warning(steps(0.0))

@@ -14,9 +14,9 @@ from grpo_lab.config import AlgoConfig, Config, EnvConfig, LoggerConfig, ModelCo
 from grpo_lab.envs import make_env
 from grpo_lab.rollout.env_pool import EnvRunner, EnvSpec
 from grpo_lab.training.forward import response_logprobs
-from grpo_lab.training.setup import build_model
-from grpo_lab.training.trainer import Trainer
-from grpo_lab.training.warmup import format_demonstrations, prompt_corpus
+from grpo_lab.build import build_model
+from grpo_lab.trainer import Trainer
+from grpo_lab.rollout.demonstrations import format_demonstrations, prompt_corpus
 
 #: environments whose texts the saved tokenizer must encode as the run's does (digits,
 #: grids, tags, names, punctuation)

@@ -12,12 +12,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from grpo_lab.training.forward import response_logprobs
+from grpo_lab.kernels.layouts import RowLayout
+from grpo_lab.kernels.packed import packed_attention_reference
 from grpo_lab.training.shared_prefix import (
-    RowLayout,
     common_prefix_length,
     enable_shared_prefix,
     groups_by_prompt,
-    packed_attention_reference,
     shared_prefix_logprobs,
 )
 

@@ -12,7 +12,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from grpo_lab.training.forward import response_logprobs
-from grpo_lab.training.shared_prefix import enable_shared_prefix, shared_prefix_logprobs, verify_shared_prefix
+from grpo_lab.training.shared_prefix import enable_shared_prefix, shared_prefix_logprobs
+from grpo_lab.training.verify import verify_shared_prefix
 from grpo_lab.training.trie import trie_logprobs
 
 VOCAB = 97
@@ -101,7 +102,7 @@ def test_family_is_exact(arch, dtype):
 
 @pytest.mark.parametrize("arch", REFUSED_AT_ENABLE)
 def test_family_is_refused_when_enabled(arch):
-    with pytest.raises(NotImplementedError, match=f"'{arch}' model.*trainer.shared_prefix=none"):
+    with pytest.raises(NotImplementedError, match=f"'{arch}' model.*trainer.packing=none"):
         enable_shared_prefix(build(arch, torch.float32))
 
 
@@ -109,7 +110,7 @@ def test_family_is_refused_when_enabled(arch):
 def test_family_is_refused_at_the_forward_and_by_the_probe(arch):
     model = enable_shared_prefix(build(arch, torch.float32))
     prompts, responses = rows()
-    with pytest.raises(NotImplementedError, match="trainer.shared_prefix=none|another attention implementation"):
+    with pytest.raises(NotImplementedError, match="trainer.packing=none|another attention implementation"):
         shared_prefix_logprobs(model, prompts, responses)
     with pytest.raises(NotImplementedError):
         verify_shared_prefix(model)

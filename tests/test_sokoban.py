@@ -106,7 +106,7 @@ def test_three_training_steps_on_sokoban(tmp_path):
     from hydra import compose, initialize_config_module
 
     from grpo_lab.train import build_config
-    from grpo_lab.training.trainer import Trainer
+    from grpo_lab.trainer import Trainer
 
     overrides = ["env=sokoban", "algo.group_size=4", "trainer.total_steps=3", "trainer.tasks_per_step=2",
                  "trainer.eval_episodes=2", "trainer.warmup.steps=5", "trainer.warmup.episodes=10",

@@ -19,7 +19,7 @@ def train(tmp_path, overrides):
     from hydra import compose, initialize_config_module
 
     from grpo_lab.train import build_config
-    from grpo_lab.training.trainer import Trainer
+    from grpo_lab.trainer import Trainer
 
     with initialize_config_module(config_module="grpo_lab.configs", version_base="1.3"):
         config = build_config(compose(config_name="config", overrides=overrides + SMALL))

@@ -54,7 +54,7 @@ def test_a_tag_that_is_not_a_name_is_refused():
 def test_an_environment_registered_by_path_is_imported_at_first_use():
     register_env("lazy_probe", "fault_envs:Corridor")
     try:
-        assert envs._ENVS["lazy_probe"] == "fault_envs:Corridor"
+        assert envs.ENVS.registered("lazy_probe").target == "fault_envs:Corridor"
         from fault_envs import Corridor
 
         assert get_env_factory("lazy_probe") is Corridor

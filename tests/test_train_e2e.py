@@ -9,7 +9,7 @@ import torch
 
 from grpo_lab.config import Config, EnvConfig, ModelConfig, TrainerConfig, WarmupConfig, AlgoConfig, LoggerConfig
 from grpo_lab.training.resume import RunDirectoryError
-from grpo_lab.training.trainer import Trainer
+from grpo_lab.trainer import Trainer
 
 STEP_KEYS = {
     "step", "reward_mean", "success_rate", "episode_length", "invalid_action_rate", "num_rows", "response_tokens",
@@ -84,7 +84,7 @@ def test_micro_batch_size_does_not_change_the_gradient(tmp_path):
     grads = []
     for micro in (len(batch), 3, 1):
         trainer.model.zero_grad(set_to_none=True)
-        policy_gradient_backward(trainer.model, batch, rows, adv, None, AlgoConfig(), micro_batch_size=micro,
+        policy_gradient_backward(trainer.model, batch, rows, adv, None, AlgoConfig().objective(), micro_batch_size=micro,
                                  max_tokens=16, pad_id=trainer.pad_id)
         grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
@@ -181,9 +181,9 @@ def test_mini_batch_without_signal_makes_no_gradient(tiny_model):
         done=[True, True], valid_action=[True, True], anchor=["s", "s"],
     )
     kwargs = dict(micro_batch_size=1, max_tokens=3)
-    assert policy_gradient_backward(tiny_model, batch, torch.arange(2), torch.zeros(2), None, AlgoConfig(), **kwargs) == {}
+    assert policy_gradient_backward(tiny_model, batch, torch.arange(2), torch.zeros(2), None, AlgoConfig().objective(), **kwargs) == {}
     assert all(p.grad is None for p in tiny_model.parameters())
-    metrics = policy_gradient_backward(tiny_model, batch, torch.arange(2), torch.zeros(2), None, AlgoConfig(), **kwargs,
+    metrics = policy_gradient_backward(tiny_model, batch, torch.arange(2), torch.zeros(2), None, AlgoConfig().objective(), **kwargs,
                                        extras={"global_advantages": torch.ones(2), "local_weight": torch.zeros(2)})
     assert metrics and any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in tiny_model.parameters())
 
@@ -210,7 +210,7 @@ def _one_batch():
 def test_every_loss_option_is_micro_batch_invariant(tiny_model, settings):
     """The accumulated gradient is the same for micro-batches of 4, 2 and 1 rows."""
     from grpo_lab.training.step import policy_gradient_backward
-    from grpo_lab.training.trainer import frozen_copy
+    from grpo_lab.trainer import frozen_copy
 
     batch = _one_batch()
     ref = frozen_copy(tiny_model)
@@ -221,7 +221,7 @@ def test_every_loss_option_is_micro_batch_invariant(tiny_model, settings):
     grads = []
     for micro in (4, 2, 1):
         tiny_model.zero_grad(set_to_none=True)
-        metrics = policy_gradient_backward(tiny_model, batch, torch.arange(4), adv, None, AlgoConfig(**settings),
+        metrics = policy_gradient_backward(tiny_model, batch, torch.arange(4), adv, None, AlgoConfig(**settings).objective(),
                                            micro_batch_size=micro, max_tokens=8, ref_model=ref)
         grads.append(torch.cat([p.grad.flatten() for p in tiny_model.parameters()]))
     assert grads[0].abs().sum() > 0
@@ -269,8 +269,8 @@ def test_shared_prefix_step_gives_the_plain_gradient(tiny_model):
     grads = []
     for shared_prefix, micro in ((False, 8), (True, 8), (True, 3)):
         tiny_model.zero_grad(set_to_none=True)
-        policy_gradient_backward(tiny_model, batch, torch.randperm(8, generator=g), adv, None, AlgoConfig(),
-                                 micro_batch_size=micro, max_tokens=8, shared_prefix=shared_prefix)
+        policy_gradient_backward(tiny_model, batch, torch.randperm(8, generator=g), adv, None, AlgoConfig().objective(),
+                                 micro_batch_size=micro, max_tokens=8, packing=shared_prefix)
         grads.append(torch.cat([p.grad.flatten() for p in tiny_model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
     assert torch.allclose(grads[0], grads[2], atol=1e-6, rtol=1e-4)

@@ -33,7 +33,7 @@ def small_config(**trainer) -> Config:
 @pytest.fixture(scope="module")
 def rollout(tmp_path_factory):
     """A warmed-up tiny model and a batch from the real sampler, with learning signal."""
-    from grpo_lab.training.trainer import Trainer
+    from grpo_lab.trainer import Trainer
 
     cfg = small_config(output_dir=str(tmp_path_factory.mktemp("features")))
     trainer = Trainer(cfg)
@@ -51,7 +51,7 @@ def rollout(tmp_path_factory):
 def gradients(model, batch, adv, algo, **kwargs) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     model.train()
-    policy_gradient_backward(model, batch, torch.arange(len(batch)), adv, None, algo, micro_batch_size=5,
+    policy_gradient_backward(model, batch, torch.arange(len(batch)), adv, None, algo.objective(), micro_batch_size=5,
                              max_tokens=12, **kwargs)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -64,8 +64,8 @@ def test_gradient_checkpointing_gives_the_same_gradient(rollout, shared_prefix):
     plain, checkpointed = copy.deepcopy(trainer.model), copy.deepcopy(trainer.model)
     enable_gradient_checkpointing(checkpointed)
     assert checkpointed.is_gradient_checkpointing
-    a = gradients(plain, batch, adv, trainer.config.algo, shared_prefix=shared_prefix)
-    b = gradients(checkpointed, batch, adv, trainer.config.algo, shared_prefix=shared_prefix)
+    a = gradients(plain, batch, adv, trainer.config.algo, packing=shared_prefix)
+    b = gradients(checkpointed, batch, adv, trainer.config.algo, packing=shared_prefix)
     assert a.keys() == b.keys() and a
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7, msg=name)
@@ -122,6 +122,7 @@ def test_the_trainer_steps_its_schedule_once_per_optimizer_step(rollout):
     the logged ``lr`` is the one the last optimizer step used, and it falls as a hand
     count says."""
     trainer, batch, adv = rollout
+    from grpo_lab.training.packing import PACKINGS
     from grpo_lab.training.update import PolicyUpdate, build_optimizer
 
     cfg = copy.deepcopy(trainer.config)
@@ -129,7 +130,11 @@ def test_the_trainer_steps_its_schedule_once_per_optimizer_step(rollout):
     model = copy.deepcopy(trainer.model)
     opt = build_optimizer(model, 1e-3, 0.0)
     sched = build_lr_scheduler(opt, "linear", 0, cfg.trainer.optimizer_steps())
-    update = PolicyUpdate(model, opt, sched, cfg, trainer.pad_id, torch.device("cpu"))
+    tc = cfg.trainer
+    update = PolicyUpdate(model, opt, sched, cfg.algo.objective(), PACKINGS[tc.packing], trainer.pad_id,
+                          torch.device("cpu"), epochs=tc.epochs_per_batch, minibatches=tc.minibatches_per_epoch,
+                          micro_batch_size=tc.micro_batch_size, max_tokens=cfg.rollout.max_new_tokens,
+                          temperature=cfg.rollout.temperature, seed=tc.seed)
     seen = [update(batch, adv)["lr"] for _ in range(2)]
     assert seen == pytest.approx([1e-3 * 7 / 8, 1e-3 * 5 / 8])  # 2 optimizer steps per batch, 8 in all
 
@@ -138,7 +143,7 @@ def test_samplers_sit_behind_a_registry():
     assert {"chain", "tree", "adaptive"} <= set(sampler_names())
     with pytest.raises(ValueError, match="already registered"):
         register_sampler("chain")(lambda ctx, seeds, ids: None)
-    with pytest.raises(KeyError, match="valid samplers.*adaptive.*chain.*tree"):
+    with pytest.raises(KeyError, match="valid names.*adaptive.*chain.*tree"):
         get_sampler("beam")
     with pytest.raises(ConfigError, match="rollout.sampler.*'beam'"):
         Config(rollout=RolloutConfig(sampler="beam")).validate()
@@ -162,7 +167,7 @@ def test_step_records_are_reduced_over_ranks(monkeypatch):
 def test_data_parallel_settings_are_refused_before_any_process_group(monkeypatch, tmp_path):
     """Under a launcher of 3 processes, 4 tasks per step cannot be split into whole
     groups; LoRA with FSDP is refused; both before anything starts."""
-    from grpo_lab.training.trainer import Trainer
+    from grpo_lab.trainer import Trainer
 
     already = torch.distributed.is_initialized()  # an in-process vLLM engine of an earlier test may have made one
     monkeypatch.setenv("WORLD_SIZE", "3")

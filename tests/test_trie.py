@@ -7,7 +7,7 @@
 - Log-probs, entropies and every parameter gradient equal the plain forward's, in float64,
   for Qwen2, Qwen3, Llama and NanoChat, on what the pipeline makes: groups, conversation
   episodes of 10 turns from the real agent loop, and tree-sampled batches; through the
-  update step (``shared_prefix="trie"`` against ``"none"``).
+  update step (``packing="trie"`` against ``"none"``).
 - The Triton kernel, in the interpreter, against the reference on fresh random tries with
   poisoned buffers, and inside a model.
 """
@@ -28,8 +28,11 @@ from grpo_lab.rollout import AgentLoopConfig, PromptEncoder, SamplingParams
 from grpo_lab.rollout.backends.hf import HFBackend
 from grpo_lab.rollout.tree import TreeSamplerConfig, sample_trees
 from grpo_lab.training.forward import response_logprobs
-from grpo_lab.training.shared_prefix import enable_shared_prefix, masked_attention, verify_shared_prefix
-from grpo_lab.training.trie import TrieLayout, build_trie, trie_logprobs
+from grpo_lab.kernels.attention import masked_attention
+from grpo_lab.training.shared_prefix import enable_shared_prefix
+from grpo_lab.training.verify import verify_shared_prefix
+from grpo_lab.kernels.layouts import TrieLayout
+from grpo_lab.training.trie import build_trie, trie_logprobs
 
 FAMILIES = ["qwen2", "qwen3", "llama", "nanochat"]
 
@@ -261,8 +264,8 @@ def test_update_step_with_trie_packing_gives_the_plain_gradient(conversation_row
     for mode, micro, tokens in (("none", 64, None), ("trie", 64, None), ("trie", 7, None), ("trie", 64, 300),
                                 ("group", 64, None), ("auto", 64, None), ("auto", 3, None)):
         model.zero_grad(set_to_none=True)
-        policy_gradient_backward(model, batch, torch.arange(len(batch)), adv, None, algo, micro_batch_size=micro,
-                                 micro_batch_tokens=tokens, max_tokens=5, shared_prefix=mode, ref_model=ref)
+        policy_gradient_backward(model, batch, torch.arange(len(batch)), adv, None, algo.objective(), micro_batch_size=micro,
+                                 micro_batch_tokens=tokens, max_tokens=5, packing=mode, ref_model=ref)
         grads[(mode, micro, tokens)] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     base = grads[("none", 64, None)]
     for key, g in grads.items():
@@ -357,15 +360,16 @@ def test_micro_batches_cut_by_tokens_count_what_the_trie_adds():
 
 
 def test_old_logprobs_of_several_passes_come_through_the_trie_and_equal_the_plain_ones(conversation_rows):
-    from grpo_lab.config import Config, TrainerConfig
+    from grpo_lab.losses import POLICY_LOSSES, Objective
+    from grpo_lab.training.packing import PACKINGS
     from grpo_lab.training.update import PolicyUpdate
 
     vocab, batch = conversation_rows
     model = family_model("llama", vocab)
     out = {}
     for mode in ("none", "trie", "group", "auto"):
-        config = Config(trainer=TrainerConfig(shared_prefix=mode, micro_batch_size=16, micro_batch_tokens=500))
-        update = PolicyUpdate(model, torch.optim.SGD(model.parameters(), lr=0.0), None, config, 0, torch.device("cpu"))
+        update = PolicyUpdate(model, torch.optim.SGD(model.parameters(), lr=0.0), None, Objective(POLICY_LOSSES["ppo_clip"]),
+                              PACKINGS[mode], 0, torch.device("cpu"), micro_batch_size=16, micro_batch_tokens=500)
         out[mode] = update.logprobs_no_grad(batch)
     for mode in ("trie", "group", "auto"):
         assert [x.shape for x in out["none"]] == [x.shape for x in out[mode]]

@@ -250,7 +250,7 @@ def test_training_run_on_the_vllm_backend(tmp_path):
     import json
 
     from grpo_lab.config import AlgoConfig, Config, EnvConfig, LoggerConfig, ModelConfig, RolloutConfig, TrainerConfig, WarmupConfig
-    from grpo_lab.training.trainer import Trainer
+    from grpo_lab.trainer import Trainer
 
     config = Config(
         algo=AlgoConfig(group_size=4, kl_coef=0.01),  # the KL term makes every step update

@@ -45,7 +45,6 @@ import torch
 from torch import Tensor
 
 from .grouping import (
-    dense_ids,
     discounted_returns,
     episode_weights,
     group_moments,

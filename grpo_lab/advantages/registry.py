@@ -1,4 +1,4 @@
-"""The estimator registry: pure functions registered by name with a decorator.
+"""The estimator and modifier registries: pure functions registered by name with a decorator.
 
 An estimator takes an :class:`AdvantageInputs` and keyword hyper-parameters and returns
 an :class:`AdvantageOutput`. It knows nothing of models, tokenizers or environments.
@@ -12,6 +12,8 @@ from typing import Any, Callable, Hashable, Sequence
 
 import torch
 from torch import Tensor
+
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -94,11 +96,6 @@ def _check_params(name: str, fn: Callable[..., Any], params: dict[str, Any]) -> 
         raise TypeError(f"{name!r} got unknown parameters {unknown}; it accepts {keyword_parameters(fn)}")
 
 
-def _first_line(fn: Callable[..., Any]) -> str:
-    doc = inspect.getdoc(fn) or ""
-    return doc.splitlines()[0] if doc else ""
-
-
 @dataclass(frozen=True)
 class Registered:
     """A registered estimator or modifier: calling it checks the hyper-parameter names."""
@@ -114,35 +111,10 @@ class Registered:
 
 Estimator = Modifier = Registered
 
-
-class Registry:
-    """Names to functions; a taken name raises on registration, an unknown one on lookup."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self._entries: dict[str, Registered] = {}
-
-    def register(self, name: str) -> Callable[[EstimatorFn], EstimatorFn]:
-        def decorator(fn: EstimatorFn) -> EstimatorFn:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is already registered (by {self._entries[name].fn.__module__})")
-            self._entries[name] = Registered(name=name, fn=fn, description=_first_line(fn))
-            return fn
-
-        return decorator
-
-    def get(self, name: str) -> Registered:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; valid names: {sorted(self._entries)}") from None
-
-    def descriptions(self) -> dict[str, str]:
-        return {name: entry.description for name, entry in sorted(self._entries.items())}
-
-
-ESTIMATORS = Registry("advantage estimator")
-MODIFIERS = Registry("advantage modifier")
+#: ``fn(inputs, **params) -> AdvantageOutput``, by ``algo.estimator``
+ESTIMATORS: Registry[EstimatorFn] = Registry("estimators", "algo.estimator", "advantage estimator")
+#: ``fn(advantages, inputs, **params) -> AdvantageOutput``, by ``algo.modifiers``
+MODIFIERS: Registry[EstimatorFn] = Registry("modifiers", "algo.modifiers", "advantage modifier")
 
 
 def register_estimator(name: str) -> Callable[[EstimatorFn], EstimatorFn]:
@@ -151,9 +123,14 @@ def register_estimator(name: str) -> Callable[[EstimatorFn], EstimatorFn]:
     return ESTIMATORS.register(name)
 
 
+def _registered(registry: Registry, name: str) -> Registered:
+    entry = registry.entry(name)
+    return Registered(name=name, fn=entry.target, description=entry.description)
+
+
 def get_estimator(name: str) -> Registered:
     """The estimator registered as ``name``; ``KeyError`` listing the valid names otherwise."""
-    return ESTIMATORS.get(name)
+    return _registered(ESTIMATORS, name)
 
 
 def list_estimators() -> dict[str, str]:
@@ -169,7 +146,7 @@ def register_modifier(name: str) -> Callable[[EstimatorFn], EstimatorFn]:
 
 def get_modifier(name: str) -> Registered:
     """The modifier registered as ``name``; ``KeyError`` listing the valid names otherwise."""
-    return MODIFIERS.get(name)
+    return _registered(MODIFIERS, name)
 
 
 def list_modifiers() -> dict[str, str]:

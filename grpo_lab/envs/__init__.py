@@ -21,18 +21,43 @@ not a lambda).
 
 from __future__ import annotations
 
-import importlib
 import inspect
-from typing import Any, Callable, TypeVar, Union, overload
+import sys
+from typing import Any, Callable, TypeVar, overload
 
+from ..registry import Registry
 from .base import ACTION_FORMAT, Env, Observation, StepResult, TextFormat, text_format_of
 from .frozenlake import FrozenLakeEnv
 from .sokoban import SokobanEnv
 
 ENTRY_POINT_GROUP = "grpo_lab.envs"
 
-_ENVS: dict[str, Union[Callable[..., Env], str]] = {}  # a factory, or its "module:attribute" path
-_entry_points_loaded = False
+
+def _check_factory(name: str, factory: Any) -> None:
+    if not callable(factory):
+        raise TypeError(f"register_env({name!r}, ...): the factory must be callable, got {factory!r}")
+
+
+def _describe(factory: Any) -> str:
+    """The first line of the factory's docstring, or of its module's when it defers to it."""
+    doc = (inspect.getdoc(factory) or "").strip()
+    if not doc or doc.startswith("See the module docstring"):
+        doc = inspect.getdoc(sys.modules.get(getattr(factory, "__module__", ""), None)) or ""
+    return doc.splitlines()[0].strip() if doc.strip() else ""
+
+
+def _options(factory: Any) -> tuple[str, ...]:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    return tuple(f"{p.name}={p.default!r}" if p.default is not p.empty else f"{p.name} (required)" for p in params
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+#: environment factories by ``env.name`` (entry-point group ``grpo_lab.envs``)
+ENVS: Registry[Callable[..., Env]] = Registry("envs", "env.name", "environment", options=_options, check=_check_factory,
+                                              describe=_describe)
 
 F = TypeVar("F", bound=Callable[..., Env])
 
@@ -51,73 +76,18 @@ def register_env(name: str, factory: Callable[..., Env] | str | None = None):
     """Register ``factory`` (a class or a function returning an :class:`Env`, or its
     import path ``"package.module:attribute"``, imported at first use) as ``name``; usable
     as a decorator. A name registered twice raises ``ValueError``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"an environment name must be a non-empty string, got {name!r}")
-
-    def add(f: F) -> F:
-        if isinstance(f, str):
-            if f.count(":") != 1 or not all(f.split(":")):
-                raise ValueError(f"register_env({name!r}, {f!r}): an import path must read 'package.module:attribute'")
-        elif not callable(f):
-            raise TypeError(f"register_env({name!r}, ...): the factory must be callable, got {f!r}")
-        if name in _ENVS:
-            raise ValueError(f"environment {name!r} is already registered (by {_qualname(_ENVS[name])}); "
-                             "choose another name")
-        _ENVS[name] = f
-        return f
-
-    return add if factory is None else add(factory)
+    return ENVS.register(name, factory)
 
 
 def unregister_env(name: str) -> None:
     """Remove ``name`` from the registry (tests and notebooks that re-register)."""
-    _ENVS.pop(name, None)
-
-
-def _qualname(f: Any) -> str:
-    if isinstance(f, str):
-        return f.replace(":", ".")
-    return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}"
-
-
-def _resolve(name: str, path: str) -> Callable[..., Env]:
-    module, attribute = path.split(":")
-    try:
-        factory = getattr(importlib.import_module(module), attribute)
-    except ImportError as err:
-        raise ImportError(f"environment {name!r} could not be imported from {path}: {err}") from err
-    except AttributeError:
-        raise ImportError(f"environment {name!r}: module {module} has no attribute {attribute!r}") from None
-    if not callable(factory):
-        raise TypeError(f"environment {name!r}: {path} is not callable")
-    return factory
-
-
-def _load_entry_points() -> None:
-    """Register the environments that installed packages declare in the
-    ``grpo_lab.envs`` entry-point group (once; a name taken already is skipped)."""
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in _ENVS:
-            _ENVS[ep.name] = ep.value if ep.value.count(":") == 1 and " " not in ep.value else ep.load()
+    ENVS.unregister(name)
 
 
 def get_env_factory(name: str) -> Callable[..., Env]:
     """The factory registered as ``name``; an unknown name raises ``ValueError`` listing
     the valid ones."""
-    if name not in _ENVS:
-        _load_entry_points()
-    if name not in _ENVS:
-        raise ValueError(f"unknown environment {name!r}; valid names: {env_names()}")
-    factory = _ENVS[name]
-    if isinstance(factory, str):
-        factory = _ENVS[name] = _resolve(name, factory)
-    return factory
+    return ENVS.get(name)
 
 
 def make_env(name: str, /, **kwargs: Any) -> Env:
@@ -137,8 +107,7 @@ def env_options(name: str) -> tuple[list[inspect.Parameter], bool]:
 
 
 def env_names() -> list[str]:
-    _load_entry_points()
-    return sorted(_ENVS)
+    return ENVS.names()
 
 
 register_env("frozenlake", FrozenLakeEnv)
@@ -152,4 +121,4 @@ register_env("webshop", "grpo_lab.envs.webshop:WebShopEnv")
 
 __all__ = ["Env", "Observation", "StepResult", "TextFormat", "ACTION_FORMAT", "text_format_of", "FrozenLakeEnv",
            "SokobanEnv", "make_env", "env_names", "env_options", "register_env", "unregister_env", "get_env_factory",
-           "ENTRY_POINT_GROUP"]
+           "ENTRY_POINT_GROUP", "ENVS"]

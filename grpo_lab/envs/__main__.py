@@ -3,32 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import inspect
-import sys
 from typing import Sequence
 
-from . import _ENVS, env_names, env_options, get_env_factory
+from . import ENVS, env_names
 
 
 def describe(name: str) -> str:
     """A few lines on one environment: where it lives, its first docstring line, and its
     keyword options with their defaults (or why it cannot be imported here)."""
-    registered = _ENVS.get(name)
-    where = registered.replace(":", ".") if isinstance(registered, str) else None
+    where = ENVS.registered(name).where
     try:
-        factory = get_env_factory(name)
+        entry = ENVS.entry(name)
     except ImportError as err:
         return f"{name}  ({where})\n    unavailable here: {str(err).splitlines()[0]}"
-    where = where or f"{factory.__module__}.{getattr(factory, '__qualname__', factory)}"
-    module_doc = inspect.getdoc(sys.modules.get(factory.__module__)) or ""
-    doc = (inspect.getdoc(factory) or "").strip()
-    if not doc or doc.startswith("See the module docstring"):
-        doc = module_doc
-    lines = [f"{name}  ({where})"]
-    if doc:
-        lines.append(f"    {doc.splitlines()[0]}")
-    options = [f"{p.name}={p.default!r}" if p.default is not p.empty else f"{p.name} (required)"
-               for p in env_options(name)[0]]
+    lines = [f"{name}  ({entry.where})"]
+    if entry.description:
+        lines.append(f"    {entry.description}")
+    options = ENVS.options(name)
     lines.append("    options (env.kwargs): " + (", ".join(options) if options else "none"))
     return "\n".join(lines)
 

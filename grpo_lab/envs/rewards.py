@@ -27,6 +27,8 @@ import string
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
+from ..registry import Registry
+
 RewardFn = Callable[[str, str, Mapping[str, Any]], float]
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -100,8 +102,12 @@ def format_reward(prompt: str, completion: str, row: Mapping[str, Any], answer_c
     return float(FORMAT_RE.match(completion) is not None)
 
 
-BUILTIN_REWARDS: dict[str, Callable[..., float]] = {"exact_match": exact_match, "math": math_answer,
-                                                    "format": format_reward}
+#: the built-in reward functions by name (``env.kwargs.rewards``); a user's are ``module:function``
+BUILTIN_REWARDS: Registry[Callable[..., float]] = Registry("rewards", "env.kwargs.rewards", "built-in reward",
+                                                           options=lambda fn: ("answer_column='answer'",))
+BUILTIN_REWARDS.register("exact_match", exact_match)
+BUILTIN_REWARDS.register("math", math_answer)
+BUILTIN_REWARDS.register("format", format_reward)
 #: the built-in rewards that read the row's answer column
 ANSWER_REWARDS = ("exact_match", "math")
 
@@ -110,9 +116,9 @@ def resolve_reward(spec: str) -> Callable[..., float]:
     """The reward function named by ``spec``: a built-in name or ``module:function``. The
     working directory is searched after ``sys.path``, as ``python -m`` would."""
     if spec in BUILTIN_REWARDS:
-        return BUILTIN_REWARDS[spec]
+        return BUILTIN_REWARDS.get(spec)
     if spec.count(":") != 1 or not all(spec.split(":")):
-        raise ValueError(f"reward {spec!r} is neither a built-in ({sorted(BUILTIN_REWARDS)}) nor 'module:function'")
+        raise ValueError(f"reward {spec!r} is neither a built-in ({BUILTIN_REWARDS.names()}) nor 'module:function'")
     module_name, attribute = spec.split(":")
     try:
         module = importlib.import_module(module_name)

@@ -22,7 +22,7 @@ is a compile-time option of every pass; its backward multiplies by ``1 - tanh^2`
 
 Layout (varlen, like flash-attention's ``cu_seqlens``): ``q`` ``[T, H, D]``, ``k``/``v``
 ``[T, Hkv, D]`` hold the packed rows; the rows are described by
-:class:`~grpo_lab.training.shared_prefix.RowLayout` entries (prefix length and member
+:class:`~grpo_lab.kernels.layouts.RowLayout` entries (prefix length and member
 lengths) and start back to back from token 0, or at ``row_starts`` (padded rows, as a
 ``[B, L]`` batch flattened to ``[B*L]``). Tokens outside every row get zero output and
 zero gradients. Grouped-query attention: ``H`` a multiple of ``Hkv``.

@@ -1,6 +1,6 @@
 """Trie attention as a Triton kernel (forward and backward), and its PyTorch reference.
 
-A packed trie (:class:`~grpo_lab.training.trie.TrieLayout`) lays its nodes out in
+A packed trie (:class:`~grpo_lab.kernels.layouts.TrieLayout`) lays its nodes out in
 pre-order. A query of node ``v`` attends to every token of ``v``'s ancestors and
 causally to ``v``'s own tokens; so, seen from a key of node ``u``, the queries that
 attend to it are ``u``'s own later tokens and every token of ``u``'s subtree, which
@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .attention import masked_attention
+from .layouts import TrieLayout
 
 from . import shared_prefix_attention as sp
 
-if TYPE_CHECKING:
-    from ..training.trie import TrieLayout
 
 triton, tl = sp.triton, sp.tl
 

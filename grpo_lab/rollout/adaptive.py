@@ -17,7 +17,7 @@ Response Reuse" (AR3PO, arXiv 2509.25808):
   in the group's statistics: its ``loss_mask`` is zero, so it gets no gradient and does
   not count in the token normaliser. ``reuse_mode="off_policy"`` trains on it with the
   importance weight ``min(pi_old / pi_behaviour, algo.off_policy_is_cap)`` per token
-  (:func:`~grpo_lab.training.losses.behaviour_weights`; ``pi_old`` is the policy the
+  (:func:`~grpo_lab.losses.behaviour_weights`; ``pi_old`` is the policy the
   update starts from, and the PPO ratio ``pi / pi_old`` is clipped as usual). The cap
   (default 2) is ours: the paper states no truncation.
 

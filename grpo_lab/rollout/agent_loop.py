@@ -5,10 +5,11 @@ action is parsed from each answer, the environment steps, and an episode that en
 leaves the batch at once (it never generates again). Each agent step becomes one row of
 a :class:`~grpo_lab.data.RolloutBatch`, with the exact prompt and response tokens.
 
-Two episode formats (``AgentLoopConfig.episode_format``): ``memory`` renders every
-turn's prompt from the task, the last ``history_window`` turns and the observation;
-``conversation`` keeps one growing token sequence per episode, the sampled ids kept as
-they are (:mod:`~grpo_lab.rollout.conversation`). Either way a turn is a row.
+The turn step is one pair of functions that every loop calls (this lock-step loop, the
+scheduler's slots, the tree sampler's branches): :func:`episode_prompt` asks the episode
+format (:mod:`~grpo_lab.rollout.formats`: ``memory`` or ``conversation``) for the next
+prompt, and :func:`take_turn` turns a sampled answer and the environment's step into the
+turn's outcome and what the format keeps for the next prompt. Either way a turn is a row.
 
 Faults cost their episode, not the rollout: an environment that raises, hangs (with
 worker processes, :mod:`~grpo_lab.rollout.env_pool`) or returns a non-finite reward ends
@@ -23,26 +24,21 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Sequence
-
-import torch
+from typing import Callable, Sequence
 
 from ..data import RolloutBatch
-from ..envs.base import ACTION_FORMAT, Env, Observation, StepResult, TextFormat, text_format_of
+from ..envs.base import Env, Observation, StepResult, text_format_of
 from .backend import Backend, Completion, SamplingParams
-from .env_pool import EnvFault, guard
+from .episode import Episode, Row, act, close_env, completion_text, env_name, fail, guarded_act, new_episode, \
+    reward_parts, rows_to_batch, turn_outcome
+from .env_pool import EnvFault
 from .faults import FaultLog, drop_failed
-from .conversation import EPISODE_FORMATS, first_message, next_message
-from .prompts import ACTION_STOP, PromptEncoder, Turn, render_prompt
+from .formats import EPISODE_FORMATS, OVERLONG_POLICIES, EpisodeFormat, OverlongPromptError
+from .prompts import ACTION_STOP, PromptEncoder, Turn
 
-OVERLONG_POLICIES = ("truncate_history", "end_episode", "drop_episode", "error")
-#: the overlong policies each episode format can apply
-OVERLONG_BY_FORMAT = {"memory": ("truncate_history", "drop_episode", "error"),
-                      "conversation": ("end_episode", "drop_episode", "error")}
-
-
-class OverlongPromptError(RuntimeError):
-    """A prompt longer than the model's context, with ``overlong="error"``."""
+__all__ = ["AgentLoopConfig", "OverlongPromptError", "TurnOutcome", "episode_prompt", "finish_turn",
+           "request_seed_of", "run_episodes", "take_turn", "act", "close_env", "completion_text", "guarded_act",
+           "rows_to_batch"]
 
 
 @dataclass
@@ -64,7 +60,8 @@ class AgentLoopConfig:
     ``drop_episode`` drops the episode, ``error`` raises :class:`OverlongPromptError`.
     ``env_threads``: threads that step a turn's environments at once (0: one after another).
 
-    ``episode_format``: ``memory`` or ``conversation`` (module docstring);
+    ``episode_format``: an :class:`~grpo_lab.rollout.formats.EpisodeFormat` (or its name
+    in :data:`~grpo_lab.rollout.formats.EPISODE_FORMATS`): ``memory`` or ``conversation``;
     ``max_episode_tokens`` bounds a conversation's tokens (prompt and answer) below the
     model's context.
     """
@@ -77,7 +74,7 @@ class AgentLoopConfig:
     max_context: int | None = None
     overlong: str | None = None  # None: the episode format's default (truncate_history, end_episode)
     env_threads: int = 0
-    episode_format: str = "memory"
+    episode_format: "str | EpisodeFormat" = "memory"  # a name is resolved into its object
     max_episode_tokens: int | None = None
 
     @property
@@ -108,16 +105,17 @@ class AgentLoopConfig:
             raise ValueError(f"max_context must be None or >= 2, got {self.max_context}")
         if self.env_threads < 0:
             raise ValueError(f"env_threads must be >= 0, got {self.env_threads}")
-        if self.episode_format not in EPISODE_FORMATS:
-            raise ValueError(f"episode_format={self.episode_format!r} is not one of {list(EPISODE_FORMATS)}")
+        if isinstance(self.episode_format, str):
+            self.episode_format = EPISODE_FORMATS.get(self.episode_format)
+        allowed = self.episode_format.overlong
         if self.overlong is None:
-            self.overlong = OVERLONG_BY_FORMAT[self.episode_format][0]
+            self.overlong = allowed[0]
         if self.overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong={self.overlong!r} is not one of {list(OVERLONG_POLICIES)}")
-        if self.overlong not in OVERLONG_BY_FORMAT[self.episode_format]:
-            raise ValueError(f"overlong={self.overlong!r} does not apply to {self.episode_format} episodes: use one of "
-                             f"{list(OVERLONG_BY_FORMAT[self.episode_format])}")
-        if self.max_episode_tokens is not None and (self.episode_format != "conversation" or self.max_episode_tokens < 2):
+        if self.overlong not in allowed:
+            raise ValueError(f"overlong={self.overlong!r} does not apply to {self.episode_format.name} episodes: use one "
+                             f"of {list(allowed)}")
+        if self.max_episode_tokens is not None and (not self.episode_format.bounded or self.max_episode_tokens < 2):
             raise ValueError(f"max_episode_tokens={self.max_episode_tokens} needs episode_format=conversation and a "
                              "value >= 2")
 
@@ -128,46 +126,6 @@ def request_seed_of(base: int, traj_id: int, step: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
     return (x ^ (x >> 31)) >> 1
-
-
-@dataclass
-class _Episode:
-    env: Env
-    group_id: int
-    traj_id: int
-    obs: Observation | None  # None: the reset failed
-    seed: int = 0
-    history: list[Turn] = field(default_factory=list)
-    steps: int = 0
-    done: bool = False
-    fault: EnvFault | None = None  # set when the episode failed: it leaves the batch
-    ids: list[int] | None = None  # conversation episodes: the next prompt's tokens (the whole conversation)
-
-
-@dataclass
-class _Row:
-    group_id: int
-    traj_id: int
-    step: int
-    prompt_ids: list[int]
-    response_ids: list[int]
-    logprobs: list[float]
-    reward: float
-    done: bool
-    valid: bool
-    won: bool
-    anchor: Hashable
-    tree_id: int = -1
-    node_id: int = -1
-    parent_id: int = -1
-    reward_parts: dict[str, float] | None = None  # the reward functions' own values (StepResult.info["rewards"])
-
-
-def reward_parts(result: StepResult | None) -> dict[str, float] | None:
-    """The named parts of a step's reward (``info["rewards"]``, as the dataset
-    environment's reward functions report them), or ``None``."""
-    parts = result.info.get("rewards") if result is not None else None
-    return {str(k): float(v) for k, v in parts.items()} if isinstance(parts, dict) and parts else None
 
 
 def run_episodes(
@@ -192,11 +150,11 @@ def run_episodes(
     """
     faults = faults if faults is not None else FaultLog()
     episodes = [
-        _new_episode(env_factory, first_group_id + i, member, config.group_size, seed, faults)
+        new_episode(env_factory, first_group_id + i, member, config.group_size, seed, faults)
         for i, seed in enumerate(seeds)
         for member in range(config.group_size)
     ]
-    rows: list[_Row] = []
+    rows: list[Row] = []
     instruction = episodes[0].env.instruction if episodes else ""
     pool = ThreadPoolExecutor(config.env_threads) if config.env_threads > 0 else None
     try:
@@ -226,198 +184,65 @@ def run_episodes(
     return rows_to_batch(drop_failed(rows, failed, faults, min(2, config.group_size)))
 
 
-def _new_episode(env_factory: Callable[[], Env], group: int, member: int, group_size: int, seed: int,
-                 faults: FaultLog | None = None) -> _Episode:
-    """A new episode, reset from ``seed``; a failed reset gives a failed episode."""
-    env = guard(env_factory())
-    ep = _Episode(env, group, group * group_size + member, None, int(seed))
-    if faults is not None:
-        faults.episodes += 1
-    try:
-        ep.obs = env.reset(int(seed))
-    except EnvFault as fault:
-        fail(ep, fault, faults)
-    return ep
-
-
-def fail(ep: _Episode, fault: EnvFault, faults: FaultLog | None) -> None:
-    """End ``ep`` as failed (it will leave the batch) and count the fault."""
-    ep.fault, ep.done = fault, True
-    if faults is not None:
-        faults.record(fault)
-
-
-def close_env(env: Env) -> None:
-    """Release an environment that has an ``close`` method (worker proxies, gymnasium)."""
-    close = getattr(env, "close", None)
-    if callable(close):
-        close()
-
-
-def env_name(env: Env) -> str:
-    return getattr(env, "name", type(env).__name__)
-
-
-def refuse_empty(ids: Sequence[int], where: tuple[str, int | None, int]) -> None:
-    """An ``error`` fault for a prompt of no tokens (an empty observation without a chat
-    template or instruction around it): no model can answer it."""
-    if not ids:
-        raise EnvFault("error", *where, "the prompt is empty (the instruction and observation encode to 0 tokens)")
-
-
-def fit_prompt(
-    encoder: PromptEncoder, instruction: str, history: Sequence[Turn], observation: str, config: AgentLoopConfig,
-    where: tuple[str, int | None, int], faults: FaultLog | None, fmt: TextFormat = ACTION_FORMAT,
-) -> list[int]:
-    """Token ids of a prompt that fits ``config.max_context`` (see
-    :class:`AgentLoopConfig`); ``where`` is ``(environment, seed, step)`` for the fault or
-    error raised when it cannot fit; ``fmt`` is the environment's text format."""
-    ids = encoder.encode(render_prompt(instruction, history, observation, config.history_window, fmt))
-    refuse_empty(ids, where)
-    limit = config.max_context
-    if limit is None or len(ids) < limit:
-        return ids
-    detail = (f"the prompt has {len(ids)} tokens and the model's context is {limit} (showing "
-              f"{min(len(history), config.history_window)} past turns)")
-    if config.overlong == "error":
-        raise OverlongPromptError(f"env {where[0]!r} seed {where[1]} step {where[2]}: {detail}; "
-                                  "set rollout.overlong_prompt=truncate_history or drop_episode to go on without it")
-    if config.overlong == "truncate_history":
-        for window in range(min(len(history), config.history_window) - 1, -1, -1):
-            ids = encoder.encode(render_prompt(instruction, history, observation, window, fmt))
-            if len(ids) < limit:
-                if faults is not None:
-                    faults.overlong_truncated += 1
-                return ids
-        detail += f"; without past turns it still has {len(ids)}"
-    raise EnvFault("overlong", *where, detail)
-
-
-def episode_prompt(ep: _Episode, encoder: PromptEncoder, instruction: str, config: AgentLoopConfig,
+def episode_prompt(ep: Episode, encoder: PromptEncoder, instruction: str, config: AgentLoopConfig,
                    faults: FaultLog | None = None) -> list[int] | None:
-    """Token ids of the episode's next prompt; ``None`` when it cannot fit the context
-    (the episode is then failed and counted)."""
+    """Token ids of the episode's next prompt, from its episode format; ``None`` when it
+    cannot fit the context (the episode is then failed and counted)."""
     try:
-        if config.episode_format == "conversation":
-            return conversation_prompt(ep, encoder, instruction, config)
-        return fit_prompt(encoder, instruction, ep.history, ep.obs.text, config, (env_name(ep.env), ep.seed, ep.steps), faults,
-                          text_format_of(ep.env))
+        ep.ids = config.episode_format.prompt(encoder, instruction, ep.history, ep.obs.text, ep.ids, config,
+                                              (env_name(ep.env), ep.seed, ep.steps), faults, text_format_of(ep.env))
+        return ep.ids
     except EnvFault as fault:
         fail(ep, fault, faults)
         return None
 
 
-def conversation_prompt(ep: _Episode, encoder: PromptEncoder, instruction: str, config: AgentLoopConfig) -> list[int]:
-    """The episode's conversation so far (:func:`fit_conversation`), kept on the episode."""
-    ep.ids = fit_conversation(encoder, instruction, ep.ids, ep.obs.text, config, (env_name(ep.env), ep.seed, ep.steps))
-    return ep.ids
+@dataclass(frozen=True)
+class TurnOutcome:
+    """What one turn did: its reward, whether it ended the episode (the environment said
+    so, ``max_steps`` was reached, or the next prompt would not fit), whether its action was
+    valid and won, the next observation, the turn as the history shows it, what the episode
+    format keeps for the next prompt (``ids``), and the reward's named parts."""
+
+    reward: float
+    done: bool
+    valid: bool
+    won: bool
+    obs: Observation
+    turn: Turn
+    ids: list[int] | None
+    parts: dict[str, float] | None
 
 
-def fit_conversation(encoder: PromptEncoder, instruction: str, ids: Sequence[int] | None, observation: str,
-                     config: AgentLoopConfig, where: tuple[str, int | None, int]) -> list[int]:
-    """The next prompt of a conversation episode: ``ids`` (the conversation so far), or at
-    its first turn (``ids`` None) the first prompt of the task and ``observation``. Raises
-    :class:`OverlongPromptError` (``overlong="error"``) or the ``overlong`` fault when it
-    leaves no room for an answer; ``where`` is ``(environment, seed, step)``."""
-    ids = list(ids) if ids is not None else encoder.conversation.start(first_message(instruction, observation))
-    refuse_empty(ids, where)
-    limit = config.token_limit
-    if limit is None or len(ids) < limit:
-        return ids
-    detail = f"the conversation has {len(ids)} tokens and the limit is {limit} (after {where[2]} turns)"
-    if config.overlong == "error":
-        raise OverlongPromptError(f"env {where[0]!r} seed {where[1]} step {where[2]}: {detail}; set "
-                                  "rollout.overlong_prompt=end_episode or drop_episode to go on without it")
-    raise EnvFault("overlong", *where, detail)
-
-
-def extend_conversation(encoder: PromptEncoder, prompt: Sequence[int], answer: Sequence[int], observation: str,
-                        had_action: bool, config: AgentLoopConfig, faults: FaultLog | None) -> tuple[list[int], bool]:
-    """The next prompt after a turn that did not end its episode (the turn's prompt, its
-    sampled answer, the missing closing tokens and the next observation), and whether the
-    episode ends here under ``overlong="end_episode"`` because that prompt leaves no room
-    for an answer (counted in ``faults.overlong_ended``)."""
-    ids = encoder.conversation.extend(prompt, answer, next_message(observation, had_action))
-    limit = config.token_limit
-    ended = config.overlong == "end_episode" and limit is not None and len(ids) >= limit
-    if ended and faults is not None:
-        faults.overlong_ended += 1
-    return ids, ended
-
-
-def completion_text(comp: Completion, encoder: PromptEncoder) -> str:
-    return comp.text or encoder.tokenizer.decode(comp.token_ids, skip_special_tokens=True)
-
-
-def act(env: Env, text: str) -> tuple[str | None, StepResult | None]:
-    """Parse the action from an answer (in the environment's text format) and step the
-    environment with it (no step when there is no parseable action). The only part of a
-    turn that touches the environment, so a scheduler may run it in a worker thread."""
-    action = text_format_of(env).parse(text)
-    return action, (env.step(action) if action is not None else None)
-
-
-def guarded_act(ep: _Episode, text: str) -> tuple[str | None, StepResult | None] | EnvFault:
-    """:func:`act` on the episode's environment, its fault returned instead of raised."""
-    try:
-        return act(ep.env, text)
-    except EnvFault as fault:
-        return fault
-
-
-def turn_outcome(result: StepResult | None, obs: Observation) -> tuple[float, bool, bool, bool, Observation]:
-    """``(reward, env_done, valid, won, next_obs)`` of a turn from its step result; an
-    answer without a parseable action (``result is None``) is invalid and leaves the
-    state at ``obs``."""
-    if result is None:
-        return 0.0, False, False, False, obs
-    info = result.info
-    return result.reward, result.done, bool(info.get("valid_action", True)), bool(info.get("won", False)), result.observation
+def take_turn(obs: Observation, steps: int, prompt: Sequence[int], answer: Sequence[int],
+              outcome: tuple[str | None, StepResult | None], config: AgentLoopConfig, encoder: PromptEncoder,
+              faults: FaultLog | None = None) -> TurnOutcome:
+    """The turn step: the outcome of a turn taken in state ``obs`` after ``steps`` turns,
+    with ``prompt`` and the sampled ``answer`` ids, the environment having stepped as
+    ``outcome`` (:func:`act`) says. An episode that goes on asks its format for what the
+    next prompt builds on; a conversation ends here under ``overlong="end_episode"`` when
+    that prompt leaves no room for an answer (counted in ``faults.overlong_ended``)."""
+    action, result = outcome
+    reward, env_done, valid, won, next_obs = turn_outcome(result, obs)
+    done = env_done or steps + 1 >= config.max_steps
+    ids = None
+    if not done:
+        ids, done = config.episode_format.after_turn(encoder, prompt, answer, next_obs.text, result is not None, config,
+                                                     faults)
+    return TurnOutcome(reward, done, valid, won, next_obs, Turn(obs.text, action if valid else None), ids,
+                       reward_parts(result))
 
 
 def finish_turn(
-    ep: _Episode, prompt: list[int], comp: Completion, outcome: tuple[str | None, StepResult | None],
-    config: AgentLoopConfig, encoder: PromptEncoder | None = None, faults: FaultLog | None = None,
-) -> _Row:
-    """Record the turn's row and advance the episode's history, observation and step
-    count; a conversation episode that goes on gets its next prompt (``encoder``), and
-    ends here under ``overlong="end_episode"`` when that prompt leaves no room for an
-    answer (counted in ``faults.overlong_ended``)."""
-    action, result = outcome
+    ep: Episode, prompt: list[int], comp: Completion, outcome: tuple[str | None, StepResult | None],
+    config: AgentLoopConfig, encoder: PromptEncoder, faults: FaultLog | None = None,
+) -> Row:
+    """Record the turn's row (:func:`take_turn`) and advance the episode's history,
+    observation, step count and next-prompt ids."""
+    turn = take_turn(ep.obs, ep.steps, prompt, comp.token_ids, outcome, config, encoder, faults)
     anchor = ep.obs.anchor
-    reward, env_done, valid, won, next_obs = turn_outcome(result, ep.obs)
-    ep.history.append(Turn(ep.obs.text, action if valid else None))
-    ep.obs = next_obs
+    ep.history.append(turn.turn)
+    ep.obs, ep.ids, ep.done = turn.obs, turn.ids, turn.done
     ep.steps += 1
-    ep.done = env_done or ep.steps >= config.max_steps
-    if config.episode_format == "conversation" and not ep.done:
-        if encoder is None:
-            raise ValueError("a conversation episode needs the encoder to extend its prompt")
-        ep.ids, ep.done = extend_conversation(encoder, prompt, comp.token_ids, next_obs.text, result is not None, config,
-                                              faults)
-    return _Row(ep.group_id, ep.traj_id, ep.steps - 1, prompt, comp.token_ids, comp.logprobs,
-                reward, ep.done, valid, won, anchor, reward_parts=reward_parts(result))
-
-
-def rows_to_batch(rows: list[_Row], order: Callable[[_Row], tuple] = lambda r: (r.traj_id, r.step)) -> RolloutBatch:
-    """The rows as a batch, sorted by ``order`` (default: grouped by trajectory, in step
-    order)."""
-    rows.sort(key=order)
-    return RolloutBatch(
-        group_id=[r.group_id for r in rows],
-        traj_id=[r.traj_id for r in rows],
-        step=[r.step for r in rows],
-        prompt_ids=[r.prompt_ids for r in rows],
-        response_ids=[r.response_ids for r in rows],
-        rollout_logprobs=[r.logprobs for r in rows],
-        loss_mask=[torch.ones(len(r.response_ids)) for r in rows],
-        reward=[r.reward for r in rows],
-        done=[r.done for r in rows],
-        valid_action=[r.valid for r in rows],
-        won=[r.won for r in rows],
-        anchor=[r.anchor for r in rows],
-        tree_id=[r.tree_id for r in rows],
-        node_id=[r.node_id for r in rows],
-        parent_id=[r.parent_id for r in rows],
-        reward_parts=[r.reward_parts or {} for r in rows],
-    )
+    return Row(ep.group_id, ep.traj_id, ep.steps - 1, prompt, comp.token_ids, comp.logprobs, turn.reward, turn.done,
+               turn.valid, turn.won, anchor, reward_parts=turn.parts)

@@ -37,14 +37,12 @@ end-of-sequence token and the next observation on a new paragraph.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+import weakref
+from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-if TYPE_CHECKING:
-    from .prompts import PromptEncoder
-
-EPISODE_FORMATS = ("memory", "conversation")
+from .prompts import PromptEncoder
 
 _PROBE_USER, _PROBE_ANSWER, _PROBE_NEXT = "Probe question 7?", "Probe answer 9 (q7x).", "Probe reply 8 (z4k)."
 
@@ -67,7 +65,16 @@ class ConversationRenderer:
             a user message follows.
     """
 
-    def __init__(self, encoder: "PromptEncoder") -> None:
+    _built: "weakref.WeakKeyDictionary[PromptEncoder, ConversationRenderer]" = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, encoder: PromptEncoder) -> "ConversationRenderer":
+        """The renderer of ``encoder``, built (and its template checked) at first use."""
+        if encoder not in cls._built:
+            cls._built[encoder] = cls(encoder)
+        return cls._built[encoder]
+
+    def __init__(self, encoder: PromptEncoder) -> None:
         self.encoder, self.tokenizer, self.chat = encoder, encoder.tokenizer, encoder.chat
         if self.chat:
             self._probe = encoder.messages(_PROBE_USER) + [{"role": "assistant", "content": _PROBE_ANSWER}]

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping, Protocol, TypeVar
 
 from .env_pool import EnvFault
-
-if TYPE_CHECKING:
-    from .agent_loop import _Row
 
 log = logging.getLogger("grpo_lab")
 
@@ -64,7 +61,18 @@ class FaultLog:
         return {key: getattr(self, key) for key in keys}
 
 
-def drop_failed(rows: list["_Row"], failed: Mapping[int, int], faults: FaultLog, min_members: int = 2) -> list["_Row"]:
+class RowLike(Protocol):
+    """What :func:`drop_failed` reads of a row (an :class:`~grpo_lab.rollout.episode.Row`)."""
+
+    group_id: int
+    traj_id: int
+    done: bool
+
+
+R = TypeVar("R", bound=RowLike)
+
+
+def drop_failed(rows: list[R], failed: Mapping[int, int], faults: FaultLog, min_members: int = 2) -> list[R]:
     """``rows`` without the trajectories in ``failed`` (``{traj_id: group_id}``) and
     without the groups these leave with fewer than ``min_members`` finished trajectories
     (counted in ``faults.groups_dropped``, a group lost whole included)."""

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
 from ..envs.base import ACTION_FORMAT, TextFormat
-
-if TYPE_CHECKING:
-    from .conversation import ConversationRenderer
 
 ACTION_STOP = ACTION_FORMAT.stop[0]  # "</action>"
 
@@ -72,14 +68,6 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.chat = has_template and use_chat_template in ("auto", True)
         self.system = system
-
-    @functools.cached_property
-    def conversation(self) -> "ConversationRenderer":
-        """The token deltas of conversation episodes under the same template and system
-        text (:mod:`~grpo_lab.rollout.conversation`), built on first use."""
-        from .conversation import ConversationRenderer
-
-        return ConversationRenderer(self)
 
     def messages(self, text: str) -> list[dict]:
         """The chat messages of a prompt: the system text, when given, and the user's ``text``."""

@@ -24,6 +24,7 @@ from typing import Any, Callable, Hashable
 
 from ..data import RolloutBatch
 from ..envs.base import Env
+from ..registry import Registry
 from .adaptive import ReuseBuffer, adaptive_rollout
 from .agent_loop import AgentLoopConfig, run_episodes
 from .env_pool import EnvFault
@@ -95,30 +96,22 @@ class RolloutContext:
 
 #: ``sampler(ctx, seeds, numbering) -> RolloutBatch``
 Sampler = Callable[[RolloutContext, list[int], GroupNumbering], RolloutBatch]
-_SAMPLERS: dict[str, Sampler] = {}
+#: samplers by ``rollout.sampler``
+SAMPLERS: Registry[Sampler] = Registry("samplers", "rollout.sampler", "sampler", options=lambda fn: ())
 
 
 def register_sampler(name: str) -> Callable[[Sampler], Sampler]:
     """Register ``fn`` as ``rollout.sampler=name``; a name taken twice raises."""
-
-    def deco(fn: Sampler) -> Sampler:
-        if name in _SAMPLERS:
-            raise ValueError(f"sampler {name!r} is already registered")
-        _SAMPLERS[name] = fn
-        return fn
-
-    return deco
+    return SAMPLERS.register(name)
 
 
 def sampler_names() -> list[str]:
-    return sorted(_SAMPLERS)
+    return SAMPLERS.names()
 
 
 def get_sampler(name: str) -> Sampler:
-    try:
-        return _SAMPLERS[name]
-    except KeyError:
-        raise KeyError(f"unknown sampler {name!r}; valid samplers: {sampler_names()}") from None
+    """The sampler registered as ``name``; ``KeyError`` listing the valid names otherwise."""
+    return SAMPLERS.get(name)
 
 
 @register_sampler("chain")

@@ -40,19 +40,8 @@ from typing import Callable, Hashable, Sequence
 
 from ..data import RolloutBatch
 from ..envs.base import Env
-from .agent_loop import (
-    AgentLoopConfig,
-    _Episode,
-    _new_episode,
-    _Row,
-    close_env,
-    completion_text,
-    episode_prompt,
-    fail,
-    finish_turn,
-    guarded_act,
-    rows_to_batch,
-)
+from .agent_loop import AgentLoopConfig, episode_prompt, finish_turn
+from .episode import Episode, Row, close_env, completion_text, fail, guarded_act, new_episode, rows_to_batch
 from .backend import RequestStream, StreamStats
 from .env_pool import EnvFault, guard
 from .faults import FaultLog, drop_failed
@@ -186,13 +175,13 @@ def run_scheduled(
         sign = 1.0 if scheduler.order == "shortest_first" else -1.0
         return min(range(len(pending)), key=lambda k: (sign * (guesses[k] if guesses[k] is not None else fill), k))
 
-    running: dict[int, _Episode] = {}  # traj_id -> episode
+    running: dict[int, Episode] = {}  # traj_id -> episode
     keys: dict[int, Hashable] = {}  # traj_id -> its initial key
     tokens: dict[int, int] = defaultdict(int)  # traj_id -> generated tokens so far
     prompts: dict[int, list[int]] = {}
-    rows: list[_Row] = []
+    rows: list[Row] = []
     failed: dict[int, int] = {}  # traj_id -> group of the failed episodes
-    futures: dict[Future, tuple[_Episode, object]] = {}
+    futures: dict[Future, tuple[Episode, object]] = {}
     pool = ThreadPoolExecutor(scheduler.env_workers) if scheduler.env_workers > 0 else None
 
     def admit() -> None:
@@ -206,14 +195,14 @@ def run_scheduled(
             for member in item.members:
                 if member == 0 and item.group in probes:
                     env, obs = probes.pop(item.group)
-                    ep = _Episode(env, item.group, item.group * G, None, item.seed)
+                    ep = Episode(env, item.group, item.group * G, None, item.seed)
                     faults.episodes += 1
                     if isinstance(obs, EnvFault):
                         fail(ep, obs, faults)
                     else:
                         ep.obs = obs
                 else:
-                    ep = _new_episode(env_factory, item.group, member, G, item.seed, faults)
+                    ep = new_episode(env_factory, item.group, member, G, item.seed, faults)
                 stats.admissions.append(ep.traj_id)
                 if ep.fault is not None:
                     end_failed(ep)
@@ -223,14 +212,14 @@ def run_scheduled(
                 submit(ep)
         stats.max_running_episodes = max(stats.max_running_episodes, len(running))
 
-    def end_failed(ep: _Episode) -> None:
+    def end_failed(ep: Episode) -> None:
         failed[ep.traj_id] = ep.group_id
         running.pop(ep.traj_id, None)
         keys.pop(ep.traj_id, None)
         tokens.pop(ep.traj_id, None)
         close_env(ep.env)
 
-    def submit(ep: _Episode) -> None:
+    def submit(ep: Episode) -> None:
         prompt = episode_prompt(ep, encoder, instruction, config, faults)
         if prompt is None:
             end_failed(ep)
@@ -238,12 +227,12 @@ def run_scheduled(
         prompts[ep.traj_id] = prompt
         stream.submit(ep.traj_id, prompt, config.params_for(ep.traj_id, ep.steps, len(prompt)))
 
-    def env_step(ep: _Episode, text: str):
+    def env_step(ep: Episode, text: str):
         start = time.perf_counter()
         outcome = guarded_act(ep, text)
         return outcome, time.perf_counter() - start
 
-    def after_env(ep: _Episode, comp, outcome, seconds: float) -> None:
+    def after_env(ep: Episode, comp, outcome, seconds: float) -> None:
         stats.env_seconds += seconds
         if isinstance(outcome, EnvFault):
             prompts.pop(ep.traj_id, None)

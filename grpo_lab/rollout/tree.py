@@ -30,7 +30,8 @@ Departures, stated:
   depend on the leaves below them, which the failed branch would have added. The
   prompt keeps its other trees when they hold at least two leaves.
 
-Both episode formats (:mod:`~grpo_lab.rollout.agent_loop`): with conversation episodes a
+Every episode format (:mod:`~grpo_lab.rollout.formats`), through the same turn step as
+the other loops (:func:`~grpo_lab.rollout.agent_loop.take_turn`): with conversation episodes a
 node carries the conversation up to its child's prompt, so a branch continues its
 ancestors' exact tokens and the tree's rows share them (the trie forward encodes them once).
 
@@ -49,19 +50,8 @@ from typing import Callable, Mapping, Sequence
 
 from ..data import RolloutBatch
 from ..envs.base import Env, Observation, TextFormat, text_format_of
-from .agent_loop import (
-    AgentLoopConfig,
-    _Row,
-    act,
-    close_env,
-    reward_parts,
-    env_name,
-    extend_conversation,
-    fit_conversation,
-    fit_prompt,
-    rows_to_batch,
-    turn_outcome,
-)
+from .agent_loop import AgentLoopConfig, take_turn
+from .episode import Row, act, close_env, env_name, rows_to_batch
 from .backend import Backend
 from .env_pool import EnvFault, guard
 from .faults import FaultLog, drop_failed
@@ -148,11 +138,8 @@ def _render(state: _Node, encoder: PromptEncoder, instruction: str, config: Agen
     :class:`EnvFault` when the prompt cannot fit the context."""
     if state.turn_prompt is not None:
         return list(state.turn_prompt), list(state.partial)
-    if config.episode_format == "conversation":
-        return fit_conversation(encoder, instruction, state.conversation, state.obs.text, config,
-                                (name, state.seed, state.steps)), []
-    return fit_prompt(encoder, instruction, state.history, state.obs.text, config, (name, state.seed, state.steps), faults,
-                      fmt), []
+    return config.episode_format.prompt(encoder, instruction, state.history, state.obs.text, state.conversation, config,
+                                        (name, state.seed, state.steps), faults, fmt), []
 
 
 def sample_trees(
@@ -174,7 +161,7 @@ def sample_trees(
     are counted in ``faults``; every branch counts as an episode."""
     faults = faults if faults is not None else FaultLog()
     stats = TreeStats()
-    rows: list[_Row] = []
+    rows: list[Row] = []
     nodes_of_tree: dict[int, list[_Node]] = {}
     next_node: dict[int, int] = {}
     failed_trees: dict[int, int] = {}  # tree -> group
@@ -267,7 +254,7 @@ def _resume(env_factory: Callable[[], Env], node: _Node, stats: TreeStats) -> En
 
 def _grow(
     live: list[_Branch], backend: Backend, encoder: PromptEncoder, instruction: str, config: AgentLoopConfig,
-    tree: TreeSamplerConfig, stats: TreeStats, rows: list[_Row], nodes_of_tree: dict[int, list[_Node]],
+    tree: TreeSamplerConfig, stats: TreeStats, rows: list[Row], nodes_of_tree: dict[int, list[_Node]],
     next_node: dict[int, int], name: str, faults: FaultLog, tree_failed: Callable[[int, int, EnvFault], None],
     failed: Mapping[int, int],
 ) -> None:
@@ -321,7 +308,7 @@ def _grow(
             if not turn_over:  # a segment inside an answer: no action yet
                 new = _Node(s.tree, node_id, s.node, s.group, s.seed, s.actions, s.history, s.obs, s.steps, False,
                             tuple(turn_prompt), tuple(answer), s.conversation)
-                rows.append(_Row(**row, reward=0.0, done=False, valid=True, won=False))
+                rows.append(Row(**row, reward=0.0, done=False, valid=True, won=False))
             else:
                 try:
                     action, result = act(b.env, text)
@@ -330,18 +317,12 @@ def _grow(
                     close_env(b.env)
                     continue
                 stats.env_steps += result is not None
-                reward, env_done, valid, won, obs = turn_outcome(result, s.obs)
-                steps = s.steps + 1
-                done = env_done or steps >= config.max_steps
-                conversation = None
-                if config.episode_format == "conversation" and not done:  # the branch may end at the token limit
-                    ids, done = extend_conversation(encoder, turn_prompt, answer, obs.text, result is not None, config,
-                                                    faults)
-                    conversation = tuple(ids)
-                new = _Node(s.tree, node_id, s.node, s.group, s.seed, s.actions + (action,),
-                            s.history + (Turn(s.obs.text, action if valid else None),), obs, steps, done, None, (),
-                            conversation)
-                rows.append(_Row(**row, reward=reward, done=done, valid=valid, won=won, reward_parts=reward_parts(result)))
+                turn = take_turn(s.obs, s.steps, turn_prompt, answer, (action, result), config, encoder, faults)
+                conversation = tuple(turn.ids) if turn.ids is not None else None
+                new = _Node(s.tree, node_id, s.node, s.group, s.seed, s.actions + (action,), s.history + (turn.turn,),
+                            turn.obs, s.steps + 1, turn.done, None, (), conversation)
+                rows.append(Row(**row, reward=turn.reward, done=turn.done, valid=turn.valid, won=turn.won,
+                                reward_parts=turn.parts))
             nodes_of_tree[s.tree].append(new)
             b.state = new
             if not new.done:

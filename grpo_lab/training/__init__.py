@@ -1,6 +1,6 @@
-"""Training (``grpo_lab.training``): losses, the training forward, warm-up and the trainer."""
+"""Training (``grpo_lab.training``): packings and the training forward, the update,
+distributed plumbing, checkpoints, warm-up and the trainer's helpers."""
 
 from .forward import response_logprobs
-from .losses import LOSS_AGG_MODES, LossScale, aggregate, clipped_policy_loss
 
-__all__ = ["LOSS_AGG_MODES", "LossScale", "aggregate", "clipped_policy_loss", "response_logprobs"]
+__all__ = ["response_logprobs"]

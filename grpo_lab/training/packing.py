@@ -1,6 +1,6 @@
 """How a micro-batch's rows go through the model: the packings, one object each.
 
-``trainer.shared_prefix`` names one, resolved once (:func:`get_packing`) into an object
+``trainer.packing`` names one, resolved once (:data:`PACKINGS`) into an object
 whose :meth:`Packing.logprobs` every training forward calls (the policy's, the KL
 reference's and the old log-probs'):
 
@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..modeling import text_config
+from ..registry import Registry
 from .forward import response_logprobs
 from .shared_prefix import shared_prefix_logprobs
 from .trie import sorted_rows, trie_logprobs
@@ -37,6 +38,8 @@ class Packing(Protocol):
     #: whether it encodes shared prefixes once: its model needs the packed attention, and
     #: rows should meet their prefix-sharing neighbours (sorted by group, trajectory, step)
     shares_prefixes: bool
+    #: the packing a model is verified with before the run (:mod:`~grpo_lab.training.verify`)
+    probe: "Packing"
 
     def logprobs(self, model: torch.nn.Module, prompts: Sequence[Tensor], responses: Sequence[Tensor],
                  groups: Sequence[Sequence[int]] | None = None, *, temperature: float = 1.0,
@@ -60,6 +63,11 @@ class FixedPacking:
 
     def logprobs(self, model, prompts, responses, groups=None, *, attention="reference", **options):
         return self.forward(model, prompts, responses, groups, attention, **options)
+
+    @property
+    def probe(self) -> "Packing":
+        """The packing a model is verified with before the run (itself)."""
+        return self
 
 
 def _plain(model, prompts, responses, groups, attention, **options):
@@ -126,21 +134,33 @@ class AutoPacking:
     def logprobs(self, model, prompts, responses, groups=None, **kwargs):
         return self.choose(model, prompts, responses).logprobs(model, prompts, responses, groups, **kwargs)
 
+    @property
+    def probe(self) -> "Packing":
+        """The packing a model is verified with: the trie, which it may choose."""
+        return PACKINGS["trie"]
 
-PACKINGS: dict[str, Packing] = {p.name: p for p in (
-    FixedPacking("none", False, _plain), FixedPacking("group", True, _group), FixedPacking("trie", True, _trie),
-    AutoPacking())}
-#: ``trainer.shared_prefix`` values of earlier versions
+
+#: :class:`Packing` objects by ``trainer.packing``
+PACKINGS: Registry[Packing] = Registry("packings", "trainer.packing", "packing", options=lambda packing: ())
+PACKINGS.register("none", FixedPacking("none", False, _plain),
+                  description="one right-padded row per (prompt, response): the plain forward")
+PACKINGS.register("group", FixedPacking("group", True, _group),
+                  description="each group's common prompt prefix once (Prefix Grouper)")
+PACKINGS.register("trie", FixedPacking("trie", True, _trie),
+                  description="every shared token prefix once (groups, conversation turns, tree branches)")
+PACKINGS.register("auto", AutoPacking(),
+                  description="per micro-batch the trie or none, whichever the cost model says is cheaper")
+#: ``trainer.packing`` values of earlier versions
 ALIASES = {"true": "group", "false": "none"}
 
 
 def packing_name(value: bool | str) -> str:
-    """``trainer.shared_prefix`` as one of :data:`PACKINGS`' names (``true`` is ``group``,
+    """``trainer.packing`` as one of :data:`PACKINGS`' names (``true`` is ``group``,
     ``false`` is ``none``); raises ``ValueError`` listing the valid ones."""
     text = str(value).lower()
     name = ALIASES.get(text, text)
     if name not in PACKINGS:
-        raise ValueError(f"shared_prefix={value!r} is not one of {list(PACKINGS)} (or true / false)")
+        raise ValueError(f"packing={value!r} is not one of {PACKINGS.names()} (or true / false)")
     return name
 
 

@@ -49,71 +49,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels.attention import masked_attention, repeat_kv
+from ..kernels.layouts import RowLayout, TrieLayout
+from ..kernels.packed import BACKENDS as ATTENTION_BACKENDS
+from ..kernels.packed import packed_attention
 from ..modeling import text_config
 from .forward import pad_rows, response_logprobs, token_logprobs
 
 ATTENTION_NAME = "grpo_shared_prefix"
-ATTENTION_BACKENDS = ("reference", "triton")
 LAYOUT_KWARG = "shared_prefix_layout"
 
 
-@dataclass(frozen=True)
-class RowLayout:
-    """One packed row: ``prefix_len`` tokens, then members of ``member_lens`` tokens each."""
-
-    prefix_len: int
-    member_lens: tuple[int, ...]
-
-    @property
-    def length(self) -> int:
-        return self.prefix_len + sum(self.member_lens)
-
-
 # ----------------------------------------------------------------------------- attention
-def packed_attention_reference(query: Tensor, key: Tensor, value: Tensor, layout: Sequence[RowLayout],
-                               scaling: float | None = None, softcap: float | None = None) -> Tensor:
-    """Attention of packed rows, in PyTorch.
-
-    Args:
-        query: ``[B, H, L, D]``; key, value: ``[B, Hkv, L, D]`` (``H`` a multiple of ``Hkv``).
-        layout: one :class:`RowLayout` per row (``L`` >= its length; the rest is padding).
-        softcap: attention logit soft-cap (Gemma2), or ``None``.
-
-    Returns:
-        ``[B, H, L, D]``; padding positions are zero.
-    """
-    b, h, length, d = query.shape
-    key = repeat_kv(key, h // key.shape[1])
-    value = repeat_kv(value, h // value.shape[1])
-    rows = []
-    for i, row in enumerate(layout):
-        p, lens = row.prefix_len, row.member_lens
-        pieces = []
-        if p > 0:
-            pieces.append(masked_attention(query[i, :, :p], key[i, :, :p], value[i, :, :p], None, scaling, softcap))
-        if lens:
-            g, r_max = len(lens), max(lens)
-            starts = torch.tensor([p + sum(lens[:k]) for k in range(g)], device=query.device)
-            offsets = torch.arange(r_max, device=query.device)
-            valid = offsets[None, :] < torch.tensor(lens, device=query.device)[:, None]  # [G, Rmax]
-            index = (starts[:, None] + offsets[None, :]).clamp(max=length - 1)  # [G, Rmax]
-            q_m = query[i][:, index].transpose(0, 1)  # [G, H, Rmax, D]
-            k_m = key[i][:, index].transpose(0, 1)
-            v_m = value[i][:, index].transpose(0, 1)
-            k_all = torch.cat([key[i, :, :p].unsqueeze(0).expand(g, -1, -1, -1), k_m], dim=2)
-            v_all = torch.cat([value[i, :, :p].unsqueeze(0).expand(g, -1, -1, -1), v_m], dim=2)
-            causal = offsets[None, :, None] >= offsets[None, None, :]  # [1, Rmax, Rmax]
-            own = causal & valid[:, None, :]  # [G, Rmax, Rmax]
-            prefix = torch.ones(g, r_max, p, dtype=torch.bool, device=query.device)
-            mask = torch.cat([prefix, own], dim=2).unsqueeze(1)  # [G, 1, Rmax, P + Rmax]
-            out = masked_attention(q_m, k_all, v_all, mask, scaling, softcap)
-            pieces.extend(out[k, :, : lens[k]] for k in range(g))
-        if length > row.length:
-            pieces.append(query.new_zeros(h, length - row.length, value.shape[-1]))
-        rows.append(torch.cat(pieces, dim=1))
-    return torch.stack(rows)
-
-
 @dataclass
 class _Receipt:
     """What the attention layers saw during one packed forward."""
@@ -161,8 +107,6 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if receipt is not None:
         receipt.modules.add(id(module))
-    from .trie import TrieLayout, trie_attention
-
     trie = isinstance(layout, TrieLayout)
     query = undo_packed_query_scaling(module, query, layout)
     window, chunk = kwargs.get("sliding_window"), chunk_size(module)
@@ -174,18 +118,11 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
             raise NotImplementedError(
                 f"shared-prefix attention: a packed row's prompt plus response is {longest} tokens, longer than this "
                 f"layer's {name} of {limit}, which the {'Triton kernel' if backend == 'triton' else 'group packing'} "
-                "does not apply; use trainer.shared_prefix=trie (or auto) with trainer.attention=sdpa_shared_prefix, "
-                "trainer.shared_prefix=none, or shorter episodes")
+                "does not apply; use trainer.packing=trie (or auto) with trainer.attention=sdpa_shared_prefix, "
+                "trainer.packing=none, or shorter episodes")
     if dropout and module.training:
         raise NotImplementedError("shared-prefix attention does not support attention dropout")
-    if trie:
-        return trie_attention(query, key, value, layout, backend, scaling, softcap, window, chunk), None
-    if backend == "reference":
-        out = packed_attention_reference(query, key, value, layout, scaling, softcap)
-        return out.transpose(1, 2).contiguous(), None
-    if backend == "triton":
-        return _packed_attention_triton(query, key, value, layout, scaling, softcap), None
-    raise ValueError(f"unknown shared-prefix attention backend {backend!r}; valid: {list(ATTENTION_BACKENDS)}")
+    return packed_attention(query, key, value, layout, backend, scaling, softcap, window, chunk), None
 
 
 def token_depths(layout, length: int, device: torch.device) -> Tensor:
@@ -243,7 +180,7 @@ def undo_packed_query_scaling(module, query: Tensor, layout) -> Tensor:
     return query * fix[:, None, :, None].to(query.dtype)
 
 
-def _model_type(model: torch.nn.Module) -> str:
+def model_type(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
     return str(getattr(config, "model_type", None) or type(model).__name__)
 
@@ -261,25 +198,10 @@ def _check_receipt(model: torch.nn.Module, receipt: _Receipt) -> None:
     reached = len(receipt.modules)
     if receipt.missed or reached == 0 or (expected is not None and reached != expected):
         raise NotImplementedError(
-            f"the shared-prefix forward did not reach every attention layer of this {_model_type(model)!r} model "
+            f"the shared-prefix forward did not reach every attention layer of this {model_type(model)!r} model "
             f"({reached} of {expected if expected is not None else '?'} layers got the packed layout, {receipt.missed} "
             "attention calls came without it: its decoder layers do not pass the attention keyword arguments through), "
-            "so its numbers would be wrong; use trainer.shared_prefix=none for this model")
-
-
-def _packed_attention_triton(query: Tensor, key: Tensor, value: Tensor, layout: Sequence[RowLayout],
-                             scaling: float | None, softcap: float | None = None) -> Tensor:
-    """The Triton kernel on padded rows: ``[B, H, L, D]`` in, ``[B, L, H, D]`` out.
-
-    The batch goes in as ``[B*L, H, D]`` with row ``b`` starting at token ``b*L``: the
-    models' projections already lay queries out as ``[B, L, H, D]``, so this is a view,
-    and the padding between rows gets zero output and zero gradients."""
-    from ..kernels.shared_prefix_attention import shared_prefix_attention as kernel
-
-    b, _, length, _ = query.shape
-    flat = [x.transpose(1, 2).reshape(b * length, x.shape[1], x.shape[3]) for x in (query, key, value)]
-    out = kernel(*flat, layout, scale=scaling, row_starts=[i * length for i in range(b)], softcap=softcap)
-    return out.view(b, length, *out.shape[1:])
+            "so its numbers would be wrong; use trainer.packing=none for this model")
 
 
 def check_attention_backend(name: str) -> None:
@@ -327,96 +249,13 @@ def enable_shared_prefix(model: torch.nn.Module) -> torch.nn.Module:
     obstacles = packing_obstacles(model)
     if obstacles:
         raise NotImplementedError(
-            f"the shared-prefix forward cannot be exact for this {_model_type(model)!r} model: {'; '.join(obstacles)}. "
-            "Use trainer.shared_prefix=none for it")
+            f"the shared-prefix forward cannot be exact for this {model_type(model)!r} model: {'; '.join(obstacles)}. "
+            "Use trainer.packing=none for it")
 
     AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
     model.set_attn_implementation(ATTENTION_NAME)
     return model
-
-
-def length_thresholds(model: torch.nn.Module) -> tuple[list[int], list[int]]:
-    """The lengths at which the model's attention starts to depend on position in a way
-    packing must reproduce: ``(by row length, by packed length)``. By row: a sliding
-    window (on the layers that use one) and Llama-4's chunk (``attention_chunk_size``);
-    by packed length: Llama-4's NoPE temperature (``floor_scale``), which the layer
-    counts along the packed sequence (:func:`undo_packed_query_scaling`)."""
-    config = text_config(model)
-    types = list(getattr(config, "layer_types", None) or [])
-    rows, packed = [], []
-    window = getattr(config, "sliding_window", None)
-    if window and ("sliding_attention" in types or (not types and getattr(config, "use_sliding_window", True))):
-        rows.append(window)
-    if "chunked_attention" in types:
-        rows.append(getattr(config, "attention_chunk_size", None))
-    if getattr(config, "attn_temperature_tuning", False):
-        packed.append(getattr(config, "floor_scale", None))
-
-    def clean(values: list) -> list[int]:
-        return sorted({int(t) for t in values if isinstance(t, int) and t > 0})
-
-    return clean(rows), clean(packed)
-
-
-def probe_rows(model: torch.nn.Module, max_row: int | None = None, max_packed: int | None = None
-               ) -> tuple[list[Tensor], list[Tensor]]:
-    """Prompts and responses for :func:`verify_shared_prefix`: two short rows sharing a
-    9-token prompt, made long enough to cross every :func:`length_thresholds` the run can
-    reach (``max_row``: its longest row; ``max_packed``: its longest packed sequence;
-    ``None``: no bound): rows longer than the largest reachable row threshold, and
-    together longer than the largest reachable packed one."""
-    vocab = int(text_config(model).vocab_size)
-    g = torch.Generator().manual_seed(0)
-    by_row, by_packed = length_thresholds(model)
-    row_t = [t for t in by_row if max_row is None or t < max_row]
-    packed_t = [t for t in by_packed if max_packed is None or t < max_packed]
-    if not row_t and not packed_t:
-        prefix = torch.randint(0, vocab, (9,), generator=g)
-        return [prefix, prefix], [torch.randint(0, vocab, (n,), generator=g) for n in (3, 5)]
-    row = row_t[-1] + 8 if row_t else 16
-    if max_row is not None:
-        row = max(min(row, max_row), 4)
-    total = max(packed_t[-1] + 8 if packed_t else 0, 2 * row)
-    shared = min(9, row - 2)
-    count = max(2, -(-(total - shared) // (row - shared)))  # together past the packed threshold
-    prefix = torch.randint(0, vocab, (shared,), generator=g)
-    return [prefix] * count, [torch.randint(0, vocab, (row - shared,), generator=g) for _ in range(count)]
-
-
-def verify_shared_prefix(model: torch.nn.Module, attention: str = "reference", mode: str = "group",
-                         max_row: int | None = None, max_packed: int | None = None) -> None:
-    """One packed forward (``mode``: ``group`` or ``trie``) of :func:`probe_rows`, beside
-    the ordinary forward of the same rows, to refuse a model before training rather than
-    at its first update: the probe reaches every length-dependent behaviour of the
-    attention (:func:`length_thresholds`) the run can reach (``max_row``, ``max_packed``:
-    its longest row and packed sequence). Raises ``NotImplementedError`` naming the model
-    type when the packed path was not taken in every attention layer, when it refuses the
-    probe's lengths (naming the setting), or (float32 and float64 models, where the
-    comparison is meaningful) when the log-probs differ by more than 1e-3."""
-    parameter = next(model.parameters())
-    prompts, responses = probe_rows(model, max_row, max_packed)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if mode == "trie":
-                from .trie import trie_logprobs
-
-                packed, mask, _ = trie_logprobs(model, prompts, responses, attention=attention)
-            else:
-                packed, mask, _ = shared_prefix_logprobs(model, prompts, responses, attention=attention)
-            plain, _, _ = response_logprobs(model, prompts, responses)
-    finally:
-        model.train(was_training)
-    if parameter.dtype in (torch.float32, torch.float64):
-        error = float(((packed - plain).abs() * mask).max())
-        if not error <= 1e-3:
-            longest = max(p.numel() + r.numel() for p, r in zip(prompts, responses))
-            raise NotImplementedError(
-                f"the shared-prefix forward of this {_model_type(model)!r} model differs from its ordinary forward by "
-                f"{error:.2e} in log-prob on a probe ({len(prompts)} rows of {longest} tokens): use "
-                "trainer.shared_prefix=none for it")
 
 
 # ----------------------------------------------------------------------------- packing

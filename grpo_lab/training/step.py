@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable, ContextManager
+from typing import Callable, ContextManager
 
 import torch
 from torch import Tensor
@@ -14,10 +14,7 @@ from .distributed import SINGLE, DistContext, global_sums, gradient_sync, lockst
 from .forward import pad_rows
 from .packing import Packing, get_packing
 from .shared_prefix import common_prefix_length
-from .losses import LossScale, aggregate, behaviour_weights, clipped_policy_loss, kl_penalty, reinforce_loss
-
-if TYPE_CHECKING:
-    from ..config import AlgoConfig
+from ..losses import LossScale, Objective, behaviour_weights, kl_penalty
 
 
 def split_micro_batches(batch: RolloutBatch, rows: Tensor, max_rows: int, max_tokens: int | None = None,
@@ -120,14 +117,14 @@ def policy_gradient_backward(
     rows: Tensor,
     advantages: Tensor,
     old_logprobs: list[Tensor] | None,
-    algo: "AlgoConfig",
+    objective: Objective,
     *,
     micro_batch_size: int,
     max_tokens: float,
     micro_batch_tokens: int | None = None,
     extras: dict[str, Tensor] | None = None,
     ref_model: torch.nn.Module | None = None,
-    shared_prefix: "bool | str | Packing" = False,
+    packing: "bool | str | Packing" = "none",
     attention: str = "reference",
     temperature: float = 1.0,
     pad_id: int = 0,
@@ -142,14 +139,13 @@ def policy_gradient_backward(
     gradients), every rank runs the same number of micro-batches (a rank with fewer runs
     gradient-free passes), and gradients are reduced in the last one only.
 
-    The loss (``algo.policy_loss``, ``algo.loss_agg`` and the other loss settings of
-    ``algo``, plus ``algo.kl_coef`` times the KL penalty to ``ref_model``, minus
-    ``algo.entropy_coef`` times the entropy) of every micro-batch is normalised by the
+    The loss (``objective``'s policy loss and aggregation, plus its ``kl_coef`` times the
+    KL penalty to ``ref_model``, minus its ``entropy_coef`` times the entropy) of every micro-batch is normalised by the
     counts of the whole mini-batch, so the accumulated gradient does not depend on
     ``micro_batch_size``. Without a KL or entropy term, rows with zero advantage are
     skipped (their loss and gradient are exactly zero) but counted. Rows with
     ``batch.off_policy`` are weighed by ``min(pi_old / pi_behaviour,
-    algo.off_policy_is_cap)`` (:func:`~grpo_lab.training.losses.behaviour_weights`).
+    objective.off_policy_is_cap)`` (:func:`~grpo_lab.losses.behaviour_weights`).
 
     Args:
         rows: ``[M]`` row indices of the mini-batch.
@@ -160,10 +156,11 @@ def policy_gradient_backward(
             strictly on-policy single pass (the current log-probs, detached).
         extras: ``[N]`` streams from the estimator (``global_advantages`` and
             ``local_weight`` for COPO's blended loss).
-        ref_model: the frozen reference; required when ``algo.kl_coef > 0``.
-        shared_prefix: the training forward, a :class:`~grpo_lab.training.packing.Packing`
-            or its name (:data:`~grpo_lab.training.packing.PACKINGS`; ``True`` is
-            ``"group"``), for the policy and the KL reference alike. Under a packing
+        objective: the loss, every name resolved (``AlgoConfig.objective()``).
+        ref_model: the frozen reference; required when ``objective.kl_coef > 0``.
+        packing: the training forward, a :class:`~grpo_lab.training.packing.Packing`
+            (or, for a caller of its own, its name in :data:`~grpo_lab.training.packing.PACKINGS`;
+            ``True`` is ``"group"``), for the policy and the KL reference alike. Under a packing
             that shares prefixes, rows are ordered by group, trajectory and step before
             the micro-batch split, so that rows sharing prefixes meet (the order does not
             change the gradient); the models must have gone through ``enable_shared_prefix``.
@@ -176,21 +173,20 @@ def policy_gradient_backward(
         it); empty when no row of any rank carries a learning signal (then no rank
         accumulated a gradient), so every rank sees the same emptiness.
     """
-    if algo.kl_coef > 0 and ref_model is None:
-        raise ValueError(f"algo.kl_coef={algo.kl_coef} needs a reference model")
-    clip_low, clip_high, loss_agg = algo.loss_settings()
+    if objective.kl_coef > 0 and ref_model is None:
+        raise ValueError(f"algo.kl_coef={objective.kl_coef} needs a reference model")
     extras = extras or {}
-    if extras and algo.policy_loss != "ppo_clip":
-        raise ValueError(f"the estimator's extra streams {sorted(extras)} need algo.policy_loss=ppo_clip")
+    if extras and not objective.policy_loss.streams:
+        raise ValueError(f"the estimator's extra streams {sorted(extras)} need a policy loss that reads them "
+                         f"(algo.policy_loss={objective.policy_loss.name} does not)")
     masks = batch.loss_mask
     num_tokens, num_seqs = global_sums(dist, [sum(float(masks[i].sum()) for i in rows.tolist()), float(rows.numel())])
     scale = LossScale(num_tokens=num_tokens, num_seqs=num_seqs, max_tokens=float(max_tokens))
     world = float(dist.world_size)
     signal = signal_mask(advantages, extras)
-    every_row = algo.kl_coef > 0 or algo.entropy_coef > 0  # terms that train rows without advantage too
-    active = rows if every_row else rows[signal[rows]]
+    active = rows if objective.trains_every_row else rows[signal[rows]]
     out: dict[str, tuple[float, float]] = {}
-    packing = get_packing(shared_prefix)
+    packing = get_packing(packing)
     if packing.shares_prefixes:
         for column in (batch.step, batch.traj_id, batch.group_id):  # stable sorts: by group, trajectory, step
             active = active[torch.sort(column[active], stable=True).indices]
@@ -210,8 +206,8 @@ def policy_gradient_backward(
                 idle_backward(model, pad_id, autocast)
                 continue
             metrics, loss, tokens, diff = _micro_batch_backward(
-                model, batch, micros[k], advantages, old_logprobs, algo, scale, extras, ref_model, packing,
-                attention, temperature, pad_id, clip_low, clip_high, loss_agg, world, autocast)
+                model, batch, micros[k], advantages, old_logprobs, objective, scale, extras, ref_model, packing,
+                attention, temperature, pad_id, world, autocast)
         for key, value in metrics.items():
             add(key, float(value), tokens)
         add("logprob_diff_rollout", diff, tokens)
@@ -235,8 +231,8 @@ def idle_backward(model: torch.nn.Module, pad_id: int, autocast: Callable[[], Co
     (logits.float().sum() * 0.0).backward()
 
 
-def _micro_batch_backward(model, batch, micro, advantages, old_logprobs, algo, scale, extras, ref_model, packing,
-                          attention, temperature, pad_id, clip_low, clip_high, loss_agg, world, autocast):
+def _micro_batch_backward(model, batch, micro, advantages, old_logprobs, objective, scale, extras, ref_model, packing,
+                          attention, temperature, pad_id, world, autocast):
     """One micro-batch's forward and backward (the loss times ``world``, the number of
     ranks whose gradients are averaged); returns its metrics, its loss, its token count
     and its mean |log-prob - rollout log-prob|."""
@@ -247,33 +243,28 @@ def _micro_batch_backward(model, batch, micro, advantages, old_logprobs, algo, s
     forward = dict(temperature=temperature, pad_id=pad_id, attention=attention)
     with autocast():
         logp, mask, entropy = packing.logprobs(model, prompts, responses, groups, with_entropy=True,
-                                               entropy_grad=algo.entropy_coef > 0, **forward)
+                                               entropy_grad=objective.entropy_coef > 0, **forward)
         ref = None
-        if algo.kl_coef > 0:
+        if objective.kl_coef > 0:
             with torch.no_grad():  # the reference is a copy of the policy, packed alike
                 ref, _, _ = packing.logprobs(ref_model, prompts, responses, groups, **forward)
     logp = logp.float()
     mask = mask * pad_rows([masks[i] for i in idx], 0.0).to(mask.device)
     old = logp.detach() if old_logprobs is None else pad_rows([old_logprobs[i] for i in idx], 0.0).to(logp.device)
     rollout = pad_rows([batch.rollout_logprobs[i] for i in idx], 0.0).to(logp.device)
-    tis, metrics = behaviour_weights(old, rollout, mask, batch.off_policy[micro].to(logp.device), algo.tis_cap,
-                                     algo.off_policy_is_cap)
+    tis, metrics = behaviour_weights(old, rollout, mask, batch.off_policy[micro].to(logp.device), objective.tis_cap,
+                                     objective.off_policy_is_cap)
     adv = advantages[micro].to(logp.device)
-    if algo.policy_loss == "reinforce":
-        loss, pg_metrics = reinforce_loss(logp, adv, mask, loss_agg=loss_agg, scale=scale, entropy=entropy,
-                                          tis_weights=tis)
-    else:
-        loss, pg_metrics = clipped_policy_loss(
-            logp, old, adv, mask, clip_low=clip_low, clip_high=clip_high, loss_agg=loss_agg,
-            scale=scale, entropy=entropy, dual_clip_c=algo.dual_clip_c, ratio_level=algo.ratio_level,
-            tis_weights=tis, **{key: value[micro].to(logp.device) for key, value in extras.items()},
-        )
+    streams = {key: value[micro].to(logp.device) for key, value in extras.items()}
+    loss, pg_metrics = objective.policy_loss(logp, old, adv, mask, objective, scale=scale, entropy=entropy,
+                                             tis_weights=tis, streams=streams)
     metrics.update(pg_metrics)
-    if algo.entropy_coef > 0:
-        loss = loss - algo.entropy_coef * aggregate(entropy, mask, loss_agg, scale)
+    aggregate = objective.aggregation
+    if objective.entropy_coef > 0:
+        loss = loss - objective.entropy_coef * aggregate(entropy, mask.to(entropy.dtype), scale)
     if ref is not None:
-        kl = kl_penalty(logp, ref.float(), algo.kl_estimator)
-        loss = loss + algo.kl_coef * aggregate(kl, mask, loss_agg, scale)
+        kl = kl_penalty(logp, ref.float(), objective.kl_estimator)
+        loss = loss + objective.kl_coef * aggregate(kl, mask.to(kl.dtype), scale)
         metrics["kl_ref"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
     (loss * world if world != 1 else loss).backward()
     tokens = float(mask.sum())

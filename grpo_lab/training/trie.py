@@ -16,7 +16,7 @@ several rows share needs encoding once:
 So log-probs and gradients equal the per-row forward's (up to summation order;
 ``tests/test_trie.py``). Prefix Grouper's one-level layout
 (:mod:`~grpo_lab.training.shared_prefix`) is the special case of a root with leaf
-children; it stays available as ``trainer.shared_prefix=group``.
+children; it stays available as ``trainer.packing=group``.
 
 The attention: :func:`grpo_lab.kernels.trie_attention.trie_attention_reference` in
 PyTorch (one SDPA call per node, over its ancestors' keys and its own; the dense block
@@ -28,7 +28,7 @@ the layout's type, and the same receipt proves that every layer took the packed 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -36,113 +36,8 @@ import torch
 from torch import Tensor
 
 from .forward import pad_rows, token_logprobs
+from ..kernels.layouts import TrieLayout
 from .shared_prefix import packed_forward
-
-
-@dataclass(frozen=True)
-class TrieLayout:
-    """Nodes of a packed trie in pre-order.
-
-    Attributes:
-        node_start: packed offset of each node's first token.
-        node_len: tokens in each node (>= 1).
-        parent: each node's parent (-1 for a root); a parent comes before its children.
-        depth: depth of each node's first token (the position id it starts at).
-    """
-
-    node_start: tuple[int, ...]
-    node_len: tuple[int, ...]
-    parent: tuple[int, ...]
-    depth: tuple[int, ...]
-    _cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
-
-    def __post_init__(self) -> None:
-        n = len(self.node_start)
-        if not (len(self.node_len) == len(self.parent) == len(self.depth) == n):
-            raise ValueError("node_start, node_len, parent and depth must have one entry per node")
-        pos = 0
-        for v in range(n):
-            if self.node_start[v] != pos or self.node_len[v] < 1:
-                raise ValueError(f"node {v} starts at {self.node_start[v]} with {self.node_len[v]} tokens: nodes must "
-                                 f"be non-empty and back to back from token 0 (expected start {pos})")
-            if not -1 <= self.parent[v] < v:
-                raise ValueError(f"node {v} has parent {self.parent[v]}: a parent must come before its children")
-            p = self.parent[v]
-            if p >= 0 and self.depth[v] != self.depth[p] + self.node_len[p]:
-                raise ValueError(f"node {v} starts at depth {self.depth[v]}, not where its parent {p} ends")
-            pos += self.node_len[v]
-
-    def __hash__(self) -> int:
-        return hash((self.node_start, self.node_len, self.parent))
-
-    @property
-    def num_nodes(self) -> int:
-        return len(self.node_start)
-
-    @property
-    def length(self) -> int:
-        """Tokens in the packed sequence."""
-        return sum(self.node_len)
-
-    @property
-    def max_depth(self) -> int:
-        """The longest row through the trie, in tokens."""
-        return max((d + n for d, n in zip(self.depth, self.node_len)), default=0)
-
-    def subtree_end(self) -> tuple[int, ...]:
-        """Packed end of each node's subtree: its descendants are ``[end of node,
-        subtree_end)`` (pre-order)."""
-        if "subtree_end" not in self._cache:
-            end = [s + n for s, n in zip(self.node_start, self.node_len)]
-            for v in range(self.num_nodes - 1, -1, -1):
-                p = self.parent[v]
-                if p >= 0:
-                    end[p] = max(end[p], end[v])
-            self._cache["subtree_end"] = tuple(end)
-        return self._cache["subtree_end"]
-
-    def ancestor_ranges(self, v: int) -> list[tuple[int, int]]:
-        """The packed ranges of node ``v``'s ancestors, root first, adjacent ranges merged
-        (a first child sits right after its parent)."""
-        chain = []
-        p = self.parent[v]
-        while p >= 0:
-            chain.append((self.node_start[p], self.node_start[p] + self.node_len[p]))
-            p = self.parent[p]
-        merged: list[tuple[int, int]] = []
-        for lo, hi in reversed(chain):
-            if merged and merged[-1][1] == lo:
-                merged[-1] = (merged[-1][0], hi)
-            else:
-                merged.append((lo, hi))
-        return merged
-
-    def token_depth(self) -> Tensor:
-        """``[L]`` the depth (position id) of each packed token."""
-        if "token_depth" not in self._cache:
-            self._cache["token_depth"] = torch.cat(
-                [torch.arange(d, d + n) for d, n in zip(self.depth, self.node_len)]) if self.num_nodes else \
-                torch.zeros(0, dtype=torch.long)
-        return self._cache["token_depth"]
-
-    def node_of_token(self) -> Tensor:
-        """``[L]`` the node of each packed token."""
-        return torch.repeat_interleave(torch.arange(self.num_nodes), torch.tensor(self.node_len, dtype=torch.long))
-
-    def dense_mask(self) -> Tensor:
-        """``[L, L]`` bool: query ``i`` may attend key ``j`` (an ancestor node's token, or
-        an earlier token of its own node). For checks on small tries."""
-        n = self.num_nodes
-        anc = torch.zeros(n, n, dtype=torch.bool)  # anc[v, u]: u is v or an ancestor of v
-        for v in range(n):
-            anc[v, v] = True
-            if self.parent[v] >= 0:
-                anc[v] |= anc[self.parent[v]]
-        node = self.node_of_token()
-        pos = torch.arange(self.length)
-        mask = anc[node][:, node]
-        same = node[:, None] == node[None, :]
-        return mask & (~same | (pos[None, :] <= pos[:, None]))
 
 
 @dataclass
@@ -292,24 +187,3 @@ def trie_logprobs(
     logprobs, entropy = token_logprobs(picked, targets, temperature, with_entropy, entropy_grad)
     logprobs, entropy = logprobs * mask, entropy * mask if with_entropy else None
     return logprobs, mask, entropy
-
-
-def trie_attention(query: Tensor, key: Tensor, value: Tensor, layout: TrieLayout, backend: str,
-                   scaling: float | None, softcap: float | None, window: int | None = None,
-                   chunk: int | None = None) -> Tensor:
-    """The packed trie's attention inside a model: ``[1, H, L, D]`` queries, ``[1, Hkv, L,
-    D]`` keys and values in, ``[1, L, H, D]`` out. ``window`` and ``chunk`` (a sliding
-    window, chunked attention) apply by depth in the PyTorch reference; the kernel takes
-    neither."""
-    from ..kernels import trie_attention as kernels
-
-    if query.shape[0] != 1:
-        raise ValueError(f"a packed trie is one row; got a batch of {query.shape[0]}")
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [L, H, D]
-    if backend == "reference":
-        out = kernels.trie_attention_reference(q, k, v, layout, scaling, softcap, window, chunk)
-    elif backend == "triton":
-        out = kernels.trie_attention(q, k, v, layout, scaling, softcap=softcap)
-    else:
-        raise ValueError(f"unknown trie attention backend {backend!r}")
-    return out[None]

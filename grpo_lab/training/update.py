@@ -12,21 +12,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..data import RolloutBatch
+from ..losses import Objective
 from .distributed import SINGLE, DistContext, autocast, clip_grad_norm, lockstep_count, reduce_means
-from .packing import get_packing
+from .packing import Packing
 from .step import RunningMeans, idle_forward, micro_groups, policy_gradient_backward, split_micro_batches
-
-if TYPE_CHECKING:
-    from ..config import Config
-
-#: ``trainer.attention`` values and the packed-attention backend each selects
-ATTENTION_OPTIONS = {"sdpa_shared_prefix": "reference", "triton_shared_prefix": "triton"}
 
 #: ``trainer.lr_scheduler`` -> transformers' schedule with linear warm-up
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -62,16 +57,34 @@ class PolicyUpdate:
     Args:
         module: what the forward runs through: the model, or its DDP / FSDP wrapping.
         optimizer, scheduler: over ``module``'s parameters.
-        config: the run's config (``trainer`` and ``algo`` settings).
-        ref_model: the frozen KL reference (``algo.kl_coef > 0``).
+        objective: the loss (``AlgoConfig.objective()``).
+        packing: the training forward of the policy, the reference and the old log-probs.
+        epochs, minibatches: passes over a batch, and optimizer steps per pass.
+        micro_batch_size, micro_batch_tokens: the most rows, and tokens encoded, of one
+            micro-batch.
+        max_tokens: the generation budget (Dr. GRPO's normaliser).
+        temperature: the sampling temperature the log-probs are taken at.
+        attention: the packed attention's backend (``reference`` or ``triton``).
+        seed: the mini-batch shuffles' seed.
+        ref_model: the frozen KL reference (``objective.kl_coef > 0``).
     """
 
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    config: "Config"
+    objective: Objective
+    packing: Packing
     pad_id: int
     device: torch.device
+    epochs: int = 1
+    minibatches: int = 1
+    micro_batch_size: int = 64
+    micro_batch_tokens: int | None = None
+    max_grad_norm: float = 1.0
+    max_tokens: int = 16
+    temperature: float = 1.0
+    attention: str = "reference"
+    seed: int = 0
     mixed_precision: str = "no"
     dist: DistContext = SINGLE
     ref_model: torch.nn.Module | None = None
@@ -87,36 +100,33 @@ class PolicyUpdate:
         """Optimizer steps on ``batch`` (``advantages`` ``[N]``, one per row; ``extras`` the
         estimator's further ``[N]`` streams, COPO's). Returns the step's metrics, reduced
         over ranks."""
-        tc, ac = self.config.trainer, self.config.algo
         n = len(batch)
         adv = advantages.to(torch.float32)
         if adv.shape != (n,):
             raise ValueError(f"this trainer takes one advantage per row ([{n}]), got shape {tuple(adv.shape)}")
-        single_pass = tc.epochs_per_batch * tc.minibatches_per_epoch == 1
+        single_pass = self.epochs * self.minibatches == 1
         old = None if single_pass else self.logprobs_no_grad(batch)
         stats = RunningMeans()
-        gen = torch.Generator().manual_seed(tc.seed + (int(batch.group_id.min()) if n else 0))
+        gen = torch.Generator().manual_seed(self.seed + (int(batch.group_id.min()) if n else 0))
         self.module.train()
         updates, lr = 0, float(self.optimizer.param_groups[0]["lr"])
-        for _ in range(tc.epochs_per_batch):
-            order = torch.randperm(n, generator=gen)
-            chunks = list(order.chunk(tc.minibatches_per_epoch))
-            chunks += [order[:0]] * (tc.minibatches_per_epoch - len(chunks))  # fewer rows than mini-batches
+        for _ in range(self.epochs):
+            order = torch.randperm(n, generator=gen)  # [N]
+            chunks = list(order.chunk(self.minibatches))
+            chunks += [order[:0]] * (self.minibatches - len(chunks))  # fewer rows than mini-batches
             for rows in chunks:
                 self.optimizer.zero_grad(set_to_none=True)
                 metrics = policy_gradient_backward(
-                    self.module, batch, rows, adv, old, ac, extras=extras, ref_model=self.ref_model,
-                    shared_prefix=tc.shared_prefix, attention=ATTENTION_OPTIONS[tc.attention],
-                    micro_batch_size=tc.micro_batch_size, micro_batch_tokens=tc.micro_batch_tokens,
-                    max_tokens=self.config.rollout.max_new_tokens,
-                    temperature=self.config.rollout.temperature, pad_id=self.pad_id, dist=self.dist,
-                    autocast=self.autocast,
+                    self.module, batch, rows, adv, old, self.objective, extras=extras, ref_model=self.ref_model,
+                    packing=self.packing, attention=self.attention, micro_batch_size=self.micro_batch_size,
+                    micro_batch_tokens=self.micro_batch_tokens, max_tokens=self.max_tokens,
+                    temperature=self.temperature, pad_id=self.pad_id, dist=self.dist, autocast=self.autocast,
                 )
                 if metrics:  # else no rank has a row with a learning signal: no step (all ranks agree)
                     for key, (value, weight) in metrics.items():
                         # the ranks' loss shares are averaged over ranks below: scaled so they add up
                         stats.add(key, value * self.dist.world_size if key == "loss" else value, weight)
-                    stats.add("grad_norm", clip_grad_norm(self._params, tc.max_grad_norm))
+                    stats.add("grad_norm", clip_grad_norm(self._params, self.max_grad_norm))
                     lr = float(self.optimizer.param_groups[0]["lr"])
                     self.optimizer.step()
                     updates += 1
@@ -133,12 +143,10 @@ class PolicyUpdate:
     def logprobs_no_grad(self, batch: RolloutBatch) -> list[Tensor]:
         """The current policy's log-probs of every row (``N`` tensors ``[R_i]``), the
         denominator of the ratio over several passes, through the configured packing
-        (``trainer.shared_prefix``). Ranks run equally many forwards."""
+        (``trainer.packing``). Ranks run equally many forwards."""
         self.module.eval()
-        tc = self.config.trainer
-        packing = get_packing(tc.shared_prefix)
-        micros = split_micro_batches(batch, torch.arange(len(batch)), tc.micro_batch_size, tc.micro_batch_tokens,
-                                     packing)
+        micros = split_micro_batches(batch, torch.arange(len(batch)), self.micro_batch_size, self.micro_batch_tokens,
+                                     self.packing)
         out: list[Tensor] = []
         for k in range(lockstep_count(self.dist, len(micros))):
             with self.autocast():
@@ -147,8 +155,8 @@ class PolicyUpdate:
                     continue
                 idx = micros[k].tolist()
                 prompts, responses = [batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx]
-                logp, _, _ = packing.logprobs(self.module, prompts, responses, micro_groups(batch, idx),
-                                              temperature=self.config.rollout.temperature, pad_id=self.pad_id,
-                                              attention=ATTENTION_OPTIONS[tc.attention])
+                logp, _, _ = self.packing.logprobs(self.module, prompts, responses, micro_groups(batch, idx),
+                                                   temperature=self.temperature, pad_id=self.pad_id,
+                                                   attention=self.attention)  # [m, R]
             out.extend(logp[j, : batch.response_ids[i].numel()].float().cpu() for j, i in enumerate(idx))
         return out

@@ -303,3 +303,27 @@ class VLLMStream:
                 finished.append((self._keys.pop(out.request_id), comp))
                 self._tokens.pop(out.request_id)
         return finished
+
+
+def start_engine(settings) -> "VLLMBackend":
+    """vLLM in this process, started from ``settings.source`` (an
+    :class:`~grpo_lab.rollout.backends.EngineSettings`); its console output at
+    ``settings.console_level`` (all of it still reaches the run's log)."""
+    import torch
+
+    route_engine_logs(settings.console_level)  # before vLLM configures its logging
+    import_vllm()
+    extra: dict[str, Any] = {}
+    if settings.tensor_parallel_size > 1:
+        extra["tensor_parallel_size"] = settings.tensor_parallel_size
+    if settings.request_seeds and not torch.cuda.is_available():
+        # vLLM's CPU runner cannot resume a seeded request's generator after a partial
+        # prefill: give one step room for every prompt of a rollout step
+        extra["max_num_batched_tokens"] = max(65536, settings.max_model_len)
+    backend = VLLMBackend(
+        settings.source, dtype=settings.dtype, seed=settings.seed, max_model_len=settings.max_model_len,
+        gpu_memory_utilization=settings.gpu_memory_utilization, enable_sleep_mode=settings.sleep_mode,
+        enforce_eager=settings.enforce_eager, max_lora_rank=settings.lora_rank, **extra,
+    )
+    route_engine_logs(settings.console_level)  # and after it started
+    return backend

@@ -12,7 +12,7 @@ One step:
    rows, each split into ``minibatches_per_epoch`` optimizer steps, each accumulated over
    micro-batches of ``micro_batch_size`` rows. The loss of every micro-batch is
    normalised by its whole mini-batch's counts
-   (:class:`~grpo_lab.training.losses.LossScale`), so the gradient does not depend on the
+   (:class:`~grpo_lab.losses.LossScale`), so the gradient does not depend on the
    micro-batch size.
 4. The new weights go to the backend in process.
 5. The step's metrics, reduced over ranks, are logged by rank 0.
@@ -50,33 +50,36 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..advantages import AdvantageOutput, compute_advantages
-from ..advantages.grouping import trajectory_table
-from ..config import Config, ConfigError, TrainerConfig
-from ..data import RolloutBatch
-from ..modeling import frozen, torch_dtype
-from ..rollout import AgentLoopConfig, LengthPredictor, PromptEncoder, SamplingParams, SchedulerConfig, run_episodes
-from ..rollout.adaptive import ReuseBuffer
-from ..rollout.agent_loop import OverlongPromptError
-from ..rollout.conversation import TemplateError
-from ..rollout.env_pool import EnvRunner, EnvSpec
-from ..rollout.faults import FaultLog
-from ..rollout.samplers import GroupNumbering, RolloutContext, get_sampler
-from . import distributed as dp
-from .checkpoint import (WRITE_ERRORS, CheckpointError, CheckpointWriteError, as_os_error, checkpoint_dir,
+from .advantages import AdvantageOutput, compute_advantages
+from .advantages.grouping import trajectory_table
+from .config import Config, ConfigError, TrainerConfig
+from .data import RolloutBatch
+from .modeling import frozen, torch_dtype
+from .rollout import AgentLoopConfig, LengthPredictor, PromptEncoder, SamplingParams, SchedulerConfig, run_episodes
+from .rollout.adaptive import ReuseBuffer
+from .rollout.agent_loop import OverlongPromptError
+from .rollout.backends import BACKENDS
+from .rollout.conversation import TemplateError
+from .rollout.formats import EPISODE_FORMATS
+from .rollout.env_pool import EnvRunner, EnvSpec
+from .rollout.faults import FaultLog
+from .rollout.samplers import GroupNumbering, RolloutContext, get_sampler
+from .training import distributed as dp
+from .training.checkpoint import (WRITE_ERRORS, CheckpointError, CheckpointWriteError, as_os_error, checkpoint_dir,
                          load_model_weights, load_sharded_state, load_trainer_state, save_checkpoint, sharded_state,
                          verify_checkpoint, write_manifest, write_on_main)
-from .metrics_log import MetricsLogger, plot_metrics, reduce_record
-from .pass_at_k import pass_at_k, pass_at_k_ks, success_counts
-from .resume import RunDirectoryError, check_resume_config, choose_start, metrics_until
-from .setup import build_backend, build_model, context_length, env_factory_from, resolve_device
-from .packing import get_packing
-from .shared_prefix import check_attention_backend, enable_shared_prefix, verify_shared_prefix
-from .step import informative_rows, signal_mask
-from .stop import (Abandon, CheckpointFailed, EnvFaultRateExceeded, RunStopped, StopSignals, TrainingInterrupted,
+from .training.metrics_log import MetricsLogger, plot_metrics, reduce_record
+from .training.pass_at_k import pass_at_k, pass_at_k_ks, success_counts
+from .training.resume import RunDirectoryError, check_resume_config, choose_start, metrics_until
+from .build import build_backend, build_model, context_length, env_factory_from, resolve_device
+from .training.packing import PACKINGS
+from .training.shared_prefix import check_attention_backend, enable_shared_prefix
+from .training.verify import verify_shared_prefix
+from .training.step import informative_rows, signal_mask
+from .training.stop import (Abandon, CheckpointFailed, EnvFaultRateExceeded, RunStopped, StopSignals, TrainingInterrupted,
                    signal_name)
-from .update import ATTENTION_OPTIONS, PolicyUpdate, build_lr_scheduler, build_optimizer, enable_gradient_checkpointing
-from .warmup import conversation_demonstrations, encode_demonstrations, format_demonstrations, supervised_warmup
+from .training.update import PolicyUpdate, build_lr_scheduler, build_optimizer, enable_gradient_checkpointing
+from .training.warmup import supervised_warmup
 
 __all__ = ["Trainer", "env_factory_from", "frozen_copy", "resolve_device", "save_reference"]
 
@@ -180,22 +183,21 @@ class Trainer:
         if model is None:
             model, tokenizer = build_model(cfg, self.envs)
         self.model = model.to(self.device)
-        self.packing = get_packing(tc.shared_prefix)
+        self.packing = PACKINGS.get(tc.packing)
         if self.packing.shares_prefixes:
             try:
-                check_attention_backend(ATTENTION_OPTIONS[tc.attention])
+                check_attention_backend(tc.attention_backend)
             except RuntimeError as err:
                 raise ConfigError(f"trainer.attention={tc.attention!r}: {err}") from None
             try:  # refuse a model the packed forward cannot be exact for, before any rollout
                 enable_shared_prefix(self.model)
-                verify_shared_prefix(self.model, ATTENTION_OPTIONS[tc.attention],
-                                     "group" if self.packing.name == "group" else "trie", *self.packed_lengths())
+                verify_shared_prefix(self.model, tc.attention_backend, self.packing, *self.packed_lengths())
             except NotImplementedError as err:
-                raise ConfigError(f"trainer.shared_prefix={tc.shared_prefix}: {err}") from None
+                raise ConfigError(f"trainer.packing={tc.packing}: {err}") from None
         self.tokenizer = tokenizer
         mc = cfg.model
         self._vllm_source: str | None = None
-        if cfg.rollout.backend == "vllm" and not mc.name_or_path:
+        if BACKENDS.get(cfg.rollout.backend).from_disk and not mc.name_or_path:
             # the tiny model lives in memory: vLLM starts from a copy of the base model on disk
             self._vllm_source = str(self.output_dir / "initial_model")
             if self.dist.is_main:
@@ -204,7 +206,7 @@ class Trainer:
             dp.barrier(self.dist)
         self.lora = mc.lora_r > 0
         if self.lora:
-            from .lora import apply_lora
+            from .training.lora import apply_lora
 
             try:
                 self.model = apply_lora(self.model, mc.lora_r, mc.lora_alpha, mc.lora_dropout, mc.lora_target_modules)
@@ -218,11 +220,11 @@ class Trainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         chat = {"auto": "auto", "true": True, "false": False}[str(cfg.rollout.use_chat_template).lower()]
         self.encoder = PromptEncoder(tokenizer, chat, cfg.rollout.system_prompt)
-        if cfg.rollout.episode_format == "conversation":
-            try:  # the chat template is checked now, not at the first turn
-                self.encoder.conversation
-            except TemplateError as err:
-                raise ConfigError(f"rollout.episode_format=conversation: {err}") from None
+        self.episode_format = EPISODE_FORMATS.get(cfg.rollout.episode_format)
+        try:  # the chat template is checked now, not at the first turn
+            self.episode_format.check(self.encoder)
+        except TemplateError as err:
+            raise ConfigError(f"rollout.episode_format={self.episode_format.name}: {err}") from None
         self.backend = build_backend(cfg, self.model, tokenizer, self._vllm_source)  # before sharding: HF copies the model
         if self.dist.rank > 0:  # ranks sample differently; rank 0 draws as a single process does
             torch.manual_seed(tc.seed + 7919 * self.dist.rank)
@@ -232,8 +234,12 @@ class Trainer:
             raise ConfigError(str(err)) from None
         self.optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, tc.lr_scheduler, tc.lr_warmup_steps, tc.optimizer_steps())
-        self.policy_update = PolicyUpdate(self.train_module, self.optimizer, self.lr_scheduler, cfg, self.pad_id,
-                                          self.device, self.mixed_precision, self.dist)
+        self.policy_update = PolicyUpdate(
+            self.train_module, self.optimizer, self.lr_scheduler, cfg.algo.objective(), self.packing, self.pad_id,
+            self.device, epochs=tc.epochs_per_batch, minibatches=tc.minibatches_per_epoch,
+            micro_batch_size=tc.micro_batch_size, micro_batch_tokens=tc.micro_batch_tokens,
+            max_grad_norm=tc.max_grad_norm, max_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+            attention=tc.attention_backend, seed=tc.seed, mixed_precision=self.mixed_precision, dist=self.dist)
         self.sampling = SamplingParams(
             max_tokens=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature,
@@ -250,7 +256,7 @@ class Trainer:
             max_context=self.max_context,
             overlong=cfg.rollout.overlong_prompt,
             env_threads=cfg.rollout.env_workers,
-            episode_format=cfg.rollout.episode_format,
+            episode_format=self.episode_format,
             max_episode_tokens=cfg.rollout.max_episode_tokens,
         )
         rc = cfg.rollout
@@ -315,7 +321,7 @@ class Trainer:
         if dp.resolve_strategy(tc.strategy, world) == "fsdp" and cfg.model.lora_r > 0:
             raise ConfigError(f"model.lora_r={cfg.model.lora_r} with trainer.strategy=fsdp: a LoRA run trains only its "
                               "adapter; use trainer.strategy=ddp")
-        if cfg.rollout.backend == "vllm" and cfg.rollout.vllm_tensor_parallel_size > 1:
+        if cfg.rollout.vllm_tensor_parallel_size > 1:
             raise ConfigError(f"rollout.vllm_tensor_parallel_size={cfg.rollout.vllm_tensor_parallel_size} under {world} "
                               "training processes: each rank runs its own one-GPU engine; tensor-parallel engines are "
                               "supported in single-process runs only")
@@ -336,7 +342,7 @@ class Trainer:
         embedding): vLLM needs both names to update a tied output layer. Under FSDP each
         tensor is gathered as the engine takes it, so no full state dict is held."""
         if self.lora:
-            from .lora import adapter_state
+            from .training.lora import adapter_state
 
             self.backend.load_adapter(*adapter_state(self.model))
             return
@@ -348,13 +354,9 @@ class Trainer:
         wc = self.config.trainer.warmup
         if wc.steps == 0:
             return []
-        rc, seed = self.config.rollout, self.config.trainer.seed + 7
-        if rc.episode_format == "conversation":
-            examples = conversation_demonstrations(self.envs, wc.episodes, self.config.env.max_steps, seed, self.encoder,
-                                                   self.tokenizer.eos_token_id, self.loop_config.token_limit)
-        else:
-            pairs = list(format_demonstrations(self.envs, wc.episodes, self.config.env.max_steps, rc.history_window, seed))
-            examples = encode_demonstrations(pairs, self.encoder, self.tokenizer.eos_token_id, self.max_context)
+        examples = self.episode_format.demonstrations(self.envs, wc.episodes, self.config.env.max_steps,
+                                                      self.config.trainer.seed + 7, self.encoder,
+                                                      self.tokenizer.eos_token_id, self.loop_config)
         if not examples:
             log.info("warm-up skipped: environment %r has no legal actions to demonstrate the answer format with "
                      "(or no demonstration fits the context)", self.config.env.name)

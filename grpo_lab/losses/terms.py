@@ -1,20 +1,21 @@
-"""Policy-gradient losses.
+"""The loss terms: aggregation, the clipped and REINFORCE surrogates, KL estimators and
+importance weights, each a pure function.
 
 Shapes: ``B`` responses (rows) of at most ``T`` tokens; ``mask`` ``[B, T]`` is 1 on tokens
-that count. All functions are pure and return the loss with detached metrics.
+that count. All functions return the loss with detached metrics.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+from ..registry import Registry
+
 RATIO_LEVELS = ("token", "sequence")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-POLICY_LOSSES = ("ppo_clip", "reinforce")
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,44 @@ class LossScale:
         return LossScale(float(mask.sum()), float(mask.shape[0]), max_tokens)
 
 
-def aggregate(values: Tensor, mask: Tensor, mode: str, scale: LossScale) -> Tensor:
-    """Reduce per-token ``values`` ``[B, T]`` to a scalar.
+#: ``fn(values [B, T], mask [B, T], scale) -> scalar``, by ``algo.loss_agg``
+AGGREGATIONS: Registry[Callable[[Tensor, Tensor, LossScale], Tensor]] = Registry(
+    "loss_aggregations", "algo.loss_agg", "loss aggregation", options=lambda fn: ())
+
+
+@AGGREGATIONS.register("token-mean")
+def token_mean(values: Tensor, mask: Tensor, scale: LossScale) -> Tensor:
+    """Sum over all tokens / num_tokens (DAPO; every token weighs the same)."""
+    return (values * mask).sum() / max(scale.num_tokens, 1.0)
+
+
+@AGGREGATIONS.register("seq-mean-token-mean")
+def seq_mean_token_mean(values: Tensor, mask: Tensor, scale: LossScale) -> Tensor:
+    """Mean over each row's tokens, summed over rows / num_seqs (the original GRPO)."""
+    per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [B]
+    return per_seq.sum() / max(scale.num_seqs, 1.0)
+
+
+@AGGREGATIONS.register("seq-mean-token-sum")
+def seq_mean_token_sum(values: Tensor, mask: Tensor, scale: LossScale) -> Tensor:
+    """Sum over each row's tokens, summed over rows / num_seqs."""
+    return (values * mask).sum() / max(scale.num_seqs, 1.0)
+
+
+@AGGREGATIONS.register("seq-mean-token-sum-norm")
+def seq_mean_token_sum_norm(values: Tensor, mask: Tensor, scale: LossScale) -> Tensor:
+    """Sum over all tokens / (num_seqs * max_tokens) (Dr. GRPO; TRL's dr_grpo exactly)."""
+    return (values * mask).sum() / max(scale.num_seqs * scale.max_tokens, 1.0)
+
+
+LOSS_AGG_MODES = tuple(AGGREGATIONS.names())
+
+Aggregation = Callable[[Tensor, Tensor, LossScale], Tensor]
+
+
+def aggregate(values: Tensor, mask: Tensor, mode: "str | Aggregation", scale: LossScale) -> Tensor:
+    """Reduce per-token ``values`` ``[B, T]`` to a scalar with aggregation ``mode`` (a
+    function of :data:`AGGREGATIONS` or its name).
 
     - ``token-mean``: sum over all tokens / ``num_tokens`` (DAPO; every token weighs the same).
     - ``seq-mean-token-mean``: mean over each row's tokens, summed over rows / ``num_seqs``
@@ -56,17 +93,8 @@ def aggregate(values: Tensor, mask: Tensor, mode: str, scale: LossScale) -> Tens
     An entropy bonus (``algo.entropy_coef``) is aggregated with the same mode as the
     policy loss; TRL always averages its entropy over tokens (``token-mean``).
     """
-    mask = mask.to(values.dtype)
-    if mode == "token-mean":
-        return (values * mask).sum() / max(scale.num_tokens, 1.0)
-    if mode == "seq-mean-token-mean":
-        per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        return per_seq.sum() / max(scale.num_seqs, 1.0)
-    if mode == "seq-mean-token-sum":
-        return (values * mask).sum() / max(scale.num_seqs, 1.0)
-    if mode == "seq-mean-token-sum-norm":
-        return (values * mask).sum() / max(scale.num_seqs * scale.max_tokens, 1.0)
-    raise ValueError(f"unknown loss aggregation {mode!r}; valid modes: {list(LOSS_AGG_MODES)}")
+    fn = AGGREGATIONS.get(mode) if isinstance(mode, str) else mode
+    return fn(values, mask.to(values.dtype), scale)
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -115,7 +143,7 @@ def clipped_policy_loss(
     *,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
-    loss_agg: str = "token-mean",
+    loss_agg: "str | Aggregation" = "token-mean",
     scale: LossScale | None = None,
     entropy: Tensor | None = None,
     global_advantages: Tensor | None = None,
@@ -208,7 +236,7 @@ def reinforce_loss(
     advantages: Tensor,
     mask: Tensor,
     *,
-    loss_agg: str = "token-mean",
+    loss_agg: "str | Aggregation" = "token-mean",
     scale: LossScale | None = None,
     entropy: Tensor | None = None,
     tis_weights: Tensor | None = None,
@@ -231,8 +259,33 @@ def reinforce_loss(
     return aggregate(per_token, mask, loss_agg, scale), metrics
 
 
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3", clamp: float = 10.0) -> Tensor:
-    """Per-token estimate ``[B, T]`` of KL(policy || reference) from samples of the policy.
+#: ``fn(d [B, T], clamp) -> [B, T]`` of ``d = logprobs - ref_logprobs``, by ``algo.kl_estimator``
+KL_ESTIMATORS: Registry[Callable[[Tensor, float], Tensor]] = Registry(
+    "kl_estimators", "algo.kl_estimator", "KL estimator", options=lambda fn: ())
+
+
+@KL_ESTIMATORS.register("k1")
+def k1(d: Tensor, clamp: float) -> Tensor:
+    """d: unbiased, high variance; as a loss its expected gradient is zero (noise only)."""
+    return d
+
+
+@KL_ESTIMATORS.register("k2")
+def k2(d: Tensor, clamp: float) -> Tensor:
+    """d^2 / 2: biased, low variance; as a loss, the gradient of KL(policy || reference)."""
+    return 0.5 * d * d
+
+
+@KL_ESTIMATORS.register("k3")
+def k3(d: Tensor, clamp: float) -> Tensor:
+    """exp(-d) - 1 + d, clamped (verl): as a loss, the gradient of KL(reference || policy)."""
+    return torch.clamp(torch.exp(-d) - 1 + d, min=-clamp, max=clamp)
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: "str | Callable[[Tensor, float], Tensor]" = "k3",
+               clamp: float = 10.0) -> Tensor:
+    """Per-token estimate ``[B, T]`` of KL(policy || reference) from samples of the policy,
+    with ``estimator`` (a function of :data:`KL_ESTIMATORS` or its name).
 
     With ``d = logprobs - ref_logprobs`` (Schulman 2020, "Approximating KL Divergence"):
     ``k1 = d`` (unbiased, high variance, can be negative), ``k2 = d^2 / 2`` (low variance,
@@ -250,14 +303,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3", cl
 
     ``tests/test_loss_terms.py`` checks each by exact expectation over a small vocabulary.
     """
-    d = logprobs - ref_logprobs
-    if estimator == "k1":
-        return d
-    if estimator == "k2":
-        return 0.5 * d * d
-    if estimator == "k3":
-        return torch.clamp(torch.exp(-d) - 1 + d, min=-clamp, max=clamp)
-    raise ValueError(f"unknown KL estimator {estimator!r}; valid: {list(KL_ESTIMATORS)}")
+    fn = KL_ESTIMATORS.get(estimator) if isinstance(estimator, str) else estimator
+    return fn(logprobs - ref_logprobs, clamp)  # [B, T]
 
 
 def behaviour_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, stale: Tensor,

@@ -7,12 +7,12 @@ from typing import Callable
 
 import torch
 
-from ..config import Config, ConfigError
-from ..envs import env_options, make_env
-from ..envs.base import Env
-from ..modeling import build_tiny_model, load_pretrained, text_config, torch_dtype, train_tokenizer
-from ..rollout import HFBackend
-from .warmup import format_demonstrations, prompt_corpus
+from .config import Config, ConfigError
+from .envs import env_options, make_env
+from .envs.base import Env
+from .modeling import build_tiny_model, load_pretrained, text_config, torch_dtype, train_tokenizer
+from .rollout.backends import BACKENDS, EngineSettings
+from .rollout.demonstrations import format_demonstrations, prompt_corpus
 
 #: the longest ``rollout.vllm_max_model_len`` taken by default (the KV cache must hold
 #: one sequence this long; long-context models would not start at 128k)
@@ -92,41 +92,29 @@ def build_model(config: Config, envs: Callable[[], Env]):
 def context_length(config: Config, model: torch.nn.Module) -> int | None:
     """Tokens a prompt and its answer may take together: vLLM's ``max_model_len``, or
     the model's ``max_position_embeddings`` (``None`` when it states none)."""
-    if config.rollout.backend == "vllm":
+    if BACKENDS.get(config.rollout.backend).own_context:
         return vllm_max_model_len(config, model)
     positions = getattr(text_config(model), "max_position_embeddings", None)
     return int(positions) if positions else None
 
 
-def build_backend(config: Config, model: torch.nn.Module, tokenizer, vllm_source: str | None = None):
-    """The rollout engine: HF ``generate`` on a copy of ``model``, or vLLM in this process
-    started from ``model.name_or_path`` (or ``vllm_source``, the tiny model saved)."""
+def build_backend(config: Config, model: torch.nn.Module, tokenizer, source: str | None = None):
+    """The rollout engine ``rollout.backend`` names (:data:`~grpo_lab.rollout.backends.BACKENDS`),
+    started from ``model`` (and, for an engine that loads from disk, from
+    ``model.name_or_path`` or ``source``, the in-memory model saved)."""
     rc = config.rollout
-    if rc.backend == "hf":
-        return HFBackend(model, tokenizer, max_batch_size=rc.max_batch_size)
-    from ..rollout.backends.vllm import VLLMBackend, import_vllm, route_engine_logs
-
-    route_engine_logs(config.logger.engine_console_level)  # before vLLM configures its logging
+    spec = BACKENDS.get(rc.backend)
+    settings = EngineSettings(
+        model, tokenizer, source=config.model.name_or_path or source, dtype=config.model.dtype, seed=config.trainer.seed,
+        max_batch_size=rc.max_batch_size, max_model_len=context_length(config, model),
+        gpu_memory_utilization=rc.vllm_gpu_memory_utilization, sleep_mode=rc.vllm_sleep_mode,
+        enforce_eager=rc.vllm_enforce_eager, tensor_parallel_size=rc.vllm_tensor_parallel_size,
+        lora_rank=vllm_lora_rank(config.model.lora_r), request_seeds=rc.request_seeds,
+        console_level=config.logger.engine_console_level)
     try:
-        import_vllm()
+        return spec.start(settings)
     except ImportError as err:
-        raise ConfigError(str(err)) from None
-    source = config.model.name_or_path or vllm_source
-    max_len = vllm_max_model_len(config, model)
-    extra = {}
-    if rc.vllm_tensor_parallel_size > 1:
-        extra["tensor_parallel_size"] = rc.vllm_tensor_parallel_size
-    if rc.request_seeds and not torch.cuda.is_available():
-        # vLLM's CPU runner cannot resume a seeded request's generator after a partial
-        # prefill: give one step room for every prompt of a rollout step
-        extra["max_num_batched_tokens"] = max(65536, max_len)
-    backend = VLLMBackend(
-        source, dtype=config.model.dtype, seed=config.trainer.seed, max_model_len=max_len,
-        gpu_memory_utilization=rc.vllm_gpu_memory_utilization, enable_sleep_mode=rc.vllm_sleep_mode,
-        enforce_eager=rc.vllm_enforce_eager, max_lora_rank=vllm_lora_rank(config.model.lora_r), **extra,
-    )
-    route_engine_logs(config.logger.engine_console_level)  # and after it started
-    return backend
+        raise ConfigError(f"rollout.backend={rc.backend}: {err}") from None
 
 
 def vllm_max_model_len(config: Config, model: torch.nn.Module) -> int:

@@ -1,0 +1,15 @@
+"""Losses (``grpo_lab.losses``): pure functions of log-probs, advantages and masks.
+
+:mod:`~grpo_lab.losses.terms` holds the terms (aggregations, the clipped and REINFORCE
+surrogates, KL estimators, importance weights); :mod:`~grpo_lab.losses.policy` the policy
+losses behind one signature and the :class:`Objective` an update minimises. Each named
+choice (``algo.policy_loss``, ``algo.loss_agg``, ``algo.kl_estimator``) is a registry.
+"""
+
+from .policy import POLICY_LOSSES, Objective, PolicyLoss, register_policy_loss
+from .terms import (AGGREGATIONS, KL_ESTIMATORS, LOSS_AGG_MODES, RATIO_LEVELS, LossScale, aggregate, behaviour_weights,
+                    clipped_policy_loss, kl_penalty, reinforce_loss, truncated_is_weights)
+
+__all__ = ["AGGREGATIONS", "KL_ESTIMATORS", "LOSS_AGG_MODES", "POLICY_LOSSES", "RATIO_LEVELS", "LossScale", "Objective",
+           "PolicyLoss", "aggregate", "behaviour_weights", "clipped_policy_loss", "kl_penalty", "register_policy_loss",
+           "reinforce_loss", "truncated_is_weights"]

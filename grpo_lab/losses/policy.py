@@ -1,0 +1,103 @@
+"""Policy losses behind one signature, and the objective a run resolves its ``algo``
+settings into.
+
+A policy loss is ``fn(logprobs, old_logprobs, advantages, mask, objective, *, scale,
+entropy, tis_weights, streams) -> (loss, metrics)``, as verl's ``PolicyLossFn`` is one
+signature over its registry: the update calls whichever ``algo.policy_loss`` names
+without knowing which. Register another with ``@register_policy_loss("name")``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from torch import Tensor
+
+from ..registry import Registry, first_line
+from .terms import Aggregation, LossScale, clipped_policy_loss, reinforce_loss, token_mean
+
+PolicyLossFn = Callable[..., "tuple[Tensor, dict[str, Tensor]]"]
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A registered policy loss: ``fn`` with the signature of the module docstring.
+
+    ``ratio``: it weighs tokens by ``pi / pi_old``, so it may take several optimizer passes
+    per batch (``False``: strictly on-policy, one pass). ``streams``: it reads the
+    estimator's extra ``[B]`` streams (COPO's ``global_advantages`` and ``local_weight``)."""
+
+    name: str
+    fn: PolicyLossFn
+    ratio: bool = True
+    streams: bool = False
+
+    def __call__(self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                 objective: "Objective", **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.fn(logprobs, old_logprobs, advantages, mask, objective, **kwargs)
+
+
+#: :class:`PolicyLoss` objects by ``algo.policy_loss``
+POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy_losses", "algo.policy_loss", "policy loss",
+                                               options=lambda loss: ())
+
+
+def register_policy_loss(name: str, *, ratio: bool = True, streams: bool = False,
+                         options: tuple[str, ...] = ()) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Register ``fn`` as ``algo.policy_loss=name`` (its docstring's first line describes
+    it; ``options``: the ``algo`` keys it reads); a taken name raises."""
+
+    def deco(fn: PolicyLossFn) -> PolicyLossFn:
+        POLICY_LOSSES.register(name, PolicyLoss(name, fn, ratio, streams), description=first_line(fn), options=options)
+        return fn
+
+    return deco
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What one update minimises, every name resolved: the policy loss, its aggregation,
+    its clip settings, the KL penalty to the reference and the entropy bonus, and the
+    importance weights of rows the update's policy did not sample.
+
+    ``kl_estimator`` and ``aggregation`` are the functions of
+    :data:`~grpo_lab.losses.terms.KL_ESTIMATORS` and
+    :data:`~grpo_lab.losses.terms.AGGREGATIONS`."""
+
+    policy_loss: PolicyLoss
+    aggregation: Aggregation = token_mean
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip_c: float | None = None
+    ratio_level: str = "token"
+    kl_coef: float = 0.0
+    kl_estimator: Callable[[Tensor, float], Tensor] | None = None
+    entropy_coef: float = 0.0
+    tis_cap: float | None = None
+    off_policy_is_cap: float = 2.0
+
+    @property
+    def trains_every_row(self) -> bool:
+        """A KL or entropy term trains rows without advantage too."""
+        return self.kl_coef > 0 or self.entropy_coef > 0
+
+
+@register_policy_loss("ppo_clip", streams=True, options=("clip_low", "clip_high", "dual_clip_c", "ratio_level"))
+def ppo_clip(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, objective: Objective, *,
+             scale: LossScale, entropy: Tensor | None = None, tis_weights: Tensor | None = None,
+             streams: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate with DAPO's clip-higher; dual clip and GSPO's sequence ratio as options."""
+    return clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=objective.clip_low,
+                               clip_high=objective.clip_high, loss_agg=objective.aggregation, scale=scale,
+                               entropy=entropy, dual_clip_c=objective.dual_clip_c, ratio_level=objective.ratio_level,
+                               tis_weights=tis_weights, **dict(streams or {}))
+
+
+@register_policy_loss("reinforce", ratio=False)
+def reinforce(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, objective: Objective, *,
+              scale: LossScale, entropy: Tensor | None = None, tis_weights: Tensor | None = None,
+              streams: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """REINFORCE without an importance ratio (strictly on-policy: one optimizer pass per batch)."""
+    return reinforce_loss(logprobs, advantages, mask, loss_agg=objective.aggregation, scale=scale, entropy=entropy,
+                          tis_weights=tis_weights)
