@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from .envs import env_names
+from .errors import ConfigError
 from .modeling import DTYPES
 from .paths import looks_like_local_path
 from .rollout.adaptive import AdaptiveConfig
@@ -22,10 +23,6 @@ from .rollout.tree import TreeSamplerConfig
 from .advantages.shaping import PENALTY_PLACEMENTS, default_penalty_placement
 from .training.packing import PACKINGS, packing_name
 from .losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, RATIO_LEVELS, Objective
-
-
-class ConfigError(ValueError):
-    """A configuration value is out of range or names something that does not exist."""
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:

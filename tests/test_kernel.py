@@ -36,7 +36,7 @@ GPU_LAYOUTS = LAYOUTS + [
 @pytest.fixture()
 def poisoned(monkeypatch):
     """Every buffer the kernel allocates starts as NaN: an element it does not write fails."""
-    monkeypatch.setattr(spa, "_alloc", lambda like, shape=None, dtype=None: torch.full(
+    monkeypatch.setattr(spa, "alloc", lambda like, shape=None, dtype=None: torch.full(
         shape if shape is not None else like.shape, float("nan"), device=like.device, dtype=dtype or like.dtype))
 
 

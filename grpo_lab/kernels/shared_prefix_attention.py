@@ -160,7 +160,7 @@ def _uncovered(layout: tuple, row_starts: tuple, total: int, device: torch.devic
 if triton is not None:
 
     @triton.jit
-    def _load_rows(X, offs, head, s_t, s_h, offs_d, hi, MASK: tl.constexpr):
+    def load_rows(X, offs, head, s_t, s_h, offs_d, hi, MASK: tl.constexpr):
         """Rows ``offs`` of one head of a ``[T, H, D]`` tensor (rows at or past ``hi``
         read as zero when ``MASK``)."""
         ptrs = X + offs[:, None] * s_t + head * s_h + offs_d[None, :]
@@ -179,14 +179,14 @@ if triton is not None:
         return qk * qk_scale, qk
 
     @triton.jit
-    def _fwd_range(acc, m_i, l_i, q, K, V, lo, hi, kv_head, offs_m, offs_d, qk_scale, cap_pre, s_kt, s_kh,
+    def fwd_range(acc, m_i, l_i, q, K, V, lo, hi, kv_head, offs_m, offs_d, qk_scale, cap_pre, s_kt, s_kh,
                    MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                    SOFTCAP: tl.constexpr):
         """Online-softmax update of one query tile over keys ``[lo, hi)`` (base-2 logits)."""
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            k = _load_rows(K, offs_n, kv_head, s_kt, s_kh, offs_d, hi, MASK)
-            v = _load_rows(V, offs_n, kv_head, s_kt, s_kh, offs_d, hi, MASK)
+            k = load_rows(K, offs_n, kv_head, s_kt, s_kh, offs_d, hi, MASK)
+            v = load_rows(V, offs_n, kv_head, s_kt, s_kh, offs_d, hi, MASK)
             s, _ = _scores(tl.dot(q, tl.trans(k), input_precision=PREC), qk_scale, cap_pre, SOFTCAP)
             if MASK:
                 ok = (offs_n < hi)[None, :]
@@ -202,14 +202,14 @@ if triton is not None:
         return acc, m_i, l_i
 
     @triton.jit
-    def _dq_range(dq, q, do, lse, delta, K, V, lo, hi, kv_head, offs_m, offs_d, qk_scale, cap_pre, s_kt, s_kh,
+    def dq_range(dq, q, do, lse, delta, K, V, lo, hi, kv_head, offs_m, offs_d, qk_scale, cap_pre, s_kt, s_kh,
                   MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                   SOFTCAP: tl.constexpr):
         """dQ of one query tile (in units of ``1/scale``) accumulated over keys ``[lo, hi)``."""
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            k = _load_rows(K, offs_n, kv_head, s_kt, s_kh, offs_d, hi, MASK)
-            v = _load_rows(V, offs_n, kv_head, s_kt, s_kh, offs_d, hi, MASK)
+            k = load_rows(K, offs_n, kv_head, s_kt, s_kh, offs_d, hi, MASK)
+            v = load_rows(V, offs_n, kv_head, s_kt, s_kh, offs_d, hi, MASK)
             s, dcap = _scores(tl.dot(q, tl.trans(k), input_precision=PREC), qk_scale, cap_pre, SOFTCAP)
             p = tl.exp2(s - lse[:, None])
             if MASK:
@@ -232,8 +232,8 @@ if triton is not None:
         probabilities are exactly zero."""
         for m0 in range(lo, hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            q = _load_rows(Q, offs_m, head, s_qt, s_qh, offs_d, hi, MASK)
-            do = _load_rows(DO, offs_m, head, s_qt, s_qh, offs_d, hi, MASK)
+            q = load_rows(Q, offs_m, head, s_qt, s_qh, offs_d, hi, MASK)
+            do = load_rows(DO, offs_m, head, s_qt, s_qh, offs_d, hi, MASK)
             if MASK:
                 m_ok = offs_m < hi
                 lse = tl.load(LSE + offs_m * H + head, mask=m_ok, other=float("inf"))
@@ -253,24 +253,24 @@ if triton is not None:
         return dk, dv
 
     @triton.jit
-    def _fwd_visible(acc, m_i, l_i, q, K, V, lo, hi, kv_head, offs_m, offs_d, qk_scale, cap_pre, s_kt, s_kh,
+    def fwd_visible(acc, m_i, l_i, q, K, V, lo, hi, kv_head, offs_m, offs_d, qk_scale, cap_pre, s_kt, s_kh,
                      BLOCK_N: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr):
         """Keys ``[lo, hi)`` that every query of the tile sees: whole tiles unmasked, then
         the masked tail."""
         whole = lo + (hi - lo) // BLOCK_N * BLOCK_N
-        acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, K, V, lo, whole, kv_head, offs_m, offs_d, qk_scale, cap_pre,
+        acc, m_i, l_i = fwd_range(acc, m_i, l_i, q, K, V, lo, whole, kv_head, offs_m, offs_d, qk_scale, cap_pre,
                                    s_kt, s_kh, False, False, BLOCK_N, PREC, SOFTCAP)
-        return _fwd_range(acc, m_i, l_i, q, K, V, whole, hi, kv_head, offs_m, offs_d, qk_scale, cap_pre,
+        return fwd_range(acc, m_i, l_i, q, K, V, whole, hi, kv_head, offs_m, offs_d, qk_scale, cap_pre,
                           s_kt, s_kh, True, False, BLOCK_N, PREC, SOFTCAP)
 
     @triton.jit
-    def _dq_visible(dq, q, do, lse, delta, K, V, lo, hi, kv_head, offs_m, offs_d, qk_scale, cap_pre, s_kt, s_kh,
+    def dq_visible(dq, q, do, lse, delta, K, V, lo, hi, kv_head, offs_m, offs_d, qk_scale, cap_pre, s_kt, s_kh,
                     BLOCK_N: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr):
-        """:func:`_dq_range` over keys every query of the tile sees (whole tiles, then the tail)."""
+        """:func:`dq_range` over keys every query of the tile sees (whole tiles, then the tail)."""
         whole = lo + (hi - lo) // BLOCK_N * BLOCK_N
-        dq = _dq_range(dq, q, do, lse, delta, K, V, lo, whole, kv_head, offs_m, offs_d, qk_scale, cap_pre, s_kt, s_kh,
+        dq = dq_range(dq, q, do, lse, delta, K, V, lo, whole, kv_head, offs_m, offs_d, qk_scale, cap_pre, s_kt, s_kh,
                        False, False, BLOCK_N, PREC, SOFTCAP)
-        return _dq_range(dq, q, do, lse, delta, K, V, whole, hi, kv_head, offs_m, offs_d, qk_scale, cap_pre, s_kt, s_kh,
+        return dq_range(dq, q, do, lse, delta, K, V, whole, hi, kv_head, offs_m, offs_d, qk_scale, cap_pre, s_kt, s_kh,
                          True, False, BLOCK_N, PREC, SOFTCAP)
 
     @triton.jit
@@ -284,7 +284,7 @@ if triton is not None:
                            s_qt, s_qh, True, False, BLOCK_M, PREC, SOFTCAP)
 
     @triton.jit
-    def _tile(BLOCKS, H, pid):
+    def kernel_tile(BLOCKS, H, pid):
         """The tile and head of program ``pid`` (heads vary fastest)."""
         return BLOCKS + (pid // H) * 5, pid % H
 
@@ -293,23 +293,23 @@ if triton is not None:
                     s_qt, s_qh, s_kt, s_kh, s_ot, s_oh,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                     SOFTCAP: tl.constexpr):
-        row, head = _tile(BLOCKS, H, tl.program_id(0))
+        row, head = kernel_tile(BLOCKS, H, tl.program_id(0))
         kv_head = head // KV_GROUP
         q_start, q_end = tl.load(row + 0), tl.load(row + 1)
         p_start, p_end, own_start = tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
         offs_m = q_start + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
-        q = _load_rows(Q, offs_m, head, s_qt, s_qh, offs_d, q_end, True)
+        q = load_rows(Q, offs_m, head, s_qt, s_qh, offs_d, q_end, True)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         # keys every query of the tile sees: the row's prefix, then its own segment up to
         # the tile; then the diagonal, causally
-        acc, m_i, l_i = _fwd_visible(acc, m_i, l_i, q, K, V, p_start, p_end, kv_head, offs_m, offs_d, qk_scale, cap_pre,
+        acc, m_i, l_i = fwd_visible(acc, m_i, l_i, q, K, V, p_start, p_end, kv_head, offs_m, offs_d, qk_scale, cap_pre,
                                      s_kt, s_kh, BLOCK_N, PREC, SOFTCAP)
-        acc, m_i, l_i = _fwd_visible(acc, m_i, l_i, q, K, V, own_start, q_start, kv_head, offs_m, offs_d, qk_scale,
+        acc, m_i, l_i = fwd_visible(acc, m_i, l_i, q, K, V, own_start, q_start, kv_head, offs_m, offs_d, qk_scale,
                                      cap_pre, s_kt, s_kh, BLOCK_N, PREC, SOFTCAP)
-        acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, K, V, q_start, q_end, kv_head, offs_m, offs_d, qk_scale, cap_pre,
+        acc, m_i, l_i = fwd_range(acc, m_i, l_i, q, K, V, q_start, q_end, kv_head, offs_m, offs_d, qk_scale, cap_pre,
                                    s_kt, s_kh, True, True, BLOCK_N, PREC, SOFTCAP)
         m_ok = offs_m < q_end
         tl.store(O + offs_m[:, None] * s_ot + head * s_oh + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
@@ -321,41 +321,41 @@ if triton is not None:
                        s_qt, s_qh, s_kt, s_kh,
                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                        SOFTCAP: tl.constexpr):
-        row, head = _tile(BLOCKS, H, tl.program_id(0))
+        row, head = kernel_tile(BLOCKS, H, tl.program_id(0))
         kv_head = head // KV_GROUP
         q_start, q_end = tl.load(row + 0), tl.load(row + 1)
         p_start, p_end, own_start = tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
         offs_m = q_start + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
         m_ok = offs_m < q_end
-        q = _load_rows(Q, offs_m, head, s_qt, s_qh, offs_d, q_end, True)
-        do = _load_rows(DO, offs_m, head, s_qt, s_qh, offs_d, q_end, True)
-        o = _load_rows(O, offs_m, head, s_qt, s_qh, offs_d, q_end, True)
+        q = load_rows(Q, offs_m, head, s_qt, s_qh, offs_d, q_end, True)
+        do = load_rows(DO, offs_m, head, s_qt, s_qh, offs_d, q_end, True)
+        o = load_rows(O, offs_m, head, s_qt, s_qh, offs_d, q_end, True)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         tl.store(DELTA + offs_m * H + head, delta, mask=m_ok)
         lse = tl.load(LSE + offs_m * H + head, mask=m_ok, other=float("inf"))
         dq = tl.zeros([BLOCK_M, D], tl.float32)
-        dq = _dq_visible(dq, q, do, lse, delta, K, V, p_start, p_end, kv_head, offs_m, offs_d, qk_scale, cap_pre,
+        dq = dq_visible(dq, q, do, lse, delta, K, V, p_start, p_end, kv_head, offs_m, offs_d, qk_scale, cap_pre,
                          s_kt, s_kh, BLOCK_N, PREC, SOFTCAP)
-        dq = _dq_visible(dq, q, do, lse, delta, K, V, own_start, q_start, kv_head, offs_m, offs_d, qk_scale, cap_pre,
+        dq = dq_visible(dq, q, do, lse, delta, K, V, own_start, q_start, kv_head, offs_m, offs_d, qk_scale, cap_pre,
                          s_kt, s_kh, BLOCK_N, PREC, SOFTCAP)
-        dq = _dq_range(dq, q, do, lse, delta, K, V, q_start, q_end, kv_head, offs_m, offs_d, qk_scale, cap_pre,
+        dq = dq_range(dq, q, do, lse, delta, K, V, q_start, q_end, kv_head, offs_m, offs_d, qk_scale, cap_pre,
                        s_kt, s_kh, True, True, BLOCK_N, PREC, SOFTCAP)
         tl.store(DQ + offs_m[:, None] * s_qt + head * s_qh + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=m_ok[:, None])
 
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BLOCKS, qk_scale, cap_pre, scale, H, HKV, KV_GROUP,
+    def bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BLOCKS, qk_scale, cap_pre, scale, H, HKV, KV_GROUP,
                          s_qt, s_qh, s_kt, s_kh,
                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                          SOFTCAP: tl.constexpr):
-        row, kv_head = _tile(BLOCKS, HKV, tl.program_id(0))
+        row, kv_head = kernel_tile(BLOCKS, HKV, tl.program_id(0))
         k_start, k_end, own_end = tl.load(row + 0), tl.load(row + 1), tl.load(row + 2)
         x_start, x_end = tl.load(row + 3), tl.load(row + 4)
         offs_n = k_start + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
-        k = _load_rows(K, offs_n, kv_head, s_kt, s_kh, offs_d, k_end, True)
-        v = _load_rows(V, offs_n, kv_head, s_kt, s_kh, offs_d, k_end, True)
+        k = load_rows(K, offs_n, kv_head, s_kt, s_kh, offs_d, k_end, True)
+        v = load_rows(V, offs_n, kv_head, s_kt, s_kh, offs_d, k_end, True)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
         # the queries of the key tile's own segment: the diagonal causally, then the later
@@ -378,12 +378,12 @@ if triton is not None:
 
 
 # ----------------------------------------------------------------------------- launches
-def _alloc(like: Tensor, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> Tensor:
+def alloc(like: Tensor, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """Uninitialised output buffers (tests replace this to poison them)."""
     return torch.empty(shape if shape is not None else like.shape, device=like.device, dtype=dtype or like.dtype)
 
 
-def _require_triton() -> None:
+def require_triton() -> None:
     if triton is None:
         raise RuntimeError("the Triton shared-prefix kernel needs triton: pip install triton")
 
@@ -393,14 +393,14 @@ def _precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
-def _score_scalars(scale: float, softcap: float | None) -> tuple[float, float, bool]:
+def score_scalars(scale: float, softcap: float | None) -> tuple[float, float, bool]:
     """``(qk_scale, cap_pre, SOFTCAP)`` of :func:`_scores`."""
     if softcap is None:
         return scale * LOG2E, 1.0, False
     return softcap * LOG2E, scale / softcap, True
 
 
-def _meta(q: Tensor, cfg: PassConfig, capped: bool) -> dict:
+def meta(q: Tensor, cfg: PassConfig, capped: bool) -> dict:
     """The compile-time arguments and launch shape shared by every pass."""
     return dict(D=q.shape[-1], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PREC=_precision(q.dtype), SOFTCAP=capped,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -411,14 +411,14 @@ def launch_forward(q: Tensor, k: Tensor, v: Tensor, layout: tuple, row_starts: t
     """The forward pass alone: ``o`` ``[T, H, D]`` and the base-2 log-sum-exp ``[T, H]``
     (uncovered tokens are left as allocated)."""
     t, h, _ = q.shape
-    o = _alloc(q)
-    lse = _alloc(q, (t, h), torch.float32)
+    o = alloc(q)
+    lse = alloc(q, (t, h), torch.float32)
     qb = _query_blocks(layout, row_starts, cfg.block_m, q.device)
-    qk_scale, cap_pre, capped = _score_scalars(scale, softcap)
+    qk_scale, cap_pre, capped = score_scalars(scale, softcap)
     if qb.shape[0]:
         _fwd_kernel[(qb.shape[0] * h,)](q, k, v, o, lse, qb, qk_scale, cap_pre, h, h // k.shape[1],
                                         q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0), o.stride(1),
-                                        **_meta(q, cfg, capped))
+                                        **meta(q, cfg, capped))
     return o, lse
 
 
@@ -426,13 +426,13 @@ def launch_dq(q, k, v, o, do, lse, layout, row_starts, scale, cfg: PassConfig,
               softcap: float | None = None) -> tuple[Tensor, Tensor]:
     """The dQ pass alone: ``dq`` ``[T, H, D]`` and ``delta`` ``[T, H]``."""
     t, h, _ = q.shape
-    dq = _alloc(q)
-    delta = _alloc(q, (t, h), torch.float32)
+    dq = alloc(q)
+    delta = alloc(q, (t, h), torch.float32)
     qb = _query_blocks(layout, row_starts, cfg.block_m, q.device)
-    qk_scale, cap_pre, capped = _score_scalars(scale, softcap)
+    qk_scale, cap_pre, capped = score_scalars(scale, softcap)
     if qb.shape[0]:
         _bwd_dq_kernel[(qb.shape[0] * h,)](q, k, v, o, do, lse, delta, dq, qb, qk_scale, cap_pre, scale, h, h // k.shape[1],
-                                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), **_meta(q, cfg, capped))
+                                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), **meta(q, cfg, capped))
     return dq, delta
 
 
@@ -440,13 +440,13 @@ def launch_dkdv(q, k, v, do, lse, delta, layout, row_starts, scale, cfg: PassCon
                 softcap: float | None = None) -> tuple[Tensor, Tensor]:
     """The dK/dV pass alone (after :func:`launch_dq`, which writes ``delta``)."""
     h, hkv = q.shape[1], k.shape[1]
-    dk, dv = _alloc(k), _alloc(v)
+    dk, dv = alloc(k), alloc(v)
     kb = _key_blocks(layout, row_starts, cfg.block_n, q.device)
-    qk_scale, cap_pre, capped = _score_scalars(scale, softcap)
+    qk_scale, cap_pre, capped = score_scalars(scale, softcap)
     if kb.shape[0]:
-        _bwd_dkdv_kernel[(kb.shape[0] * hkv,)](q, k, v, do, lse, delta, dk, dv, kb, qk_scale, cap_pre, scale, h, hkv,
+        bwd_dkdv_kernel[(kb.shape[0] * hkv,)](q, k, v, do, lse, delta, dk, dv, kb, qk_scale, cap_pre, scale, h, hkv,
                                                h // hkv, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                                               **_meta(q, cfg, capped))
+                                               **meta(q, cfg, capped))
     return dk, dv
 
 
@@ -457,7 +457,7 @@ def _zero_uncovered(layout, row_starts, *tensors: Tensor) -> None:
             x.index_fill_(0, idx, 0)
 
 
-def _dense(x: Tensor) -> Tensor:
+def dense(x: Tensor) -> Tensor:
     """The kernels index ``q``, ``o``, ``dO``, ``dQ`` with one set of strides (and ``k``,
     ``v``, ``dK``, ``dV`` with another): all contiguous. A ``[B, L, H, D]`` batch reshaped
     to ``[B*L, H, D]`` already is, so this copies nothing there."""
@@ -467,8 +467,8 @@ def _dense(x: Tensor) -> Tensor:
 class _SharedPrefixAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, row_starts, scale, config, softcap):
-        _require_triton()
-        q, k, v = _dense(q), _dense(k), _dense(v)
+        require_triton()
+        q, k, v = dense(q), dense(k), dense(v)
         o, lse = launch_forward(q, k, v, layout, row_starts, scale, config.fwd, softcap)
         _zero_uncovered(layout, row_starts, o)
         ctx.save_for_backward(q, k, v, o, lse)
@@ -485,7 +485,7 @@ class _SharedPrefixAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def _check_shapes(q: Tensor, k: Tensor, v: Tensor, value_dim_may_differ: bool = False) -> None:
+def check_shapes(q: Tensor, k: Tensor, v: Tensor, value_dim_may_differ: bool = False) -> None:
     """``q`` ``[T, H, D]``, ``k`` ``[T, Hkv, D]``, ``v`` ``[T, Hkv, Dv]`` with ``H`` a multiple of
     ``Hkv`` and ``Dv = D`` (other value widths, multi-head latent attention's, only where
     ``value_dim_may_differ``: the PyTorch references)."""
@@ -497,7 +497,7 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor, value_dim_may_differ: bool = 
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, layout, row_starts=None) -> None:
-    _check_shapes(q, k, v)
+    check_shapes(q, k, v)
     if q.numel() >= 2**31:
         raise ValueError(f"q has {q.numel()} elements; the kernel indexes with 32-bit offsets (at most 2**31 - 1): "
                          "split the micro-batch")

@@ -80,23 +80,23 @@ if triton is not None:
                          s_qt, s_qh, s_kt, s_kh, s_ot, s_oh,
                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                          SOFTCAP: tl.constexpr):
-        row, head = sp._tile(BLOCKS, H, tl.program_id(0))
+        row, head = sp.kernel_tile(BLOCKS, H, tl.program_id(0))
         kv_head = head // KV_GROUP
         q_start, q_end, own_start = tl.load(row + 0), tl.load(row + 1), tl.load(row + 2)
         a_lo, a_hi = tl.load(row + 3), tl.load(row + 4)
         offs_m = q_start + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
-        q = sp._load_rows(Q, offs_m, head, s_qt, s_qh, offs_d, q_end, True)
+        q = sp.load_rows(Q, offs_m, head, s_qt, s_qh, offs_d, q_end, True)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         for a in range(a_lo, a_hi):  # the ancestors, every key seen by every query of the tile
             lo, hi = tl.load(ANC + 2 * a), tl.load(ANC + 2 * a + 1)
-            acc, m_i, l_i = sp._fwd_visible(acc, m_i, l_i, q, K, V, lo, hi, kv_head, offs_m, offs_d, qk_scale, cap_pre,
+            acc, m_i, l_i = sp.fwd_visible(acc, m_i, l_i, q, K, V, lo, hi, kv_head, offs_m, offs_d, qk_scale, cap_pre,
                                             s_kt, s_kh, BLOCK_N, PREC, SOFTCAP)
-        acc, m_i, l_i = sp._fwd_visible(acc, m_i, l_i, q, K, V, own_start, q_start, kv_head, offs_m, offs_d, qk_scale,
+        acc, m_i, l_i = sp.fwd_visible(acc, m_i, l_i, q, K, V, own_start, q_start, kv_head, offs_m, offs_d, qk_scale,
                                         cap_pre, s_kt, s_kh, BLOCK_N, PREC, SOFTCAP)
-        acc, m_i, l_i = sp._fwd_range(acc, m_i, l_i, q, K, V, q_start, q_end, kv_head, offs_m, offs_d, qk_scale,
+        acc, m_i, l_i = sp.fwd_range(acc, m_i, l_i, q, K, V, q_start, q_end, kv_head, offs_m, offs_d, qk_scale,
                                       cap_pre, s_kt, s_kh, True, True, BLOCK_N, PREC, SOFTCAP)
         m_ok = offs_m < q_end
         tl.store(O + offs_m[:, None] * s_ot + head * s_oh + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
@@ -108,27 +108,27 @@ if triton is not None:
                         s_qt, s_qh, s_kt, s_kh,
                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                         SOFTCAP: tl.constexpr):
-        row, head = sp._tile(BLOCKS, H, tl.program_id(0))
+        row, head = sp.kernel_tile(BLOCKS, H, tl.program_id(0))
         kv_head = head // KV_GROUP
         q_start, q_end, own_start = tl.load(row + 0), tl.load(row + 1), tl.load(row + 2)
         a_lo, a_hi = tl.load(row + 3), tl.load(row + 4)
         offs_m = q_start + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
         m_ok = offs_m < q_end
-        q = sp._load_rows(Q, offs_m, head, s_qt, s_qh, offs_d, q_end, True)
-        do = sp._load_rows(DO, offs_m, head, s_qt, s_qh, offs_d, q_end, True)
-        o = sp._load_rows(O, offs_m, head, s_qt, s_qh, offs_d, q_end, True)
+        q = sp.load_rows(Q, offs_m, head, s_qt, s_qh, offs_d, q_end, True)
+        do = sp.load_rows(DO, offs_m, head, s_qt, s_qh, offs_d, q_end, True)
+        o = sp.load_rows(O, offs_m, head, s_qt, s_qh, offs_d, q_end, True)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         tl.store(DELTA + offs_m * H + head, delta, mask=m_ok)
         lse = tl.load(LSE + offs_m * H + head, mask=m_ok, other=float("inf"))
         dq = tl.zeros([BLOCK_M, D], tl.float32)
         for a in range(a_lo, a_hi):
             lo, hi = tl.load(ANC + 2 * a), tl.load(ANC + 2 * a + 1)
-            dq = sp._dq_visible(dq, q, do, lse, delta, K, V, lo, hi, kv_head, offs_m, offs_d, qk_scale, cap_pre,
+            dq = sp.dq_visible(dq, q, do, lse, delta, K, V, lo, hi, kv_head, offs_m, offs_d, qk_scale, cap_pre,
                                 s_kt, s_kh, BLOCK_N, PREC, SOFTCAP)
-        dq = sp._dq_visible(dq, q, do, lse, delta, K, V, own_start, q_start, kv_head, offs_m, offs_d, qk_scale, cap_pre,
+        dq = sp.dq_visible(dq, q, do, lse, delta, K, V, own_start, q_start, kv_head, offs_m, offs_d, qk_scale, cap_pre,
                             s_kt, s_kh, BLOCK_N, PREC, SOFTCAP)
-        dq = sp._dq_range(dq, q, do, lse, delta, K, V, q_start, q_end, kv_head, offs_m, offs_d, qk_scale, cap_pre,
+        dq = sp.dq_range(dq, q, do, lse, delta, K, V, q_start, q_end, kv_head, offs_m, offs_d, qk_scale, cap_pre,
                           s_kt, s_kh, True, True, BLOCK_N, PREC, SOFTCAP)
         tl.store(DQ + offs_m[:, None] * s_qt + head * s_qh + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=m_ok[:, None])
@@ -139,26 +139,26 @@ def launch_forward(q: Tensor, k: Tensor, v: Tensor, layout: "TrieLayout", scale:
                    softcap: float | None = None) -> tuple[Tensor, Tensor]:
     """The forward pass: ``o`` ``[L, H, D]`` and the base-2 log-sum-exp ``[L, H]``."""
     t, h, _ = q.shape
-    o, lse = sp._alloc(q), sp._alloc(q, (t, h), torch.float32)
+    o, lse = sp.alloc(q), sp.alloc(q, (t, h), torch.float32)
     blocks, anc = _query_blocks(layout, cfg.block_m, q.device)
-    qk_scale, cap_pre, capped = sp._score_scalars(scale, softcap)
+    qk_scale, cap_pre, capped = sp.score_scalars(scale, softcap)
     if blocks.shape[0]:
         _trie_fwd_kernel[(blocks.shape[0] * h,)](q, k, v, o, lse, blocks, anc, qk_scale, cap_pre, h, h // k.shape[1],
                                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), o.stride(0),
-                                                 o.stride(1), **sp._meta(q, cfg, capped))
+                                                 o.stride(1), **sp.meta(q, cfg, capped))
     return o, lse
 
 
 def launch_dq(q, k, v, o, do, lse, layout, scale, cfg: sp.PassConfig, softcap=None) -> tuple[Tensor, Tensor]:
     """The dQ pass: ``dq`` ``[L, H, D]`` and ``delta`` ``[L, H]``."""
     t, h, _ = q.shape
-    dq, delta = sp._alloc(q), sp._alloc(q, (t, h), torch.float32)
+    dq, delta = sp.alloc(q), sp.alloc(q, (t, h), torch.float32)
     blocks, anc = _query_blocks(layout, cfg.block_m, q.device)
-    qk_scale, cap_pre, capped = sp._score_scalars(scale, softcap)
+    qk_scale, cap_pre, capped = sp.score_scalars(scale, softcap)
     if blocks.shape[0]:
         _trie_dq_kernel[(blocks.shape[0] * h,)](q, k, v, o, do, lse, delta, dq, blocks, anc, qk_scale, cap_pre, scale, h,
                                                 h // k.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                                                **sp._meta(q, cfg, capped))
+                                                **sp.meta(q, cfg, capped))
     return dq, delta
 
 
@@ -166,13 +166,13 @@ def launch_dkdv(q, k, v, do, lse, delta, layout, scale, cfg: sp.PassConfig, soft
     """The dK/dV pass (after :func:`launch_dq`, which writes ``delta``): the shared-prefix
     kernel's, over key tiles whose extra queries are their node's subtree."""
     h, hkv = q.shape[1], k.shape[1]
-    dk, dv = sp._alloc(k), sp._alloc(v)
+    dk, dv = sp.alloc(k), sp.alloc(v)
     blocks = _key_blocks(layout, cfg.block_n, q.device)
-    qk_scale, cap_pre, capped = sp._score_scalars(scale, softcap)
+    qk_scale, cap_pre, capped = sp.score_scalars(scale, softcap)
     if blocks.shape[0]:
-        sp._bwd_dkdv_kernel[(blocks.shape[0] * hkv,)](q, k, v, do, lse, delta, dk, dv, blocks, qk_scale, cap_pre, scale,
+        sp.bwd_dkdv_kernel[(blocks.shape[0] * hkv,)](q, k, v, do, lse, delta, dk, dv, blocks, qk_scale, cap_pre, scale,
                                                       h, hkv, h // hkv, q.stride(0), q.stride(1), k.stride(0),
-                                                      k.stride(1), **sp._meta(q, cfg, capped))
+                                                      k.stride(1), **sp.meta(q, cfg, capped))
     return dk, dv
 
 
@@ -186,8 +186,8 @@ def _zero_tail(length: int, *tensors: Tensor) -> None:
 class _TrieAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, scale, config, softcap):
-        sp._require_triton()
-        q, k, v = sp._dense(q), sp._dense(k), sp._dense(v)
+        sp.require_triton()
+        q, k, v = sp.dense(q), sp.dense(k), sp.dense(v)
         o, lse = launch_forward(q, k, v, layout, scale, config.fwd, softcap)
         _zero_tail(layout.length, o)
         ctx.save_for_backward(q, k, v, o, lse)
@@ -207,7 +207,7 @@ class _TrieAttention(torch.autograd.Function):
 def _check(q: Tensor, k: Tensor, v: Tensor, layout: "TrieLayout", value_dim_may_differ: bool = False) -> None:
     """Shapes as the shared-prefix kernel's (the reference also takes multi-head latent
     attention's other value width), and a trie that fits in them."""
-    sp._check_shapes(q, k, v, value_dim_may_differ)
+    sp.check_shapes(q, k, v, value_dim_may_differ)
     if layout.length > q.shape[0]:
         raise ValueError(f"the trie holds {layout.length} tokens but q has {q.shape[0]}")
 

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint, newest_loadable
 
 log = logging.getLogger("grpo_lab")

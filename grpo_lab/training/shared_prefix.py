@@ -80,7 +80,7 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     With ``shared_prefix_layout`` among the model call's keyword arguments it computes
     packed attention (the mask argument is ignored: the layout defines it): of packed
     groups for :class:`RowLayout` rows, of a packed trie for a
-    :class:`~grpo_lab.training.trie.TrieLayout`; without, it is
+    :class:`~grpo_lab.kernels.layouts.TrieLayout`; without, it is
     the model's ordinary attention: ``transformers``' SDPA, or :func:`masked_attention`
     when the layer soft-caps its logits.
     """
@@ -127,10 +127,8 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
 
 def token_depths(layout, length: int, device: torch.device) -> Tensor:
     """``[B, L]``: the position id of every packed token (its depth), for a
-    :class:`~grpo_lab.training.trie.TrieLayout` (``B = 1``) or :class:`RowLayout` rows
+    :class:`~grpo_lab.kernels.layouts.TrieLayout` (``B = 1``) or :class:`RowLayout` rows
     (padding continues the count)."""
-    from .trie import TrieLayout
-
     if isinstance(layout, TrieLayout):
         depth = layout.token_depth()
         rows = [torch.cat([depth, torch.arange(depth.numel(), length)])]
@@ -280,7 +278,7 @@ def groups_by_prompt(prompt_ids: Sequence[Tensor]) -> list[list[int]]:
 
 def packed_forward(model: torch.nn.Module, input_ids: Tensor, position_ids: Tensor, layout, attention: str) -> Tensor:
     """The logits of packed rows (``layout``: :class:`RowLayout` rows, or a
-    :class:`~grpo_lab.training.trie.TrieLayout`), with the proof that every attention
+    :class:`~grpo_lab.kernels.layouts.TrieLayout`), with the proof that every attention
     layer took the packed path (:func:`_check_receipt`)."""
     receipt = _Receipt()
     token = _RECEIPT.set(receipt)
