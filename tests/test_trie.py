@@ -288,7 +288,7 @@ def poisoned(monkeypatch):
     pytest.importorskip("triton")
     from grpo_lab.kernels import shared_prefix_attention as spa
 
-    monkeypatch.setattr(spa, "_alloc", lambda like, shape=None, dtype=None: torch.full(
+    monkeypatch.setattr(spa, "alloc", lambda like, shape=None, dtype=None: torch.full(
         shape if shape is not None else like.shape, float("nan"), device=like.device, dtype=dtype or like.dtype))
 
 
