@@ -88,6 +88,13 @@ class Entry(Generic[T]):
         return f"{getattr(self.target, '__module__', '?')}.{getattr(self.target, '__qualname__', type(self.target).__name__)}"
 
 
+def import_path(path: str) -> Any:
+    """The attribute an import path ``"package.module:attribute"`` names, its module
+    imported (``ImportError``, ``AttributeError`` as Python raises them)."""
+    module, attribute = path.split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
 #: every registry, by name (``python -m grpo_lab --list``)
 REGISTRIES: dict[str, "Registry"] = {}
 
@@ -150,10 +157,11 @@ class Registry(Generic[T]):
         self._plugins_read = False
 
     def registered(self, name: str) -> Entry[T]:
-        """The entry of ``name`` as registered, without importing an import-path entry."""
-        if name not in self._entries:
+        """The entry of ``name`` as registered, without importing an import-path entry;
+        :class:`UnknownNameError` listing the valid names when there is none."""
+        if isinstance(name, str) and name not in self._entries:
             self._read_plugins()
-        if name not in self._entries:
+        if not isinstance(name, str) or name not in self._entries:
             raise UnknownNameError(f"unknown {self.kind} {name!r}; valid names: {self.names()}")
         return self._entries[name]
 
@@ -188,11 +196,7 @@ class Registry(Generic[T]):
     def entry(self, name: str) -> Entry[T]:
         """The entry of ``name``, its object loaded; :class:`UnknownNameError` listing the
         valid names when there is none."""
-        if name not in self._entries:
-            self._read_plugins()
-        if not isinstance(name, str) or name not in self._entries:
-            raise UnknownNameError(f"unknown {self.kind} {name!r}; valid names: {self.names()}")
-        entry = self._entries[name]
+        entry = self.registered(name)
         if isinstance(entry.target, str):
             entry.target = self._load(name, entry.target)
             if not entry.description:
@@ -208,7 +212,7 @@ class Registry(Generic[T]):
     def _load(self, name: str, path: str) -> T:
         module, attribute = path.split(":")
         try:
-            obj = getattr(importlib.import_module(module), attribute)
+            obj = import_path(path)
         except ImportError as err:
             raise ImportError(f"{self.kind} {name!r} could not be imported from {path}: {err}") from err
         except AttributeError:

@@ -14,7 +14,7 @@ from .distributed import SINGLE, DistContext, global_sums, gradient_sync, lockst
 from .forward import pad_rows
 from .packing import Packing, get_packing
 from .shared_prefix import common_prefix_length
-from ..losses import LossScale, Objective, behaviour_weights, kl_penalty
+from ..losses import LossScale, Objective, aggregate, behaviour_weights, kl_penalty
 
 
 def split_micro_batches(batch: RolloutBatch, rows: Tensor, max_rows: int, max_tokens: int | None = None,
@@ -259,12 +259,11 @@ def _micro_batch_backward(model, batch, micro, advantages, old_logprobs, objecti
     loss, pg_metrics = objective.policy_loss(logp, old, adv, mask, objective, scale=scale, entropy=entropy,
                                              tis_weights=tis, streams=streams)
     metrics.update(pg_metrics)
-    aggregate = objective.aggregation
     if objective.entropy_coef > 0:
-        loss = loss - objective.entropy_coef * aggregate(entropy, mask.to(entropy.dtype), scale)
+        loss = loss - objective.entropy_coef * aggregate(entropy, mask, objective.aggregation, scale)
     if ref is not None:
         kl = kl_penalty(logp, ref.float(), objective.kl_estimator)
-        loss = loss + objective.kl_coef * aggregate(kl, mask.to(kl.dtype), scale)
+        loss = loss + objective.kl_coef * aggregate(kl, mask, objective.aggregation, scale)
         metrics["kl_ref"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
     (loss * world if world != 1 else loss).backward()
     tokens = float(mask.sum())

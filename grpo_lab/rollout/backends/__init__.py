@@ -8,11 +8,10 @@ or the entry-point group ``grpo_lab.backends``.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ...registry import Registry
+from ...registry import Registry, import_path
 from .hf import HFBackend
 
 
@@ -51,10 +50,7 @@ class BackendSpec:
     own_context: bool = False
 
     def start(self, settings: EngineSettings):
-        start = self.start_with
-        if isinstance(start, str):
-            module, name = start.split(":")
-            start = getattr(importlib.import_module(module), name)
+        start = import_path(self.start_with) if isinstance(self.start_with, str) else self.start_with
         return start(settings)
 
 
