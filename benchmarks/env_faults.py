@@ -140,7 +140,7 @@ def main() -> None:
     clean = rows[1][1]
     episodes = args.tasks * args.group
     print(f"{episodes} episodes ({args.tasks} tasks x {args.group}), up to {args.max_steps} turns, no model\n")
-    print(f"| rollout | seconds | vs clean (2 workers) | episodes dropped | groups dropped | workers replaced | envs replayed (steps) |")
+    print("| rollout | seconds | vs clean (2 workers) | episodes dropped | groups dropped | workers replaced | envs replayed (steps) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for label, seconds, faults, stats in rows:
         print(f"| {label} | {seconds:.3f} | {seconds - clean:+.3f} s | {faults.episodes_dropped} | {faults.groups_dropped} | "

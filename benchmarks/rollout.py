@@ -135,10 +135,10 @@ def schedulers_section(args) -> None:
     env_kwargs = dict(cfg.env.kwargs)
     factory = lambda: SlowEnv(make_env(cfg.env.name, **env_kwargs), args.env_latency)  # noqa: E731
     loop = AgentLoopConfig(group_size=args.group, max_steps=args.max_steps, history_window=cfg.rollout.history_window,
-                           sampling=trainer.sampling, request_seed=1)
+                           sampling=trainer.parts.loop.sampling, request_seed=1)
     seeds = list(range(100, 100 + args.tasks))
     learnt = LengthPredictor()
-    run_scheduled(engine.stream(), trainer.encoder, factory, seeds, loop, SchedulerConfig(mode="continuous"), predictor=learnt)
+    run_scheduled(engine.stream(), trainer.parts.encoder, factory, seeds, loop, SchedulerConfig(mode="continuous"), predictor=learnt)
     S, m = args.slots, args.micro
     rows = [
         ("naive (full groups, lock-step)", lambda: BatchStream(engine), SchedulerConfig(mode="micro"), None),
@@ -159,7 +159,7 @@ def schedulers_section(args) -> None:
         walls = []
         for _ in range(args.repeats):
             stream = make_stream()
-            batch, stats = run_scheduled(stream, trainer.encoder, factory, seeds, loop, sched, predictor=predictor)
+            batch, stats = run_scheduled(stream, trainer.parts.encoder, factory, seeds, loop, sched, predictor=predictor)
             walls.append(stats.wall_seconds)
         if reference is None:
             reference = batch

@@ -91,7 +91,7 @@ def gpu_table(rows: int, tokens: int) -> list[dict]:
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
-                policy_gradient_backward(model, batch, torch.arange(rows), adv, None, AlgoConfig(), micro_batch_size=rows,
+                policy_gradient_backward(model, batch, torch.arange(rows), adv, None, AlgoConfig().objective(), micro_batch_size=rows,
                                          max_tokens=response, autocast=lambda: autocast(device, precision))
                 optimizer.step()
                 torch.cuda.synchronize()

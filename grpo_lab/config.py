@@ -20,6 +20,7 @@ from .rollout.adaptive import AdaptiveConfig
 from .rollout.backends import BACKENDS
 from .rollout.formats import EPISODE_FORMATS
 from .rollout.tree import TreeSamplerConfig
+from .advantages import AdvantagePipeline
 from .advantages.shaping import PENALTY_PLACEMENTS, default_penalty_placement
 from .training.packing import PACKINGS, packing_name
 from .losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, RATIO_LEVELS, Objective
@@ -115,6 +116,15 @@ class AlgoConfig:
                              tis_cap=self.tis_cap, off_policy_is_cap=self.off_policy_is_cap)
         except KeyError as err:
             raise ConfigError(f"algo: {err}") from None
+
+    def advantages(self) -> AdvantagePipeline:
+        """The estimator and modifiers with every name resolved, and the invalid-action
+        penalty placed as ``penalty_placement`` says (or as the estimator's default)."""
+        try:
+            return AdvantagePipeline.of(self.estimator, self.params, self.modifier_settings(),
+                                        self.invalid_action_penalty, self.penalty_placement)
+        except KeyError as err:
+            raise ConfigError(f"algo: {err.args[0]}") from None
 
     def modifier_settings(self) -> dict[str, dict[str, Any]]:
         """``{name: params}`` of the active modifiers, in order."""

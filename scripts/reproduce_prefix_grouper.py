@@ -55,6 +55,7 @@ def config_for(group_size: int, repeats: int, seed: int, steps: int, quick: bool
 def measure(group_size: int, repeats: int, seed: int, steps: int, quick: bool, overrides: list[str]) -> dict:
     """Run ``steps`` steps; per step, time both updates on the same batch and check they agree."""
     from grpo_lab.trainer import Trainer
+    from grpo_lab.training.packing import PACKINGS
 
     cfg = config_for(group_size, repeats, seed, steps, quick, overrides)
     trainer = Trainer(cfg, output_dir=Path(tempfile.mkdtemp(prefix="prefix_grouper_")))
@@ -76,16 +77,16 @@ def measure(group_size: int, repeats: int, seed: int, steps: int, quick: bool, o
             out["tokens_shared"] += prompt + sum(answers)
         out["rows"] += len(batch)
         start_model = copy.deepcopy(trainer.model.state_dict())
-        start_optim = copy.deepcopy(trainer.optimizer.state_dict())
-        start_sched = copy.deepcopy(trainer.lr_scheduler.state_dict())
+        start_optim = copy.deepcopy(trainer.parts.optimizer.state_dict())
+        start_sched = copy.deepcopy(trainer.parts.lr_scheduler.state_dict())
         results = {}
         for mode in ("plain", "shared"):
             trainer.model.load_state_dict(start_model)
-            trainer.optimizer.load_state_dict(start_optim)
-            trainer.lr_scheduler.load_state_dict(start_sched)
-            cfg.trainer.packing = "group" if mode == "shared" else "none"
+            trainer.parts.optimizer.load_state_dict(start_optim)
+            trainer.parts.lr_scheduler.load_state_dict(start_sched)
+            trainer.policy_update.packing = PACKINGS["group" if mode == "shared" else "none"]
             t0 = time.perf_counter()
-            metrics = trainer.update(batch, adv)
+            metrics = trainer.policy_update(batch, adv)
             out[mode].append(time.perf_counter() - t0)
             # the gradient of the (single) mini-batch is still on the parameters after the step
             results[mode] = (metrics, {n: q.grad.detach().clone() for n, q in trainer.model.named_parameters()

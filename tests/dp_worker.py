@@ -71,7 +71,7 @@ def update(directory: Path, strategy: str) -> None:
         local = batch.select(rows)
         adv = compute_advantages(local, cfg.algo.estimator, cfg.algo.invalid_action_penalty, cfg.algo.params,
                                  cfg.algo.modifier_settings(), cfg.algo.penalty_placement).advantages
-        metrics = trainer.update(local, adv)
+        metrics = trainer.policy_update(local, adv)
         weights = full_weights(trainer)
         grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
                  for name, p in trainer.model.named_parameters() if p.grad is not None}

@@ -138,7 +138,7 @@ def test_sampler_options_load():
 
 
 def test_bad_env_kwargs_are_named():
-    from grpo_lab.trainer import env_factory_from
+    from grpo_lab.build import env_factory_from
 
     with pytest.raises(ConfigError, match="num_holes"):
         env_factory_from(load("env.kwargs.num_holes=99"))

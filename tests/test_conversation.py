@@ -97,7 +97,7 @@ def test_a_template_is_checked_when_the_trainer_starts(tmp_path):
                 Trainer(config(system), output_dir=tmp_path / kind, model=model, tokenizer=tok)
         else:
             trainer = Trainer(config(system), output_dir=tmp_path / kind, model=model, tokenizer=tok)
-            assert tok.decode(ConversationRenderer.of(trainer.encoder).close_ids) == "<|end|>\n"
+            assert tok.decode(ConversationRenderer.of(trainer.parts.encoder).close_ids) == "<|end|>\n"
             trainer.envs.close()
 
 

@@ -64,3 +64,18 @@ def test_every_named_choice_of_a_run_has_a_registry_and_the_list_command_prints_
     assert one.startswith("packings (trainer.packing):") and "estimators" not in one
     bad = subprocess.run([sys.executable, "-m", "grpo_lab", "--list", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown registry 'nope'; valid names:" in bad.stderr
+
+
+def test_the_advantage_names_are_resolved_once_into_a_pipeline_with_the_estimators_penalty_placement():
+    """``AlgoConfig.advantages()`` looks every name up at the door: the estimator and
+    modifier objects, and the penalty placement an estimator defaults to (Tree-GRPO's
+    penalty goes into the episode's rewards, the others' onto each row)."""
+    from grpo_lab.config import AlgoConfig, ConfigError
+
+    tree = AlgoConfig(estimator="tree_grpo").advantages()
+    assert (tree.estimator.name, tree.penalty_placement) == ("tree_grpo", "episode")
+    focal = AlgoConfig(estimator="grpo", modifiers=["focal"], modifier_params={"focal": {"gamma": 2.0}}).advantages()
+    assert focal.penalty_placement == "row" and [(m.name, dict(p)) for m, p in focal.modifiers] == [("focal", {"gamma": 2.0})]
+    assert AlgoConfig(estimator="tree_grpo", penalty_placement="row").advantages().penalty_placement == "row"
+    with pytest.raises(ConfigError, match=r"unknown advantage modifier 'nope'; valid names: \['focal'"):
+        AlgoConfig(modifiers=["nope"]).advantages()

@@ -24,6 +24,7 @@ from grpo_lab.training.resume import read_metrics
 from grpo_lab.training.stop import Abandon, EnvFaultRateExceeded, RunStopped, StopSignals, TrainingInterrupted
 from grpo_lab.training.resume import RunDirectoryError
 from grpo_lab.trainer import Trainer
+from grpo_lab.training.update import PolicyUpdate
 
 for _name, _factory in (("faulty_lake", FaultyLake), ("sigterm_lake", SigtermLake), ("verbose_lake", VerboseLake)):
     if _name not in env_names():
@@ -133,7 +134,7 @@ def test_steps_that_train_nothing_are_shown_counted_and_warned_about(tmp_path, c
 
 
 def test_the_likely_cause_follows_the_success_rate():
-    from grpo_lab.trainer import no_signal_warning
+    from grpo_lab.evaluation import no_signal_warning
 
     steps = lambda rate: [{"step": s, "success_rate": rate} for s in (5, 6, 7)]  # noqa: E731
     assert "too hard" in no_signal_warning(steps(0.0)) and "steps 5-7" in no_signal_warning(steps(0.0))
@@ -154,7 +155,7 @@ def test_observations_longer_than_the_context_under_each_policy(tmp_path, tokeni
     cfg = config(2, env="verbose_lake", env_kwargs={"pad_words": 1000, "every": 2},
                  rollout=RolloutConfig(env_workers=0, overlong_prompt=policy, max_env_fault_rate=1.0))
     trainer = Trainer(cfg, output_dir=tmp_path, model=model, tokenizer=tokenizer)
-    assert trainer.max_context == 256
+    assert trainer.parts.max_context == 256
     seen = []
     generate = trainer.backend.generate
 
@@ -231,7 +232,7 @@ def test_sigterm_in_the_middle_of_a_step_then_resume_equals_the_uninterrupted_ru
 
 
 def test_a_signal_during_the_update_finishes_the_step_first(tmp_path, monkeypatch):
-    original = Trainer.update
+    original = PolicyUpdate.__call__
 
     def update_then_signal(self, batch, advantages, extras=None):
         out = original(self, batch, advantages, extras)
@@ -239,7 +240,7 @@ def test_a_signal_during_the_update_finishes_the_step_first(tmp_path, monkeypatc
             os.kill(os.getpid(), signal.SIGINT)
         return out
 
-    monkeypatch.setattr(Trainer, "update", update_then_signal)
+    monkeypatch.setattr(PolicyUpdate, "__call__", update_then_signal)
     with pytest.raises(TrainingInterrupted) as err:
         Trainer(config(3, rollout=RolloutConfig(env_workers=0)), output_dir=tmp_path).train()
     assert err.value.exit_code == 130 and err.value.last_step == 1
@@ -251,7 +252,7 @@ def test_a_second_signal_during_the_update_keeps_the_last_checkpoint(tmp_path, m
     """Two signals inside step 1's update: the update is cut short, so the weights in
     memory are no step's; nothing is saved over the last checkpoint (step 0), and the
     run says it resumes from there."""
-    original = Trainer.update
+    original = PolicyUpdate.__call__
 
     fired = []
 
@@ -262,7 +263,7 @@ def test_a_second_signal_during_the_update_keeps_the_last_checkpoint(tmp_path, m
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, batch, advantages, extras)
 
-    monkeypatch.setattr(Trainer, "update", update_with_two_signals)
+    monkeypatch.setattr(PolicyUpdate, "__call__", update_with_two_signals)
     with pytest.raises(TrainingInterrupted) as err:
         Trainer(config(3, rollout=RolloutConfig(env_workers=0), checkpoint_every=1), output_dir=tmp_path).train()
     assert err.value.last_step == 0 and "during the update of step 1" in str(err.value)
@@ -370,7 +371,7 @@ def test_an_allowed_lr_change_reaches_the_optimizer(finished_run, tmp_path):
     trainer = Trainer(config(3, rollout=RolloutConfig(env_workers=0), checkpoint_every=1, resume="true", lr=5e-4,
                              resume_allow_changes=True), output_dir=out)
     trainer.train()
-    assert all(group["lr"] == 5e-4 for group in trainer.optimizer.param_groups)
+    assert all(group["lr"] == 5e-4 for group in trainer.parts.optimizer.param_groups)
     assert [r["step"] for r in metrics(out)] == [0, 1, 2]
 
 

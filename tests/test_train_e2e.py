@@ -85,7 +85,7 @@ def test_micro_batch_size_does_not_change_the_gradient(tmp_path):
     for micro in (len(batch), 3, 1):
         trainer.model.zero_grad(set_to_none=True)
         policy_gradient_backward(trainer.model, batch, rows, adv, None, AlgoConfig().objective(), micro_batch_size=micro,
-                                 max_tokens=16, pad_id=trainer.pad_id)
+                                 max_tokens=16, pad_id=trainer.parts.pad_id)
         grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
     assert torch.allclose(grads[0], grads[2], atol=1e-6, rtol=1e-4)
@@ -210,7 +210,7 @@ def _one_batch():
 def test_every_loss_option_is_micro_batch_invariant(tiny_model, settings):
     """The accumulated gradient is the same for micro-batches of 4, 2 and 1 rows."""
     from grpo_lab.training.step import policy_gradient_backward
-    from grpo_lab.trainer import frozen_copy
+    from grpo_lab.checkpointing import frozen_copy
 
     batch = _one_batch()
     ref = frozen_copy(tiny_model)
@@ -288,7 +288,7 @@ def test_scheduled_rollout_collects_the_lock_step_batch(tmp_path):
         trainer = Trainer(config, output_dir=tmp_path / mode)
         batches[mode] = trainer.collect(step=0)
         if mode != "full":
-            assert trainer.rollout_stats["rollout_engine_steps"] >= 1
+            assert trainer.rollout.stats["rollout_engine_steps"] >= 1
     for mode in ("micro", "continuous"):
         assert torch.equal(batches[mode].traj_id, batches["full"].traj_id)
         assert all(torch.equal(x, y) for x, y in zip(batches[mode].response_ids, batches["full"].response_ids))

@@ -131,7 +131,7 @@ def test_the_trainer_steps_its_schedule_once_per_optimizer_step(rollout):
     opt = build_optimizer(model, 1e-3, 0.0)
     sched = build_lr_scheduler(opt, "linear", 0, cfg.trainer.optimizer_steps())
     tc = cfg.trainer
-    update = PolicyUpdate(model, opt, sched, cfg.algo.objective(), PACKINGS[tc.packing], trainer.pad_id,
+    update = PolicyUpdate(model, opt, sched, cfg.algo.objective(), PACKINGS[tc.packing], trainer.parts.pad_id,
                           torch.device("cpu"), epochs=tc.epochs_per_batch, minibatches=tc.minibatches_per_epoch,
                           micro_batch_size=tc.micro_batch_size, max_tokens=cfg.rollout.max_new_tokens,
                           temperature=cfg.rollout.temperature, seed=tc.seed)

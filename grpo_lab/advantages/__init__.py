@@ -10,6 +10,7 @@ prints both registries.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -27,6 +28,7 @@ from .registry import (
     AdvantageOutput,
     Estimator,
     Modifier,
+    Registered,
     get_estimator,
     get_modifier,
     keyword_parameters,
@@ -61,22 +63,52 @@ def inputs_from_batch(batch: RolloutBatch, invalid_penalty: float = 0.0, penalty
     )
 
 
+@dataclass(frozen=True)
+class AdvantagePipeline:
+    """An estimator and its modifiers with every name resolved (``AlgoConfig.advantages()``),
+    and where the invalid-action penalty goes. Called on a batch, it runs the estimator,
+    then each modifier in order; modifiers rescale ``advantages``, extra streams
+    (``extras``) pass through unchanged."""
+
+    estimator: Registered
+    params: Mapping[str, Any] = field(default_factory=dict)
+    modifiers: tuple[tuple[Registered, Mapping[str, Any]], ...] = ()
+    invalid_penalty: float = 0.0
+    penalty_placement: str = "row"  # row | episode (:mod:`grpo_lab.advantages.shaping`)
+
+    @classmethod
+    def of(cls, name: str, params: Mapping[str, Any] | None = None,
+           modifiers: Mapping[str, Mapping[str, Any]] | None = None, invalid_penalty: float = 0.0,
+           penalty_placement: str | None = None) -> "AdvantagePipeline":
+        """Estimator ``name`` and ``modifiers`` (``{name: params}``) looked up (an unknown
+        name raises ``KeyError`` listing the valid ones); ``penalty_placement=None``: the
+        estimator's default (:func:`~grpo_lab.advantages.shaping.default_penalty_placement`)."""
+        return cls(get_estimator(name), dict(params or {}),
+                   tuple((get_modifier(m), dict(p or {})) for m, p in (modifiers or {}).items()), invalid_penalty,
+                   penalty_placement or default_penalty_placement(name))
+
+    def run(self, inputs: AdvantageInputs) -> AdvantageOutput:
+        out = self.estimator(inputs, **dict(self.params))
+        metrics, advantages = dict(out.metrics), out.advantages  # [N]
+        for modifier, params in self.modifiers:
+            mod_out = modifier(advantages, inputs, **dict(params))
+            advantages = mod_out.advantages  # [N]
+            metrics.update(mod_out.metrics)
+        return AdvantageOutput(advantages, metrics, out.extras)
+
+    def __call__(self, batch: RolloutBatch) -> AdvantageOutput:
+        return self.run(inputs_from_batch(batch, self.invalid_penalty, self.penalty_placement))
+
+
 def run_estimator(
     inputs: AdvantageInputs,
     name: str,
     params: Mapping[str, Any] | None = None,
     modifiers: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> AdvantageOutput:
-    """Estimator ``name`` with ``params``, then each modifier with its parameters, in order.
-    Modifiers rescale ``advantages``; extra streams (``extras``) pass through unchanged."""
-    out = get_estimator(name)(inputs, **dict(params or {}))
-    metrics = dict(out.metrics)
-    advantages = out.advantages
-    for mod_name, mod_params in (modifiers or {}).items():
-        mod_out = get_modifier(mod_name)(advantages, inputs, **dict(mod_params or {}))
-        advantages = mod_out.advantages
-        metrics.update(mod_out.metrics)
-    return AdvantageOutput(advantages, metrics, out.extras)
+    """Estimator ``name`` with ``params``, then each modifier with its parameters, in order
+    (:class:`AdvantagePipeline`)."""
+    return AdvantagePipeline.of(name, params, modifiers).run(inputs)
 
 
 def compute_advantages(
@@ -90,8 +122,7 @@ def compute_advantages(
     """Run estimator ``name`` (and ``modifiers``) on ``batch``, with the invalid-action
     penalty placed as ``penalty_placement`` says (``"row"`` or ``"episode"``; ``None``:
     the estimator's default, :func:`~grpo_lab.advantages.shaping.default_penalty_placement`)."""
-    placement = penalty_placement or default_penalty_placement(name)
-    return run_estimator(inputs_from_batch(batch, invalid_penalty, placement), name, params, modifiers)
+    return AdvantagePipeline.of(name, params, modifiers, invalid_penalty, penalty_placement)(batch)
 
 
 def example_inputs() -> AdvantageInputs:
@@ -109,6 +140,7 @@ def example_inputs() -> AdvantageInputs:
 
 __all__ = [
     "AdvantageInputs",
+    "AdvantagePipeline",
     "AdvantageOutput",
     "Estimator",
     "Modifier",

@@ -50,7 +50,7 @@ AGGREGATIONS: Registry[Callable[[Tensor, Tensor, LossScale], Tensor]] = Registry
 @AGGREGATIONS.register("token-mean")
 def token_mean(values: Tensor, mask: Tensor, scale: LossScale) -> Tensor:
     """Sum over all tokens / num_tokens (DAPO; every token weighs the same)."""
-    return (values * mask).sum() / max(scale.num_tokens, 1.0)
+    return (values * mask).sum() / max(scale.num_tokens, 1.0)  # []
 
 
 @AGGREGATIONS.register("seq-mean-token-mean")
@@ -63,13 +63,13 @@ def seq_mean_token_mean(values: Tensor, mask: Tensor, scale: LossScale) -> Tenso
 @AGGREGATIONS.register("seq-mean-token-sum")
 def seq_mean_token_sum(values: Tensor, mask: Tensor, scale: LossScale) -> Tensor:
     """Sum over each row's tokens, summed over rows / num_seqs."""
-    return (values * mask).sum() / max(scale.num_seqs, 1.0)
+    return (values * mask).sum() / max(scale.num_seqs, 1.0)  # []
 
 
 @AGGREGATIONS.register("seq-mean-token-sum-norm")
 def seq_mean_token_sum_norm(values: Tensor, mask: Tensor, scale: LossScale) -> Tensor:
     """Sum over all tokens / (num_seqs * max_tokens) (Dr. GRPO; TRL's dr_grpo exactly)."""
-    return (values * mask).sum() / max(scale.num_seqs * scale.max_tokens, 1.0)
+    return (values * mask).sum() / max(scale.num_seqs * scale.max_tokens, 1.0)  # []
 
 
 LOSS_AGG_MODES = tuple(AGGREGATIONS.names())
@@ -94,31 +94,31 @@ def aggregate(values: Tensor, mask: Tensor, mode: "str | Aggregation", scale: Lo
     policy loss; TRL always averages its entropy over tokens (``token-mean``).
     """
     fn = AGGREGATIONS.get(mode) if isinstance(mode, str) else mode
-    return fn(values, mask.to(values.dtype), scale)
+    return fn(values, mask.to(values.dtype), scale)  # []
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum() / mask.sum().clamp(min=1)  # []
 
 
 def _clipped_terms(
     ratio: Tensor, advantages: Tensor, clip_low: float, clip_high: float, dual_clip_c: float | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-token clipped loss ``[B, T]`` and float flags (clip taken, low clip, high clip)."""
-    adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).to(ratio.dtype)
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    loss = torch.maximum(unclipped, clipped)
+    adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).to(ratio.dtype)  # [B, 1] or [B, T]
+    unclipped = -adv * ratio  # [B, T]
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)  # [B, T]
+    loss = torch.maximum(unclipped, clipped)  # [B, T]
     with torch.no_grad():
-        is_clipped = (clipped > unclipped).to(ratio.dtype)
-        low = ((ratio < 1.0 - clip_low) & (adv < 0)).to(ratio.dtype)
-        high = ((ratio > 1.0 + clip_high) & (adv > 0)).to(ratio.dtype)
+        is_clipped = (clipped > unclipped).to(ratio.dtype)  # [B, T]
+        low = ((ratio < 1.0 - clip_low) & (adv < 0)).to(ratio.dtype)  # [B, T]
+        high = ((ratio > 1.0 + clip_high) & (adv > 0)).to(ratio.dtype)  # [B, T]
     if dual_clip_c is not None:
         # dual clip (Ye et al. 2020): for A < 0 the loss is capped at -A * c
-        capped = torch.minimum(loss, -adv * dual_clip_c)
-        loss = torch.where(adv < 0, capped, loss)
+        capped = torch.minimum(loss, -adv * dual_clip_c)  # [B, T]
+        loss = torch.where(adv < 0, capped, loss)  # [B, T]
         with torch.no_grad():
-            is_clipped = torch.maximum(is_clipped, ((adv < 0) & (ratio > dual_clip_c)).to(ratio.dtype))
+            is_clipped = torch.maximum(is_clipped, ((adv < 0) & (ratio > dual_clip_c)).to(ratio.dtype))  # [B, T]
     return loss, is_clipped, low, high
 
 
@@ -131,8 +131,8 @@ def sequence_log_ratio(log_ratio: Tensor, mask: Tensor) -> Tensor:
     sequence log-ratio ``mean_t(log_ratio)``, clamped above at
     :data:`SEQUENCE_LOG_RATIO_MAX` (no gradient past it), and its gradient flows through
     each token's own log-prob (the GSPO-token form, Zheng et al. 2025)."""
-    seq = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
-    return torch.clamp(seq.detach() + log_ratio - log_ratio.detach(), max=SEQUENCE_LOG_RATIO_MAX)
+    seq = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)  # [B, 1]
+    return torch.clamp(seq.detach() + log_ratio - log_ratio.detach(), max=SEQUENCE_LOG_RATIO_MAX)  # [B, T]
 
 
 def clipped_policy_loss(
@@ -200,22 +200,23 @@ def clipped_policy_loss(
         raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
     if ratio_level not in RATIO_LEVELS:
         raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
-    mask = mask.to(logprobs.dtype)
+    mask = mask.to(logprobs.dtype)  # [B, T]
     scale = scale or LossScale.of(mask)
 
-    log_ratio = logprobs - old_logprobs
+    log_ratio = logprobs - old_logprobs  # [B, T]
     if ratio_level == "sequence":
-        log_ratio = sequence_log_ratio(log_ratio, mask)
-    ratio = torch.exp(log_ratio)
+        log_ratio = sequence_log_ratio(log_ratio, mask)  # [B, T], each row's value its sequence's
+    ratio = torch.exp(log_ratio)  # [B, T]
+    # [B, T] each
     per_token, is_clipped, low, high = _clipped_terms(ratio, advantages, clip_low, clip_high, dual_clip_c)
     if global_advantages is not None:
-        w = local_weight.to(logprobs.dtype).reshape(-1, 1)
-        global_terms = _clipped_terms(ratio, global_advantages, clip_low, clip_high, dual_clip_c)
-        per_token = w * per_token + (1 - w) * global_terms[0]
+        w = local_weight.to(logprobs.dtype).reshape(-1, 1)  # [B, 1]
+        global_terms = _clipped_terms(ratio, global_advantages, clip_low, clip_high, dual_clip_c)  # [B, T] each
+        per_token = w * per_token + (1 - w) * global_terms[0]  # [B, T]
         is_clipped, low, high = (w * a + (1 - w) * b for a, b in zip((is_clipped, low, high), global_terms[1:]))
     if tis_weights is not None:
-        per_token = per_token * tis_weights.detach().to(per_token.dtype)
-    loss = aggregate(per_token, mask, loss_agg, scale)
+        per_token = per_token * tis_weights.detach().to(per_token.dtype)  # [B, T]
+    loss = aggregate(per_token, mask, loss_agg, scale)  # []
 
     with torch.no_grad():
         metrics = {
@@ -224,7 +225,7 @@ def clipped_policy_loss(
             "clip_frac_high": _masked_mean(high, mask),
             "approx_kl": _masked_mean(ratio - 1 - log_ratio, mask),
             "ratio_mean": _masked_mean(ratio, mask),
-            "ratio_max": (ratio * mask).max() if mask.any() else ratio.new_zeros(()),
+            "ratio_max": (ratio * mask).max() if mask.any() else ratio.new_zeros(()),  # []
         }
         if entropy is not None:
             metrics["entropy"] = _masked_mean(entropy.to(mask.dtype), mask)
@@ -247,16 +248,16 @@ def reinforce_loss(
     clipped loss's at ratio 1, with no clipping to compute. Shapes as in
     :func:`clipped_policy_loss`.
     """
-    mask = mask.to(logprobs.dtype)
+    mask = mask.to(logprobs.dtype)  # [B, T]
     scale = scale or LossScale.of(mask)
-    adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).to(logprobs.dtype)
-    per_token = -adv * logprobs
+    adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).to(logprobs.dtype)  # [B, 1] or [B, T]
+    per_token = -adv * logprobs  # [B, T]
     if tis_weights is not None:
-        per_token = per_token * tis_weights.detach().to(per_token.dtype)
+        per_token = per_token * tis_weights.detach().to(per_token.dtype)  # [B, T]
     metrics: dict[str, Tensor] = {}
     if entropy is not None:
         metrics["entropy"] = _masked_mean(entropy.detach().to(mask.dtype), mask)
-    return aggregate(per_token, mask, loss_agg, scale), metrics
+    return aggregate(per_token, mask, loss_agg, scale), metrics  # []
 
 
 #: ``fn(d [B, T], clamp) -> [B, T]`` of ``d = logprobs - ref_logprobs``, by ``algo.kl_estimator``
@@ -267,19 +268,19 @@ KL_ESTIMATORS: Registry[Callable[[Tensor, float], Tensor]] = Registry(
 @KL_ESTIMATORS.register("k1")
 def k1(d: Tensor, clamp: float) -> Tensor:
     """d: unbiased, high variance; as a loss its expected gradient is zero (noise only)."""
-    return d
+    return d  # [B, T]
 
 
 @KL_ESTIMATORS.register("k2")
 def k2(d: Tensor, clamp: float) -> Tensor:
     """d^2 / 2: biased, low variance; as a loss, the gradient of KL(policy || reference)."""
-    return 0.5 * d * d
+    return 0.5 * d * d  # [B, T]
 
 
 @KL_ESTIMATORS.register("k3")
 def k3(d: Tensor, clamp: float) -> Tensor:
     """exp(-d) - 1 + d, clamped (verl): as a loss, the gradient of KL(reference || policy)."""
-    return torch.clamp(torch.exp(-d) - 1 + d, min=-clamp, max=clamp)
+    return torch.clamp(torch.exp(-d) - 1 + d, min=-clamp, max=clamp)  # [B, T]
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: "str | Callable[[Tensor, float], Tensor]" = "k3",
@@ -324,23 +325,24 @@ def behaviour_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tens
     """
     if stale_cap <= 0:
         raise ValueError(f"the off-policy importance cap must be > 0, got {stale_cap}")
-    stale = stale.to(torch.bool).reshape(-1, 1).expand_as(mask)
+    stale = stale.to(torch.bool).reshape(-1, 1).expand_as(mask)  # [B, T]
     if tis_cap is None and not bool(stale.any()):
         return None, {}
-    stale_mask = mask * stale.to(mask.dtype)
-    fresh_mask = mask * (~stale).to(mask.dtype)
-    stale_weights, stale_metrics = truncated_is_weights(old_logprobs, rollout_logprobs, stale_mask, stale_cap)
+    stale_mask = mask * stale.to(mask.dtype)  # [B, T]
+    fresh_mask = mask * (~stale).to(mask.dtype)  # [B, T]
+    stale_weights, stale_metrics = truncated_is_weights(old_logprobs, rollout_logprobs, stale_mask, stale_cap)  # [B, T]
     metrics: dict[str, Tensor] = {}
     if tis_cap is None:
-        fresh_weights = torch.ones_like(stale_weights)
+        fresh_weights = torch.ones_like(stale_weights)  # [B, T]
     else:
+        # [B, T]
         fresh_weights, fresh_metrics = truncated_is_weights(old_logprobs, rollout_logprobs, fresh_mask, tis_cap)
         if bool(fresh_mask.any()):
             metrics.update(fresh_metrics)
     if bool(stale_mask.any()):
         metrics["off_policy_weight_mean"] = stale_metrics["tis_weight_mean"]
         metrics["off_policy_frac_truncated"] = stale_metrics["tis_frac_truncated"]
-    return torch.where(stale, stale_weights, fresh_weights), metrics
+    return torch.where(stale, stale_weights, fresh_weights), metrics  # [B, T]
 
 
 def truncated_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, cap: float) -> tuple[Tensor, dict[str, Tensor]]:
@@ -362,9 +364,9 @@ def truncated_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: T
     """
     if cap <= 0:
         raise ValueError(f"the truncated-IS cap must be > 0, got {cap}")
-    raw = torch.exp((old_logprobs - rollout_logprobs).detach())
-    weights = torch.clamp(raw, max=cap)
-    mask = mask.to(weights.dtype)
+    raw = torch.exp((old_logprobs - rollout_logprobs).detach())  # [B, T]
+    weights = torch.clamp(raw, max=cap)  # [B, T]
+    mask = mask.to(weights.dtype)  # [B, T]
     return weights, {
         "tis_weight_mean": _masked_mean(weights, mask),
         "tis_frac_truncated": _masked_mean((raw > cap).to(weights.dtype), mask),

@@ -115,11 +115,14 @@ class ScheduleStats:
 
 
 @dataclass
-class _Pending:
+class PendingUnit:
+    """Members of one group waiting for slots together (one micro-group; one member in
+    continuous mode)."""
+
     group: int
-    members: list[int]  # member indices of one micro-group (one member in continuous mode)
+    members: list[int]  # member indices within the group
     seed: int
-    key: Hashable  # the initial state's anchor
+    key: Hashable  # the initial state's anchor (what the length predictor keys on)
 
 
 def run_scheduled(
@@ -140,141 +143,177 @@ def run_scheduled(
     at once; it leaves the batch as in ``run_episodes`` and is counted in ``faults``."""
     t0 = time.perf_counter()
     faults = faults if faults is not None else FaultLog()
-    predictor = predictor or LengthPredictor()
-    stats = ScheduleStats(stream=stream.stats)
-    G = config.group_size
-    slots = scheduler.max_inflight or len(seeds) * G
-    unit = 1 if scheduler.mode == "continuous" else min(scheduler.micro_group_size or G, G)
-    if unit > slots:
-        raise ValueError(f"micro_group_size {unit} does not fit in max_inflight={slots} slots")
+    rollout = ScheduledRollout(stream, encoder, env_factory, config, scheduler, predictor or LengthPredictor(), faults)
+    rollout.plan(seeds, first_group_id)
+    rows = rollout.run()
+    rollout.stats.wall_seconds = time.perf_counter() - t0
+    return rows_to_batch(drop_failed(rows, rollout.failed, faults, min(2, config.group_size))), rollout.stats
 
-    # plan: one probe reset per group gives the initial state's key (and member 0's env)
-    probes: dict[int, tuple[Env, object]] = {}  # group -> (member 0's env, its first observation or its fault)
-    pending: list[_Pending] = []
-    instruction = ""
-    for i, seed in enumerate(seeds):
-        group = first_group_id + i
-        env = guard(env_factory())
+
+class ScheduledRollout:
+    """One scheduled rollout (:func:`run_scheduled`): units wait in ``pending`` until
+    enough of the ``slots`` are free; an admitted episode runs until it ends or fails,
+    one turn per completion the stream returns, its environment step run in a thread pool
+    when ``scheduler.env_workers > 0``."""
+
+    def __init__(self, stream: RequestStream, encoder: PromptEncoder, env_factory: Callable[[], Env],
+                 config: AgentLoopConfig, scheduler: SchedulerConfig, predictor: LengthPredictor,
+                 faults: FaultLog) -> None:
+        self.stream, self.encoder, self.env_factory = stream, encoder, env_factory
+        self.config, self.scheduler, self.predictor, self.faults = config, scheduler, predictor, faults
+        self.stats = ScheduleStats(stream=stream.stats)
+        self.pending: list[PendingUnit] = []
+        self.probes: dict[int, tuple[Env, object]] = {}  # group -> (member 0's env, its first observation or fault)
+        self.instruction = ""
+        self.slots = 0
+        self.running: dict[int, Episode] = {}  # traj_id -> episode
+        self.keys: dict[int, Hashable] = {}  # traj_id -> its initial state's key
+        self.tokens: dict[int, int] = defaultdict(int)  # traj_id -> tokens generated so far
+        self.prompts: dict[int, list[int]] = {}  # traj_id -> the prompt of its turn in flight
+        self.rows: list[Row] = []
+        self.failed: dict[int, int] = {}  # traj_id -> group, of the failed episodes
+
+    def plan(self, seeds: Sequence[int], first_group_id: int) -> None:
+        """The units to admit: one probe reset per group gives the initial state's key
+        (and member 0's environment)."""
+        G, scheduler = self.config.group_size, self.scheduler
+        self.slots = scheduler.max_inflight or len(seeds) * G
+        unit = 1 if scheduler.mode == "continuous" else min(scheduler.micro_group_size or G, G)
+        if unit > self.slots:
+            raise ValueError(f"micro_group_size {unit} does not fit in max_inflight={self.slots} slots")
+        for i, seed in enumerate(seeds):
+            group = first_group_id + i
+            env = guard(self.env_factory())
+            try:
+                obs: object = env.reset(int(seed))
+            except EnvFault as fault:
+                obs = fault
+            self.instruction = env.instruction
+            self.probes[group] = (env, obs)
+            key = obs.anchor if not isinstance(obs, EnvFault) else ("failed reset", group)
+            for start in range(0, G, unit):
+                self.pending.append(PendingUnit(group, list(range(start, min(start + unit, G))), int(seed), key))
+
+    def run(self) -> list[Row]:
+        """Admit, generate, step the environments and refill until every episode ended;
+        returns the rows in the order their turns finished."""
+        stream = self.stream
+        workers = self.scheduler.env_workers
+        pool = ThreadPoolExecutor(workers) if workers > 0 else None
+        futures: dict[Future, tuple[Episode, object]] = {}
         try:
-            obs: object = env.reset(int(seed))
-        except EnvFault as fault:
-            obs = fault
-        instruction = env.instruction
-        probes[group] = (env, obs)
-        key = obs.anchor if not isinstance(obs, EnvFault) else ("failed reset", group)
-        for start in range(0, G, unit):
-            pending.append(_Pending(group, list(range(start, min(start + unit, G))), int(seed), key))
+            self.admit()
+            while self.running or self.pending:
+                if stream.num_unfinished():
+                    for traj_id, comp in stream.step():
+                        ep = self.running[traj_id]
+                        self.tokens[traj_id] += len(comp.token_ids)
+                        text = completion_text(comp, self.encoder)
+                        if pool is None:
+                            self.after_env(ep, comp, *env_step(ep, text))
+                        else:
+                            futures[pool.submit(env_step, ep, text)] = (ep, comp)
+                elif futures:
+                    wait(list(futures), return_when=FIRST_COMPLETED)
+                elif not self.running and self.pending:
+                    pass  # a round ended: admit below
+                elif self.running:
+                    raise RuntimeError("scheduler stalled: episodes are running but nothing is in flight")
+                for fut in [f for f in futures if f.done()]:
+                    ep, comp = futures.pop(fut)
+                    self.after_env(ep, comp, *fut.result())
+                self.admit()
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            for ep in self.running.values():
+                close_env(ep.env)
+            for env, _ in self.probes.values():
+                close_env(env)
+        return self.rows
 
-    def next_unit() -> int:
+    def next_unit(self) -> int:
         """Index in ``pending`` of the unit that gets the next free slots."""
-        if scheduler.order == "fifo" or len(pending) == 1:
+        pending, order = self.pending, self.scheduler.order
+        if order == "fifo" or len(pending) == 1:
             return 0
-        guesses = [predictor.predict(p.key) for p in pending]
+        guesses = [self.predictor.predict(p.key) for p in pending]
         known = [g for g in guesses if g is not None]
         fill = sum(known) / len(known) if known else 0.0
-        sign = 1.0 if scheduler.order == "shortest_first" else -1.0
+        sign = 1.0 if order == "shortest_first" else -1.0
         return min(range(len(pending)), key=lambda k: (sign * (guesses[k] if guesses[k] is not None else fill), k))
 
-    running: dict[int, Episode] = {}  # traj_id -> episode
-    keys: dict[int, Hashable] = {}  # traj_id -> its initial key
-    tokens: dict[int, int] = defaultdict(int)  # traj_id -> generated tokens so far
-    prompts: dict[int, list[int]] = {}
-    rows: list[Row] = []
-    failed: dict[int, int] = {}  # traj_id -> group of the failed episodes
-    futures: dict[Future, tuple[Episode, object]] = {}
-    pool = ThreadPoolExecutor(scheduler.env_workers) if scheduler.env_workers > 0 else None
-
-    def admit() -> None:
-        if scheduler.mode == "micro" and running:
+    def admit(self) -> None:
+        """Start the pending units that fit in the free slots (in ``micro`` mode only
+        when the round has ended) and submit their first prompts."""
+        if self.scheduler.mode == "micro" and self.running:
             return  # a round runs to its end
-        while pending:
-            k = next_unit()
-            if len(pending[k].members) > slots - len(running):
+        G = self.config.group_size
+        while self.pending:
+            k = self.next_unit()
+            if len(self.pending[k].members) > self.slots - len(self.running):
                 break
-            item = pending.pop(k)
+            item = self.pending.pop(k)
             for member in item.members:
-                if member == 0 and item.group in probes:
-                    env, obs = probes.pop(item.group)
+                if member == 0 and item.group in self.probes:
+                    env, obs = self.probes.pop(item.group)
                     ep = Episode(env, item.group, item.group * G, None, item.seed)
-                    faults.episodes += 1
+                    self.faults.episodes += 1
                     if isinstance(obs, EnvFault):
-                        fail(ep, obs, faults)
+                        fail(ep, obs, self.faults)
                     else:
                         ep.obs = obs
                 else:
-                    ep = new_episode(env_factory, item.group, member, G, item.seed, faults)
-                stats.admissions.append(ep.traj_id)
+                    ep = new_episode(self.env_factory, item.group, member, G, item.seed, self.faults)
+                self.stats.admissions.append(ep.traj_id)
                 if ep.fault is not None:
-                    end_failed(ep)
+                    self.end_failed(ep)
                     continue
-                running[ep.traj_id] = ep
-                keys[ep.traj_id] = item.key
-                submit(ep)
-        stats.max_running_episodes = max(stats.max_running_episodes, len(running))
+                self.running[ep.traj_id] = ep
+                self.keys[ep.traj_id] = item.key
+                self.submit(ep)
+        self.stats.max_running_episodes = max(self.stats.max_running_episodes, len(self.running))
 
-    def end_failed(ep: Episode) -> None:
-        failed[ep.traj_id] = ep.group_id
-        running.pop(ep.traj_id, None)
-        keys.pop(ep.traj_id, None)
-        tokens.pop(ep.traj_id, None)
-        close_env(ep.env)
-
-    def submit(ep: Episode) -> None:
-        prompt = episode_prompt(ep, encoder, instruction, config, faults)
+    def submit(self, ep: Episode) -> None:
+        """Send the episode's next prompt to the stream (a prompt that cannot be built
+        fails the episode)."""
+        prompt = episode_prompt(ep, self.encoder, self.instruction, self.config, self.faults)
         if prompt is None:
-            end_failed(ep)
+            self.end_failed(ep)
             return
-        prompts[ep.traj_id] = prompt
-        stream.submit(ep.traj_id, prompt, config.params_for(ep.traj_id, ep.steps, len(prompt)))
+        self.prompts[ep.traj_id] = prompt
+        self.stream.submit(ep.traj_id, prompt, self.config.params_for(ep.traj_id, ep.steps, len(prompt)))
 
-    def env_step(ep: Episode, text: str):
-        start = time.perf_counter()
-        outcome = guarded_act(ep, text)
-        return outcome, time.perf_counter() - start
-
-    def after_env(ep: Episode, comp, outcome, seconds: float) -> None:
-        stats.env_seconds += seconds
+    def after_env(self, ep: Episode, comp, outcome, seconds: float) -> None:
+        """The turn's row once the environment has stepped; the episode then ends (its
+        length taught to the predictor) or submits its next prompt."""
+        self.stats.env_seconds += seconds
         if isinstance(outcome, EnvFault):
-            prompts.pop(ep.traj_id, None)
-            fail(ep, outcome, faults)
-            end_failed(ep)
+            self.prompts.pop(ep.traj_id, None)
+            fail(ep, outcome, self.faults)
+            self.end_failed(ep)
             return
-        rows.append(finish_turn(ep, prompts.pop(ep.traj_id), comp, outcome, config, encoder, faults))
+        self.rows.append(finish_turn(ep, self.prompts.pop(ep.traj_id), comp, outcome, self.config, self.encoder,
+                                     self.faults))
         if ep.done:
-            del running[ep.traj_id]
-            predictor.observe(keys.pop(ep.traj_id), tokens.pop(ep.traj_id))
+            del self.running[ep.traj_id]
+            self.predictor.observe(self.keys.pop(ep.traj_id), self.tokens.pop(ep.traj_id))
             close_env(ep.env)
         else:
-            submit(ep)
+            self.submit(ep)
 
-    try:
-        admit()
-        while running or pending:
-            if stream.num_unfinished():
-                for traj_id, comp in stream.step():
-                    ep = running[traj_id]
-                    tokens[traj_id] += len(comp.token_ids)
-                    text = completion_text(comp, encoder)
-                    if pool is None:
-                        after_env(ep, comp, *env_step(ep, text))
-                    else:
-                        futures[pool.submit(env_step, ep, text)] = (ep, comp)
-            elif futures:
-                wait(list(futures), return_when=FIRST_COMPLETED)
-            elif not running and pending:
-                pass  # a round ended: admit below
-            elif running:
-                raise RuntimeError("scheduler stalled: episodes are running but nothing is in flight")
-            for fut in [f for f in futures if f.done()]:
-                ep, comp = futures.pop(fut)
-                after_env(ep, comp, *fut.result())
-            admit()
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        for ep in running.values():
-            close_env(ep.env)
-        for env, _ in probes.values():
-            close_env(env)
-    stats.wall_seconds = time.perf_counter() - t0
-    return rows_to_batch(drop_failed(rows, failed, faults, min(2, G))), stats
+    def end_failed(self, ep: Episode) -> None:
+        """A failed episode leaves its slot and closes its environment."""
+        self.failed[ep.traj_id] = ep.group_id
+        self.running.pop(ep.traj_id, None)
+        self.keys.pop(ep.traj_id, None)
+        self.tokens.pop(ep.traj_id, None)
+        close_env(ep.env)
+
+
+def env_step(ep: Episode, text: str) -> tuple[object, float]:
+    """The environment's step on the answer ``text`` (a fault caught as the outcome), and
+    the seconds it took."""
+    start = time.perf_counter()
+    outcome = guarded_act(ep, text)
+    return outcome, time.perf_counter() - start

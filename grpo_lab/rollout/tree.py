@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 from ..data import RolloutBatch
 from ..envs.base import Env, Observation, TextFormat, text_format_of
@@ -159,77 +159,174 @@ def sample_trees(
     (its ``group_size`` is not used: a prompt gets ``tree.leaves_per_prompt()`` leaves);
     ``rng`` picks the nodes to expand. Faults drop their tree (module docstring) and
     are counted in ``faults``; every branch counts as an episode."""
-    faults = faults if faults is not None else FaultLog()
-    stats = TreeStats()
-    rows: list[Row] = []
-    nodes_of_tree: dict[int, list[_Node]] = {}
-    next_node: dict[int, int] = {}
-    failed_trees: dict[int, int] = {}  # tree -> group
-    branch_counter = [first_group_id * 10_000]
-    probe = guard(env_factory())
-    instruction, name = probe.instruction, env_name(probe)
-    close_env(probe)
-
-    def new_branch(state: _Node, env: Env) -> _Branch:
-        branch_counter[0] += 1
-        faults.episodes += 1
-        return _Branch(branch_counter[0], state, env)
-
-    def tree_failed(tree_id: int, group: int, fault: EnvFault) -> None:
-        faults.record(fault)
-        failed_trees[tree_id] = group
-
-    # initial chains: one per tree, from a virtual root (node -1) holding the reset state
-    live: list[_Branch] = []
-    roots: dict[int, _Node] = {}
-    tree_counter = first_group_id * tree.trees_per_prompt
-    for i, seed in enumerate(seeds):
-        for _ in range(tree.trees_per_prompt):
-            env = guard(env_factory())
-            nodes_of_tree[tree_counter], next_node[tree_counter] = [], 0
-            try:
-                obs = env.reset(int(seed))
-            except EnvFault as fault:
-                faults.episodes += 1
-                tree_failed(tree_counter, first_group_id + i, fault)
-                close_env(env)
-                tree_counter += 1
-                continue
-            root = _Node(tree_counter, -1, -1, first_group_id + i, int(seed), (), (), obs, 0, False, None, ())
-            roots[tree_counter] = root
-            live.append(new_branch(root, env))
-            tree_counter += 1
-    _grow(live, backend, encoder, instruction, config, tree, stats, rows, nodes_of_tree, next_node, name, faults, tree_failed,
-          failed_trees)
-
+    forest = Forest(backend, encoder, env_factory, config, tree, faults if faults is not None else FaultLog(),
+                    first_group_id)
+    forest.grow(forest.plant(seeds))  # one chain per tree, from its root
     for _ in range(tree.rounds):
-        live = []
-        for tree_id, nodes in nodes_of_tree.items():
-            if tree_id in failed_trees:
+        forest.grow(forest.expansions(rng))
+    return forest.batch()
+
+
+class Forest:
+    """The trees of one call to :func:`sample_trees`: their nodes, the rows they gave,
+    the trees a fault dropped, and what the rollout spent."""
+
+    def __init__(self, backend: Backend, encoder: PromptEncoder, env_factory: Callable[[], Env],
+                 config: AgentLoopConfig, tree: TreeSamplerConfig, faults: FaultLog, first_group_id: int) -> None:
+        self.backend, self.encoder, self.env_factory = backend, encoder, env_factory
+        self.config, self.tree, self.faults, self.first_group_id = config, tree, faults, first_group_id
+        self.stats = TreeStats()
+        self.rows: list[Row] = []
+        self.roots: dict[int, _Node] = {}  # tree -> its virtual root (node -1), holding the reset state
+        self.nodes_of_tree: dict[int, list[_Node]] = {}
+        self.next_node: dict[int, int] = {}  # tree -> the id its next node gets
+        self.failed: dict[int, int] = {}  # tree -> group, of the trees a fault dropped
+        self.branches = first_group_id * 10_000  # the last branch id given
+        probe = guard(env_factory())
+        self.instruction, self.name = probe.instruction, env_name(probe)
+        close_env(probe)
+
+    def new_branch(self, state: _Node, env: Env) -> _Branch:
+        self.branches += 1
+        self.faults.episodes += 1
+        return _Branch(self.branches, state, env)
+
+    def tree_failed(self, tree_id: int, group: int, fault: EnvFault) -> None:
+        self.faults.record(fault)
+        self.failed[tree_id] = group
+
+    def plant(self, seeds: Sequence[int]) -> list[_Branch]:
+        """The trees' roots (a reset per tree) and the branch that starts each chain."""
+        live: list[_Branch] = []
+        tree_id = self.first_group_id * self.tree.trees_per_prompt
+        for i, seed in enumerate(seeds):
+            group = self.first_group_id + i
+            for _ in range(self.tree.trees_per_prompt):
+                env = guard(self.env_factory())
+                self.nodes_of_tree[tree_id], self.next_node[tree_id] = [], 0
+                try:
+                    obs = env.reset(int(seed))
+                except EnvFault as fault:
+                    self.faults.episodes += 1
+                    self.tree_failed(tree_id, group, fault)
+                    close_env(env)
+                    tree_id += 1
+                    continue
+                root = _Node(tree_id, -1, -1, group, int(seed), (), (), obs, 0, False, None, ())
+                self.roots[tree_id] = root
+                live.append(self.new_branch(root, env))
+                tree_id += 1
+        return live
+
+    def expansions(self, rng: random.Random) -> list[_Branch]:
+        """One expansion round: ``nodes_per_round`` nodes of every tree that has not
+        failed, picked by ``rng`` among its non-leaf nodes (and its root with
+        ``expand_root``), each continued by a new branch on a replayed environment."""
+        tree, live = self.tree, []
+        for tree_id, nodes in self.nodes_of_tree.items():
+            if tree_id in self.failed:
                 continue
-            candidates = ([roots[tree_id]] if tree.expand_root else []) + [n for n in nodes if not n.done]
+            candidates = ([self.roots[tree_id]] if tree.expand_root else []) + [n for n in nodes if not n.done]
             picks = rng.sample(candidates, min(tree.nodes_per_round, len(candidates)))
-            stats.expansions_short += tree.nodes_per_round - len(picks)
+            self.stats.expansions_short += tree.nodes_per_round - len(picks)
             for node in picks:
-                if tree_id in failed_trees:
+                if tree_id in self.failed:
                     break
                 try:
-                    env = _resume(env_factory, node, stats)
+                    env = _resume(self.env_factory, node, self.stats)
                 except EnvFault as fault:
-                    faults.episodes += 1
-                    tree_failed(tree_id, node.group, fault)
+                    self.faults.episodes += 1
+                    self.tree_failed(tree_id, node.group, fault)
                     break
-                live.append(new_branch(node, env))
-        _grow(live, backend, encoder, instruction, config, tree, stats, rows, nodes_of_tree, next_node, name, faults,
-              tree_failed, failed_trees)
+                live.append(self.new_branch(node, env))
+        return live
 
-    failed = {r.traj_id: r.group_id for r in rows if r.tree_id in failed_trees}
-    failed.update({-1 - t: g for t, g in failed_trees.items()})  # trees that failed before their first node
-    rows = drop_failed(rows, failed, faults)
-    stats.nodes = len(rows)
-    stats.leaves = sum(r.done for r in rows)
-    batch = rows_to_batch(rows, order=lambda r: (r.group_id, r.tree_id, r.node_id))
-    return batch, stats
+    def batch(self) -> tuple[RolloutBatch, TreeStats]:
+        """The rows of the trees that did not fail, ordered by prompt, tree and node."""
+        failed = {r.traj_id: r.group_id for r in self.rows if r.tree_id in self.failed}
+        failed.update({-1 - t: g for t, g in self.failed.items()})  # trees that failed before their first node
+        rows = drop_failed(self.rows, failed, self.faults)
+        self.stats.nodes = len(rows)
+        self.stats.leaves = sum(r.done for r in rows)
+        return rows_to_batch(rows, order=lambda r: (r.group_id, r.tree_id, r.node_id)), self.stats
+
+    def grow(self, live: list[_Branch]) -> None:
+        """Generate every branch in ``live`` to the end of its episode, one node per
+        branch per ``generate`` call; a branch whose tree failed stops."""
+        while live:
+            rendered, ready = [], []
+            for b in live:
+                if b.state.tree in self.failed:  # another branch of its tree failed
+                    close_env(b.env)
+                    continue
+                try:
+                    rendered.append(_render(b.state, self.encoder, self.instruction, self.config, self.name,
+                                            self.faults, text_format_of(b.env)))
+                    ready.append(b)
+                except EnvFault as err:
+                    self.tree_failed(b.state.tree, b.state.group, err)
+                    close_env(b.env)
+            live = ready
+            if not live:
+                break
+            comps = self.backend.generate([p + q for p, q in rendered], self.sampling(live, rendered))
+            self.stats.generate_calls += 1
+            live = [b for b, (turn_prompt, partial), comp in zip(live, rendered, comps)
+                    if self.add_node(b, turn_prompt, partial, comp)]
+
+    def sampling(self, live: list[_Branch], rendered: list[tuple[list[int], list[int]]]) -> list:
+        """Each branch's sampling parameters for its next node (a segment node stops
+        after ``segment_tokens``)."""
+        config, params = self.config, []
+        for b, (prompt, partial) in zip(live, rendered):
+            sp = config.params_for(b.branch, b.state.steps * 1000 + len(partial), len(prompt) + len(partial))
+            if self.tree.node == "segment":
+                sp = sp.with_max_tokens(min(self.tree.segment_tokens, config.sampling.max_tokens - len(partial),
+                                            sp.max_tokens))
+            params.append(sp)
+        return params
+
+    def add_node(self, b: _Branch, turn_prompt: list[int], partial: list[int], comp) -> bool:
+        """The node that completion ``comp`` makes on branch ``b`` (a turn over steps
+        the environment through the turn step); whether the branch goes on."""
+        config, tokenizer, s = self.config, self.encoder.tokenizer, b.state
+        max_tokens = config.sampling.max_tokens
+        self.stats.generated_tokens += len(comp.token_ids)
+        answer = partial + list(comp.token_ids)
+        text = tokenizer.decode(answer, skip_special_tokens=True) if self.tree.node == "segment" else (
+            comp.text or tokenizer.decode(comp.token_ids, skip_special_tokens=True))
+        full = config.token_limit is not None and len(turn_prompt) + len(answer) >= config.token_limit
+        stopped = any(stop in text for stop in text_format_of(b.env).stop)
+        turn_over = (self.tree.node == "step" or comp.finish_reason == "stop" or stopped or len(answer) >= max_tokens
+                     or full)
+        node_id = self.next_node[s.tree]
+        self.next_node[s.tree] += 1
+        row = dict(group_id=s.group, traj_id=b.branch, step=s.steps, prompt_ids=turn_prompt + partial,
+                   response_ids=list(comp.token_ids), logprobs=list(comp.logprobs), anchor=s.obs.anchor,
+                   tree_id=s.tree, node_id=node_id, parent_id=s.node)
+        if not turn_over:  # a segment inside an answer: no action yet
+            new = _Node(s.tree, node_id, s.node, s.group, s.seed, s.actions, s.history, s.obs, s.steps, False,
+                        tuple(turn_prompt), tuple(answer), s.conversation)
+            self.rows.append(Row(**row, reward=0.0, done=False, valid=True, won=False))
+        else:
+            try:
+                action, result = act(b.env, text)
+            except EnvFault as err:
+                self.tree_failed(s.tree, s.group, err)
+                close_env(b.env)
+                return False
+            self.stats.env_steps += result is not None
+            turn = take_turn(s.obs, s.steps, turn_prompt, answer, (action, result), config, self.encoder, self.faults)
+            conversation = tuple(turn.ids) if turn.ids is not None else None
+            new = _Node(s.tree, node_id, s.node, s.group, s.seed, s.actions + (action,), s.history + (turn.turn,),
+                        turn.obs, s.steps + 1, turn.done, None, (), conversation)
+            self.rows.append(Row(**row, reward=turn.reward, done=turn.done, valid=turn.valid, won=turn.won,
+                                 reward_parts=turn.parts))
+        self.nodes_of_tree[s.tree].append(new)
+        b.state = new
+        if new.done:
+            close_env(b.env)
+        return not new.done
 
 
 def _resume(env_factory: Callable[[], Env], node: _Node, stats: TreeStats) -> Env:
@@ -250,83 +347,3 @@ def _resume(env_factory: Callable[[], Env], node: _Node, stats: TreeStats) -> En
             f"{node.obs.anchor!r}: tree sampling needs an environment that is deterministic in its seed"
         )
     return env
-
-
-def _grow(
-    live: list[_Branch], backend: Backend, encoder: PromptEncoder, instruction: str, config: AgentLoopConfig,
-    tree: TreeSamplerConfig, stats: TreeStats, rows: list[Row], nodes_of_tree: dict[int, list[_Node]],
-    next_node: dict[int, int], name: str, faults: FaultLog, tree_failed: Callable[[int, int, EnvFault], None],
-    failed: Mapping[int, int],
-) -> None:
-    """Generate every branch in ``live`` to the end of its episode, one node per branch
-    per ``generate`` call; a branch whose tree failed (``failed``, kept up to date by
-    ``tree_failed``) stops."""
-    tokenizer = encoder.tokenizer
-    max_tokens = config.sampling.max_tokens
-
-    def fault(b: _Branch, err: EnvFault) -> None:
-        tree_failed(b.state.tree, b.state.group, err)
-
-    while live:
-        rendered, ready = [], []
-        for b in live:
-            if b.state.tree in failed:  # another branch of its tree failed
-                close_env(b.env)
-                continue
-            try:
-                rendered.append(_render(b.state, encoder, instruction, config, name, faults, text_format_of(b.env)))
-                ready.append(b)
-            except EnvFault as err:
-                fault(b, err)
-                close_env(b.env)
-        live = ready
-        if not live:
-            break
-        params = []
-        for b, (prompt, partial) in zip(live, rendered):
-            sp = config.params_for(b.branch, b.state.steps * 1000 + len(partial), len(prompt) + len(partial))
-            if tree.node == "segment":
-                sp = sp.with_max_tokens(min(tree.segment_tokens, max_tokens - len(partial), sp.max_tokens))
-            params.append(sp)
-        comps = backend.generate([p + q for p, q in rendered], params)
-        stats.generate_calls += 1
-        still: list[_Branch] = []
-        for b, (turn_prompt, partial), comp in zip(live, rendered, comps):
-            s = b.state
-            stats.generated_tokens += len(comp.token_ids)
-            answer = partial + list(comp.token_ids)
-            text = tokenizer.decode(answer, skip_special_tokens=True) if tree.node == "segment" else (
-                comp.text or tokenizer.decode(comp.token_ids, skip_special_tokens=True))
-            full = config.token_limit is not None and len(turn_prompt) + len(answer) >= config.token_limit
-            stopped = any(stop in text for stop in text_format_of(b.env).stop)
-            turn_over = tree.node == "step" or comp.finish_reason == "stop" or stopped or len(answer) >= max_tokens or full
-            node_id = next_node[s.tree]
-            next_node[s.tree] += 1
-            row = dict(group_id=s.group, traj_id=b.branch, step=s.steps, prompt_ids=turn_prompt + partial,
-                       response_ids=list(comp.token_ids), logprobs=list(comp.logprobs), anchor=s.obs.anchor,
-                       tree_id=s.tree, node_id=node_id, parent_id=s.node)
-            if not turn_over:  # a segment inside an answer: no action yet
-                new = _Node(s.tree, node_id, s.node, s.group, s.seed, s.actions, s.history, s.obs, s.steps, False,
-                            tuple(turn_prompt), tuple(answer), s.conversation)
-                rows.append(Row(**row, reward=0.0, done=False, valid=True, won=False))
-            else:
-                try:
-                    action, result = act(b.env, text)
-                except EnvFault as err:
-                    fault(b, err)
-                    close_env(b.env)
-                    continue
-                stats.env_steps += result is not None
-                turn = take_turn(s.obs, s.steps, turn_prompt, answer, (action, result), config, encoder, faults)
-                conversation = tuple(turn.ids) if turn.ids is not None else None
-                new = _Node(s.tree, node_id, s.node, s.group, s.seed, s.actions + (action,), s.history + (turn.turn,),
-                            turn.obs, s.steps + 1, turn.done, None, (), conversation)
-                rows.append(Row(**row, reward=turn.reward, done=turn.done, valid=turn.valid, won=turn.won,
-                                reward_parts=turn.parts))
-            nodes_of_tree[s.tree].append(new)
-            b.state = new
-            if not new.done:
-                still.append(b)
-            else:
-                close_env(b.env)
-        live = still

@@ -43,23 +43,23 @@ def response_logprobs(
         backward).
     """
     device = next(model.parameters()).device
-    seqs = [torch.cat([p, r]) for p, r in zip(prompt_ids, response_ids)]
-    input_ids = pad_rows(seqs, pad_id, torch.long).to(device)
-    lengths = torch.tensor([s.numel() for s in seqs], device=device)
-    attention = (torch.arange(input_ids.shape[1], device=device)[None, :] < lengths[:, None]).long()
+    seqs = [torch.cat([p, r]) for p, r in zip(prompt_ids, response_ids)]  # B x [P_i + R_i]
+    input_ids = pad_rows(seqs, pad_id, torch.long).to(device)  # [B, L]
+    lengths = torch.tensor([s.numel() for s in seqs], device=device)  # [B]
+    attention = (torch.arange(input_ids.shape[1], device=device)[None, :] < lengths[:, None]).long()  # [B, L]
     logits = model(input_ids=input_ids, attention_mask=attention).logits  # [B, L, V]
 
-    p_len = torch.tensor([p.numel() for p in prompt_ids], device=device)
-    r_len = torch.tensor([r.numel() for r in response_ids], device=device)
+    p_len = torch.tensor([p.numel() for p in prompt_ids], device=device)  # [B]
+    r_len = torch.tensor([r.numel() for r in response_ids], device=device)  # [B]
     width = int(r_len.max()) if len(response_ids) else 0
-    offsets = torch.arange(width, device=device)[None, :]
-    mask = offsets < r_len[:, None]
+    offsets = torch.arange(width, device=device)[None, :]  # [1, R]
+    mask = offsets < r_len[:, None]  # [B, R]
     # the logit at position t predicts token t + 1: response token j sits at P + j
-    positions = (p_len[:, None] - 1 + offsets).clamp(max=input_ids.shape[1] - 1)
-    picked = logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-    targets = pad_rows(list(response_ids), pad_id, torch.long).to(device)
-    logprobs, entropy = token_logprobs(picked, targets, temperature, with_entropy, entropy_grad)
-    return logprobs * mask, mask.float(), entropy * mask if with_entropy else None
+    positions = (p_len[:, None] - 1 + offsets).clamp(max=input_ids.shape[1] - 1)  # [B, R]
+    picked = logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # [B, R, V]
+    targets = pad_rows(list(response_ids), pad_id, torch.long).to(device)  # [B, R]
+    logprobs, entropy = token_logprobs(picked, targets, temperature, with_entropy, entropy_grad)  # [B, R] each
+    return logprobs * mask, mask.float(), entropy * mask if with_entropy else None  # [B, R] each
 
 
 def token_logprobs(picked: Tensor, targets: Tensor, temperature: float = 1.0, with_entropy: bool = False,
@@ -68,9 +68,9 @@ def token_logprobs(picked: Tensor, targets: Tensor, temperature: float = 1.0, wi
     temperature-scaled in float32 at least (bf16/fp16 logits are upcast), and, if asked,
     the entropy ``[N, R]`` of each distribution (see :func:`response_logprobs`). Every
     forward (plain, shared-prefix, trie) ends here."""
-    picked = picked.to(torch.promote_types(picked.dtype, torch.float32)) / temperature
-    logp_all = torch.log_softmax(picked, dim=-1)
-    logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    picked = picked.to(torch.promote_types(picked.dtype, torch.float32)) / temperature  # [N, R, V]
+    logp_all = torch.log_softmax(picked, dim=-1)  # [N, R, V]
+    logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N, R]
     return logprobs, token_entropy(logp_all, entropy_grad) if with_entropy else None
 
 

@@ -110,7 +110,7 @@ def packing_costs(seqs: Sequence[Tensor], hidden_size: int) -> tuple[float, floa
     pair_cost = 1.0 / (6.0 * hidden_size)
     plain = b * longest + b * longest * longest * pair_cost
     added = lengths - lcp  # [B]
-    nodes = b + int(((lcp[1:] > 0) & (lcp[1:] != lcp[:-1])).sum())
+    nodes = b + int(((lcp[1:] > 0) & (lcp[1:] != lcp[:-1])).sum())  # leaves and branch points
     trie = float(added.sum()) + float((added * lengths).sum()) * pair_cost + NODE_COST * nodes
     return plain, trie
 
@@ -125,7 +125,7 @@ class AutoPacking:
     shares_prefixes: bool = True
 
     def choose(self, model: torch.nn.Module, prompts: Sequence[Tensor], responses: Sequence[Tensor]) -> "Packing":
-        seqs = [torch.cat([p.cpu(), r.cpu()]) for p, r in zip(prompts, responses)]
+        seqs = [torch.cat([p.cpu(), r.cpu()]) for p, r in zip(prompts, responses)]  # B x [P_i + R_i]
         while not hasattr(model, "config") and hasattr(model, "module"):  # DDP's wrapper
             model = model.module
         plain, trie = packing_costs(seqs, int(getattr(text_config(model), "hidden_size", 1024)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import torch
@@ -39,7 +40,7 @@ def split_micro_batches(batch: RolloutBatch, rows: Tensor, max_rows: int, max_to
     shares = get_packing(packing).shares_prefixes
     micros, current, used, prev = [], [], 0, None
     for i in rows.tolist():
-        seq = torch.cat([batch.prompt_ids[i], batch.response_ids[i]])
+        seq = torch.cat([batch.prompt_ids[i], batch.response_ids[i]])  # [P_i + R_i]
         shared = common_prefix_length([seq, prev]) if shares and prev is not None else 0
         if current and (len(current) >= max_rows or used + seq.numel() - shared > max_tokens):
             micros.append(torch.tensor(current))
@@ -67,9 +68,9 @@ def signal_mask(advantages: Tensor, extras: dict[str, Tensor] | None = None) -> 
     Args:
         advantages: ``[N]``.
     """
-    signal = advantages != 0
+    signal = advantages != 0  # [N]
     if extras and "global_advantages" in extras:
-        signal = signal | ((extras["global_advantages"] != 0) & (extras["local_weight"] < 1))
+        signal = signal | ((extras["global_advantages"] != 0) & (extras["local_weight"] < 1))  # [N]
     return signal
 
 
@@ -81,11 +82,11 @@ def informative_rows(group_id: Tensor, advantages: Tensor) -> Tensor:
     Args:
         group_id: ``[N]``; advantages: ``[N]`` or ``[N, T]``.
     """
-    signal = advantages != 0
+    signal = advantages != 0  # [N] or [N, T]
     if signal.dim() > 1:
-        signal = signal.flatten(1).any(1)
-    group, k = dense_ids(group_id)
-    alive = torch.zeros(k, dtype=torch.long).index_add_(0, group, signal.long()) > 0
+        signal = signal.flatten(1).any(1)  # [N]
+    group, k = dense_ids(group_id)  # [N] in 0..k-1
+    alive = torch.zeros(k, dtype=torch.long).index_add_(0, group, signal.long()) > 0  # [k] groups with a signal
     return torch.nonzero(alive[group]).flatten()
 
 
@@ -183,14 +184,14 @@ def policy_gradient_backward(
     num_tokens, num_seqs = global_sums(dist, [sum(float(masks[i].sum()) for i in rows.tolist()), float(rows.numel())])
     scale = LossScale(num_tokens=num_tokens, num_seqs=num_seqs, max_tokens=float(max_tokens))
     world = float(dist.world_size)
-    signal = signal_mask(advantages, extras)
-    active = rows if objective.trains_every_row else rows[signal[rows]]
+    signal = signal_mask(advantages, extras)  # [N]
+    active = rows if objective.trains_every_row else rows[signal[rows]]  # [M'] the rows the forward runs
     out: dict[str, tuple[float, float]] = {}
     packing = get_packing(packing)
     if packing.shares_prefixes:
         for column in (batch.step, batch.traj_id, batch.group_id):  # stable sorts: by group, trajectory, step
-            active = active[torch.sort(column[active], stable=True).indices]
-    micros = split_micro_batches(batch, active, micro_batch_size, micro_batch_tokens, packing)
+            active = active[torch.sort(column[active], stable=True).indices]  # [M']
+    micros = split_micro_batches(batch, active, micro_batch_size, micro_batch_tokens, packing)  # [m_k] each
     passes = lockstep_count(dist, len(micros))
     if passes == 0:  # no rank has a row with a learning signal
         return out
@@ -199,19 +200,29 @@ def policy_gradient_backward(
         total, w = out.get(name, (0.0, 0.0))
         out[name] = (total + value * weight, w + weight)
 
+    forward = dict(temperature=temperature, pad_id=pad_id, attention=attention)
     add("loss", 0.0, 1.0)  # this rank's share of the mini-batch loss; present even when it has no rows
     for k in range(passes):
         with gradient_sync(model, k == passes - 1):
             if k >= len(micros):  # this rank is out of rows: a pass that adds nothing, for the collectives
                 idle_backward(model, pad_id, autocast)
                 continue
-            metrics, loss, tokens, diff = _micro_batch_backward(
-                model, batch, micros[k], advantages, old_logprobs, objective, scale, extras, ref_model, packing,
-                attention, temperature, pad_id, world, autocast)
+            micro = MicroBatch.of(batch, micros[k], advantages, old_logprobs, extras)
+            with autocast():  # forward: the policy, and the frozen reference packed alike
+                logp, mask, entropy = packing.logprobs(model, micro.prompts, micro.responses, micro.groups,
+                                                       with_entropy=True, entropy_grad=objective.entropy_coef > 0,
+                                                       **forward)  # [m, R] each
+                ref = None
+                if objective.kl_coef > 0:
+                    with torch.no_grad():
+                        ref, _, _ = packing.logprobs(ref_model, micro.prompts, micro.responses, micro.groups,
+                                                     **forward)  # [m, R]
+            loss, metrics = micro_batch_loss(objective, micro, logp.float(), mask, entropy, ref, scale)
+            (loss * world if world != 1 else loss).backward()  # DDP and FSDP average over ranks: times world
+        tokens = float(metrics.pop("tokens"))
         for key, value in metrics.items():
             add(key, float(value), tokens)
-        add("logprob_diff_rollout", diff, tokens)
-        out["loss"] = (out["loss"][0] + loss, 1.0)
+        out["loss"] = (out["loss"][0] + float(loss.detach()), 1.0)
     return {k: (v / w, w) if k != "loss" else (v, w) for k, (v, w) in out.items()}
 
 
@@ -231,41 +242,76 @@ def idle_backward(model: torch.nn.Module, pad_id: int, autocast: Callable[[], Co
     (logits.float().sum() * 0.0).backward()
 
 
-def _micro_batch_backward(model, batch, micro, advantages, old_logprobs, objective, scale, extras, ref_model, packing,
-                          attention, temperature, pad_id, world, autocast):
-    """One micro-batch's forward and backward (the loss times ``world``, the number of
-    ranks whose gradients are averaged); returns its metrics, its loss, its token count
-    and its mean |log-prob - rollout log-prob|."""
-    masks = batch.loss_mask
-    idx = micro.tolist()
-    prompts, responses = [batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx]
-    groups = micro_groups(batch, idx)
-    forward = dict(temperature=temperature, pad_id=pad_id, attention=attention)
-    with autocast():
-        logp, mask, entropy = packing.logprobs(model, prompts, responses, groups, with_entropy=True,
-                                               entropy_grad=objective.entropy_coef > 0, **forward)
-        ref = None
-        if objective.kl_coef > 0:
-            with torch.no_grad():  # the reference is a copy of the policy, packed alike
-                ref, _, _ = packing.logprobs(ref_model, prompts, responses, groups, **forward)
-    logp = logp.float()
-    mask = mask * pad_rows([masks[i] for i in idx], 0.0).to(mask.device)
-    old = logp.detach() if old_logprobs is None else pad_rows([old_logprobs[i] for i in idx], 0.0).to(logp.device)
-    rollout = pad_rows([batch.rollout_logprobs[i] for i in idx], 0.0).to(logp.device)
-    tis, metrics = behaviour_weights(old, rollout, mask, batch.off_policy[micro].to(logp.device), objective.tis_cap,
-                                     objective.off_policy_is_cap)
-    adv = advantages[micro].to(logp.device)
-    streams = {key: value[micro].to(logp.device) for key, value in extras.items()}
-    loss, pg_metrics = objective.policy_loss(logp, old, adv, mask, objective, scale=scale, entropy=entropy,
-                                             tis_weights=tis, streams=streams)
+@dataclass
+class MicroBatch:
+    """The rows of one micro-batch, padded to its longest response ``R`` where the loss
+    reads them as one tensor."""
+
+    prompts: list[Tensor]  # m x [P_i]
+    responses: list[Tensor]  # m x [R_i]
+    groups: list[list[int]]  # the positions of each group's rows (what the group packing packs)
+    loss_mask: Tensor  # [m, R] the tokens the policy sampled (not the environment's)
+    old_logprobs: Tensor | None  # [m, R] the ratio's denominator; None: the current log-probs, detached
+    rollout_logprobs: Tensor  # [m, R] the engine's log-probs when it sampled
+    off_policy: Tensor  # [m] bool, rows sampled by an older policy (AR3PO's reuse)
+    advantages: Tensor  # [m]
+    streams: dict[str, Tensor]  # the estimator's further [m] streams (COPO's)
+
+    @classmethod
+    def of(cls, batch: RolloutBatch, rows: Tensor, advantages: Tensor, old_logprobs: list[Tensor] | None,
+           extras: dict[str, Tensor]) -> "MicroBatch":
+        """Micro-batch ``rows`` (``[m]`` indices) of ``batch``; ``advantages`` ``[N]``,
+        ``old_logprobs`` ``N`` tensors ``[R_i]`` or ``None``, ``extras`` ``[N]`` each."""
+        idx = rows.tolist()
+        return cls(
+            prompts=[batch.prompt_ids[i] for i in idx],
+            responses=[batch.response_ids[i] for i in idx],
+            groups=micro_groups(batch, idx),
+            loss_mask=pad_rows([batch.loss_mask[i] for i in idx], 0.0),  # [m, R]
+            old_logprobs=None if old_logprobs is None else pad_rows([old_logprobs[i] for i in idx], 0.0),  # [m, R]
+            rollout_logprobs=pad_rows([batch.rollout_logprobs[i] for i in idx], 0.0),  # [m, R]
+            off_policy=batch.off_policy[rows],  # [m]
+            advantages=advantages[rows],  # [m]
+            streams={key: value[rows] for key, value in extras.items()},  # [m] each
+        )
+
+
+def micro_batch_loss(objective: Objective, micro: MicroBatch, logp: Tensor, mask: Tensor, entropy: Tensor,
+                     ref: Tensor | None, scale: LossScale) -> tuple[Tensor, dict[str, Tensor | float]]:
+    """The loss of one micro-batch, normalised by its mini-batch's counts (``scale``):
+    ``objective``'s policy loss, plus ``kl_coef`` times the KL penalty to ``ref``, minus
+    ``entropy_coef`` times the entropy; the policy loss weighs off-policy rows by the
+    truncated behaviour ratio (:func:`~grpo_lab.losses.behaviour_weights`).
+
+    Args:
+        logp: ``[m, R]`` float32 log-probs of the responses under the policy (with grad).
+        mask: ``[m, R]`` the real response positions of the forward.
+        entropy: ``[m, R]`` the policy's entropy per position.
+        ref: ``[m, R]`` the reference's log-probs, or ``None`` without a KL term.
+
+    Returns:
+        the loss (a scalar with grad) and its metrics: token-weighted means, with
+        ``tokens`` (their weight) and ``logprob_diff_rollout`` (mean |log-prob - the
+        engine's log-prob|, the train/inference mismatch).
+    """
+    device = logp.device
+    mask = mask * micro.loss_mask.to(device)  # [m, R]
+    old = logp.detach() if micro.old_logprobs is None else micro.old_logprobs.to(device)  # [m, R]
+    rollout = micro.rollout_logprobs.to(device)  # [m, R]
+    # [m, R] or None
+    tis, metrics = behaviour_weights(old, rollout, mask, micro.off_policy.to(device), objective.tis_cap,
+                                     objective.off_policy_is_cap)  # [m, R]
+    streams = {key: value.to(device) for key, value in micro.streams.items()}  # [m] each
+    loss, pg_metrics = objective.policy_loss(logp, old, micro.advantages.to(device), mask, objective, scale=scale,
+                                             entropy=entropy, tis_weights=tis, streams=streams)  # []
     metrics.update(pg_metrics)
     if objective.entropy_coef > 0:
-        loss = loss - objective.entropy_coef * aggregate(entropy, mask, objective.aggregation, scale)
+        loss = loss - objective.entropy_coef * aggregate(entropy, mask, objective.aggregation, scale)  # []
     if ref is not None:
-        kl = kl_penalty(logp, ref.float(), objective.kl_estimator)
-        loss = loss + objective.kl_coef * aggregate(kl, mask, objective.aggregation, scale)
+        kl = kl_penalty(logp, ref.float(), objective.kl_estimator)  # [m, R]
+        loss = loss + objective.kl_coef * aggregate(kl, mask, objective.aggregation, scale)  # []
         metrics["kl_ref"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
-    (loss * world if world != 1 else loss).backward()
     tokens = float(mask.sum())
-    diff = float(((logp.detach() - rollout).abs() * mask).sum()) / max(tokens, 1.0)
-    return metrics, float(loss.detach()), tokens, diff
+    metrics["logprob_diff_rollout"] = float(((logp.detach() - rollout).abs() * mask).sum()) / max(tokens, 1.0)
+    metrics["tokens"] = tokens
+    return loss, metrics

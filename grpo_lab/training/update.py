@@ -101,18 +101,18 @@ class PolicyUpdate:
         estimator's further ``[N]`` streams, COPO's). Returns the step's metrics, reduced
         over ranks."""
         n = len(batch)
-        adv = advantages.to(torch.float32)
+        adv = advantages.to(torch.float32)  # [N]
         if adv.shape != (n,):
             raise ValueError(f"this trainer takes one advantage per row ([{n}]), got shape {tuple(adv.shape)}")
         single_pass = self.epochs * self.minibatches == 1
-        old = None if single_pass else self.logprobs_no_grad(batch)
+        old = None if single_pass else self.logprobs_no_grad(batch)  # N x [R_i]
         stats = RunningMeans()
         gen = torch.Generator().manual_seed(self.seed + (int(batch.group_id.min()) if n else 0))
         self.module.train()
         updates, lr = 0, float(self.optimizer.param_groups[0]["lr"])
         for _ in range(self.epochs):
             order = torch.randperm(n, generator=gen)  # [N]
-            chunks = list(order.chunk(self.minibatches))
+            chunks = list(order.chunk(self.minibatches))  # [N / minibatches] each
             chunks += [order[:0]] * (self.minibatches - len(chunks))  # fewer rows than mini-batches
             for rows in chunks:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -145,6 +145,7 @@ class PolicyUpdate:
         denominator of the ratio over several passes, through the configured packing
         (``trainer.packing``). Ranks run equally many forwards."""
         self.module.eval()
+        # [m_k] each
         micros = split_micro_batches(batch, torch.arange(len(batch)), self.micro_batch_size, self.micro_batch_tokens,
                                      self.packing)
         out: list[Tensor] = []
@@ -158,5 +159,5 @@ class PolicyUpdate:
                 logp, _, _ = self.packing.logprobs(self.module, prompts, responses, micro_groups(batch, idx),
                                                    temperature=self.temperature, pad_id=self.pad_id,
                                                    attention=self.attention)  # [m, R]
-            out.extend(logp[j, : batch.response_ids[i].numel()].float().cpu() for j, i in enumerate(idx))
+            out.extend(logp[j, : batch.response_ids[i].numel()].float().cpu() for j, i in enumerate(idx))  # [R_i] each
         return out
