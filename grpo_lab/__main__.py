@@ -11,6 +11,7 @@ from . import advantages, build, envs, losses  # noqa: F401  (each import fills 
 from .envs import rewards  # noqa: F401
 from .registry import REGISTRIES
 from .rollout import samplers  # noqa: F401
+from .endpoint import tools  # noqa: F401
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -106,37 +106,43 @@ def build_run(config: Config, output_dir: str | Path | None = None, model: torch
     task_rng = random.Random(tc.seed)
     device = rank_device or resolve_device(tc.device)
     envs = start_envs(cfg)
-    if model is None:
-        model, tokenizer = build_model(cfg, envs)
-    model = model.to(device)
-    packing = PACKINGS.get(tc.packing)
-    if packing.shares_prefixes:
-        check_packing(cfg, model, packing)
-    source = save_engine_source(cfg, model, tokenizer, out, dist)
-    model = adapt_model(cfg, model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoder, episode_format = episode_encoding(cfg, tokenizer)
-    backend = build_backend(cfg, model, tokenizer, source)  # before sharding: HF copies the model
-    if dist.rank > 0:  # ranks sample differently; rank 0 draws as a single process does
-        torch.manual_seed(tc.seed + 7919 * dist.rank)
-    try:
-        train_module = dp.wrap_model(dist, model, device, mixed_precision)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    policy_update = build_update(cfg, train_module, model, packing, pad_id, device, mixed_precision, dist)
-    loop = AgentLoopConfig(
-        group_size=cfg.algo.group_size, max_steps=cfg.env.max_steps, history_window=cfg.rollout.history_window,
-        sampling=SamplingParams(max_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                                top_p=cfg.rollout.top_p, stop=envs.text_format.stop),
-        request_seed=tc.seed if cfg.rollout.request_seeds else None, max_context=context_length(cfg, model),
-        overlong=cfg.rollout.overlong_prompt, env_threads=cfg.rollout.env_workers, episode_format=episode_format,
-        max_episode_tokens=cfg.rollout.max_episode_tokens)
+    try:  # a part that cannot be built stops the environment workers already started
+        if model is None:
+            model, tokenizer = build_model(cfg, envs)
+        model = model.to(device)
+        packing = PACKINGS.get(tc.packing)
+        if packing.shares_prefixes:
+            check_packing(cfg, model, packing)
+        source = save_engine_source(cfg, model, tokenizer, out, dist)
+        model = adapt_model(cfg, model)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        encoder, episode_format = episode_encoding(cfg, tokenizer)
+        backend = build_backend(cfg, model, tokenizer, source)  # before sharding: HF copies the model
+        if dist.rank > 0:  # ranks sample differently; rank 0 draws as a single process does
+            torch.manual_seed(tc.seed + 7919 * dist.rank)
+        try:
+            train_module = dp.wrap_model(dist, model, device, mixed_precision)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        policy_update = build_update(cfg, train_module, model, packing, pad_id, device, mixed_precision, dist)
+        loop = AgentLoopConfig(
+            group_size=cfg.algo.group_size, max_steps=cfg.env.max_steps, history_window=cfg.rollout.history_window,
+            sampling=SamplingParams(max_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                                    top_p=cfg.rollout.top_p, stop=envs.text_format.stop),
+            request_seed=tc.seed if cfg.rollout.request_seeds else None, max_context=context_length(cfg, model),
+            overlong=cfg.rollout.overlong_prompt, env_threads=cfg.rollout.env_workers, episode_format=episode_format,
+            max_episode_tokens=cfg.rollout.max_episode_tokens)
+    except BaseException:
+        envs.close()
+        raise
     eval_rng = random.Random(tc.seed + 1_000_003)
+    rollout = rollout_context(cfg, backend, encoder, envs, loop, dist.rank)
+    rollout.episodes = episode_player(cfg, envs, backend, tokenizer, loop)
     return RunParts(
         config=cfg, dist=dist, device=device, output_dir=out, mixed_precision=mixed_precision, envs=envs, model=model,
         tokenizer=tokenizer, pad_id=pad_id, packing=packing, encoder=encoder, episode_format=episode_format,
         backend=backend, advantages=cfg.algo.advantages(), policy_update=policy_update, loop=loop,
-        rollout=rollout_context(cfg, backend, encoder, envs, loop, dist.rank), sampler=get_sampler(cfg.rollout.sampler),
+        rollout=rollout, sampler=get_sampler(cfg.rollout.sampler),
         task_rng=task_rng, eval_seeds=[eval_rng.randrange(2**31) for _ in range(tc.eval_episodes)])
 
 
@@ -274,6 +280,20 @@ def build_update(config: Config, module: torch.nn.Module, model: torch.nn.Module
         micro_batch_tokens=tc.micro_batch_tokens, max_grad_norm=tc.max_grad_norm,
         max_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
         attention=tc.attention_backend, seed=tc.seed, mixed_precision=mixed_precision, dist=dist)
+
+
+def episode_player(config: Config, envs: EnvRunner, backend, tokenizer, loop: AgentLoopConfig):
+    """What plays the episodes of an environment that plays its own (``env=agent``: a
+    user's agent function behind the endpoint), or ``None``: the turn loop plays them."""
+    if not hasattr(envs.spec.factory, "episode_player"):
+        return None
+    from .endpoint.app import ServeSettings
+
+    sc, sampling = config.serve, loop.sampling
+    settings = ServeSettings(model=sc.model_name or config.model.name_or_path or "policy", max_tokens=sampling.max_tokens,
+                             max_context=loop.max_context, temperature=sampling.temperature, top_p=sampling.top_p,
+                             fixed_sampling=True)
+    return envs.spec.make().episode_player(backend, tokenizer, settings, sc.host, sc.tool_parser)
 
 
 def rollout_context(config: Config, backend, encoder: PromptEncoder, envs: EnvRunner, loop: AgentLoopConfig,

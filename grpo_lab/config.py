@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from .envs import env_names
+from .envs import env_names, get_env_factory
 from .errors import ConfigError
 from .modeling import DTYPES
 from .paths import looks_like_local_path
@@ -23,6 +23,7 @@ from .rollout.tree import TreeSamplerConfig
 from .advantages import AdvantagePipeline
 from .advantages.shaping import PENALTY_PLACEMENTS, default_penalty_placement
 from .training.packing import PACKINGS, packing_name
+from .endpoint.tools import TOOL_PARSERS  # also registers env=agent
 from .losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, RATIO_LEVELS, Objective
 
 
@@ -421,7 +422,8 @@ class TrainerConfig:
                           "trainer.resume", "trainer.resume_allow_changes", "trainer.output_dir", "trainer.save_final",
                           "trainer.micro_batch_size", "trainer.micro_batch_tokens",  # the gradient does not depend on them
                           "trainer.packing", "trainer.shared_prefix",  # nor on the packing (exact, up to order)
-                          "rollout.env_workers", "env.step_timeout_s", "rollout.max_env_fault_rate")
+                          "rollout.env_workers", "env.step_timeout_s", "rollout.max_env_fault_rate",
+                          "serve.host", "serve.port", "serve.api_key")
 
     #: ``attention`` values and the packed attention's backend each selects
     ATTENTION_BACKENDS = {"sdpa_shared_prefix": "reference", "triton_shared_prefix": "triton"}
@@ -496,6 +498,27 @@ class LoggerConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The OpenAI-compatible endpoint (``python -m grpo_lab.serve``; the runs of agents
+    that call it). It binds ``host`` (127.0.0.1: this machine only) on ``port`` (0: a
+    free one); ``api_key`` is the run's key (null: a random one, printed at start)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None
+    tool_parser: str = "hermes"  # how tool calls are read from answers (python -m grpo_lab --list tool_parsers)
+    model_name: Optional[str] = None  # the name clients pass as ``model`` (null: model.name_or_path, or "policy")
+
+    def validate(self) -> None:
+        _check(bool(self.host), "serve.host", self.host, "a host name or address to bind")
+        _check(0 <= self.port <= 65535, "serve.port", self.port, "0 (a free port) to 65535")
+        _check(self.api_key is None or len(self.api_key) >= 8, "serve.api_key", "<hidden>", "null or 8 characters or more")
+        _check(self.tool_parser in TOOL_PARSERS.names(), "serve.tool_parser", self.tool_parser,
+               f"one of {TOOL_PARSERS.names()}")
+        _check(self.model_name is None or bool(self.model_name), "serve.model_name", self.model_name, "null or a name")
+
+
+@dataclass
 class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -503,12 +526,18 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def validate(self) -> "Config":
         """Check every value; raise :class:`ConfigError` naming the first bad one."""
-        for section in (self.algo, self.env, self.model, self.rollout, self.trainer, self.logger):
+        for section in (self.algo, self.env, self.model, self.rollout, self.trainer, self.logger, self.serve):
             section.validate()
         rc = self.rollout
+        if hasattr(get_env_factory(self.env.name), "episode_player"):  # its own episodes (env=agent), not turns
+            _check(rc.sampler != "tree", "rollout.sampler", rc.sampler,
+                   f"chain or adaptive with env={self.env.name} (its episodes are its agent's calls, not a tree)")
+            _check(rc.env_workers == 0, "rollout.env_workers", rc.env_workers,
+                   f"0 with env={self.env.name} (the agents run in this process, against the endpoint)")
         tree_estimators = ("tree_grpo", "treerpo")
         _check(rc.sampler != "tree" or self.algo.estimator in tree_estimators, "rollout.sampler", rc.sampler,
                f"chain or adaptive with algo.estimator={self.algo.estimator!r} (tree batches need one of {list(tree_estimators)})")

@@ -16,6 +16,7 @@ from .rollout import AgentLoopConfig, run_episodes
 from .rollout.env_pool import EnvRunner
 from .rollout.faults import FaultLog
 from .rollout.prompts import PromptEncoder
+from .rollout.samplers import EpisodePlayer
 from .training import distributed as dp
 from .training.pass_at_k import pass_at_k, pass_at_k_ks, success_counts
 from .training.stop import EnvFaultRateExceeded
@@ -62,20 +63,25 @@ def check_fault_rate(dist: dp.DistContext, faults: FaultLog, limit: float, phase
 
 
 def evaluate(backend, encoder: PromptEncoder, envs: EnvRunner, loop: AgentLoopConfig, seeds: list[int], samples: int,
-             dist: dp.DistContext, max_fault_rate: float) -> dict[str, float]:
+             dist: dp.DistContext, max_fault_rate: float, player: EpisodePlayer | None = None) -> dict[str, float]:
     """Success rate, mean return, invalid-action rate and episode length over ``samples``
     sampled episodes from each evaluation seed (over the ``episodes`` that did not fail;
     ``episodes_dropped`` counts the others), and with more than one sample per seed,
     ``pass@k`` (:mod:`grpo_lab.training.pass_at_k`). Each rank plays its share of
     ``seeds``; the figures are over all. An evaluation that loses more than
     ``max_fault_rate`` of its episodes stops the run (:class:`EnvFaultRateExceeded`), as
-    a rollout does."""
+    a rollout does. ``player`` plays the episodes when the environment plays its own
+    (``env=agent``); else the lock-step turn loop does."""
     if not seeds:
         return {}
     config = replace(loop, group_size=samples, request_seed=None)
     faults = FaultLog()
+    mine = seeds[dist.rank::dist.world_size]
     try:
-        batch = run_episodes(backend, encoder, envs, seeds[dist.rank::dist.world_size], config, faults=faults)
+        if player is not None:
+            batch, _ = player(mine, samples, 0, faults)
+        else:
+            batch = run_episodes(backend, encoder, envs, mine, config, faults=faults)
     finally:
         envs.clear()
     check_fault_rate(dist, faults, max_fault_rate, f"evaluation ({len(seeds)} tasks x {samples} samples)",

@@ -21,6 +21,7 @@ from typing import Any
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from .config import Config, ConfigError
 from .training.stop import RunStopped
@@ -54,6 +55,8 @@ def build_config(cfg: DictConfig) -> Config:
                           "see `python -m grpo_lab.train --cfg job` for every key")
     try:
         config = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as err:  # a ??? in a shipped config that the command line did not fill
+        raise ConfigError(f"{err.full_key} must be set: add {err.full_key}=... to the command line") from None
     except ValueError as err:  # a section's own checks (__post_init__) refused a value
         raise ConfigError(str(err)) from None
     assert isinstance(config, Config)

@@ -286,7 +286,7 @@ class Trainer:
         """The policy on the evaluation seeds (:func:`~grpo_lab.evaluation.evaluate`)."""
         p = self.parts
         return evaluate(self.backend, p.encoder, self.envs, p.loop, p.eval_seeds, self.config.trainer.eval_samples,
-                        self.dist, self.config.rollout.max_env_fault_rate)
+                        self.dist, self.config.rollout.max_env_fault_rate, self.rollout.episodes)
 
     def push_weights(self) -> None:
         """Send the training weights to the backend: with LoRA the adapter alone, else the

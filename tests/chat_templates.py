@@ -59,6 +59,40 @@ MISTRAL_NEMO = (  # mistralai/Mistral-Nemo-Instruct-2407, without its tool branc
     MISTRAL_V3.replace("'[INST] '", "'[INST]'").replace("{{- ' ' + message['content'] + eos_token }}",
                                                         "{{- message['content'] + eos_token }}")
 )
+# Qwen2.5's tool calling, as its template writes it: the tools' JSON schemas in the system
+# message, an assistant's calls as <tool_call> blocks, consecutive tool results in one
+# user turn as <tool_response> blocks
+QWEN25_TOOLS = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}"
+    "{{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}{%- endif %}"
+    "{{- '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- else %}{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or "
+    "(message.role == 'assistant' and not message.tool_calls) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>' + message.role }}"
+    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}{%- if tool_call.function is defined %}"
+    "{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}{{- '\", \"arguments\": ' }}"
+    "{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != 'tool') %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' }}{{- message.content }}{{- '\\n</tool_response>' }}"
+    "{%- if loop.last or (messages[loop.index0 + 1].role != 'tool') %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 PHI_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"]
 MISTRAL_TOKENS = ["<s>", "</s>", "[INST]", "[/INST]"]
 TEMPLATES = {
@@ -66,6 +100,7 @@ TEMPLATES = {
     "llama3": (LLAMA3, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
                {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}),
     "qwen3": (QWEN3_LIKE, ["<|im_start|>", "<|im_end|>"], {"eos_token": "<|im_end|>"}),
+    "qwen2.5_tools": (QWEN25_TOOLS, ["<|im_start|>", "<|im_end|>"], {"eos_token": "<|im_end|>"}),
     "phi3": (PHI3, PHI_TOKENS, {"eos_token": "<|endoftext|>"}),
     "phi3.5": (PHI35, PHI_TOKENS, {"eos_token": "<|endoftext|>"}),
     "mistral_v3": (MISTRAL_V3, MISTRAL_TOKENS, {"bos_token": "<s>", "eos_token": "</s>"}),
@@ -73,7 +108,8 @@ TEMPLATES = {
 }
 #: the token a model of each family samples to end its turn, and what its answers start
 #: with after the generation prompt (Mistral v0.3's template puts a space there)
-END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "qwen3": "<|im_end|>", "phi3": "<|end|>",
+END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "qwen3": "<|im_end|>", "qwen2.5_tools": "<|im_end|>",
+               "phi3": "<|end|>",
                "phi3.5": "<|end|>", "mistral_v3": "</s>", "mistral_nemo": "</s>"}
 ANSWER_PREFIX = {"mistral_v3": " "}
 

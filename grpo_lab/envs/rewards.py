@@ -112,29 +112,37 @@ BUILTIN_REWARDS.register("format", format_reward)
 ANSWER_REWARDS = ("exact_match", "math")
 
 
-def resolve_reward(spec: str) -> Callable[..., float]:
-    """The reward function named by ``spec``: a built-in name or ``module:function``. The
+def import_callable(spec: str, what: str) -> Callable[..., Any]:
+    """The function ``module:function`` names (``what`` says whose, in errors). The
     working directory is searched after ``sys.path``, as ``python -m`` would."""
-    if spec in BUILTIN_REWARDS:
-        return BUILTIN_REWARDS.get(spec)
     if spec.count(":") != 1 or not all(spec.split(":")):
-        raise ValueError(f"reward {spec!r} is neither a built-in ({BUILTIN_REWARDS.names()}) nor 'module:function'")
+        raise ValueError(f"{what} {spec!r} is not 'module:function'")
     module_name, attribute = spec.split(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         if os.getcwd() in sys.path or err.name != module_name.split(".")[0]:
-            raise ImportError(f"reward {spec!r}: cannot import {module_name!r} ({err})") from err
+            raise ImportError(f"{what} {spec!r}: cannot import {module_name!r} ({err})") from err
         sys.path.append(os.getcwd())
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err2:
-            raise ImportError(f"reward {spec!r}: no module {module_name!r} on PYTHONPATH or in the working directory "
+            raise ImportError(f"{what} {spec!r}: no module {module_name!r} on PYTHONPATH or in the working directory "
                               f"{os.getcwd()} ({err2})") from err2
     fn = getattr(module, attribute, None)
     if not callable(fn):
-        raise ValueError(f"reward {spec!r}: module {module_name!r} has no function {attribute!r}")
+        raise ValueError(f"{what} {spec!r}: module {module_name!r} has no function {attribute!r}")
     return fn
+
+
+def resolve_reward(spec: str) -> Callable[..., float]:
+    """The reward function named by ``spec``: a built-in name or ``module:function``
+    (:func:`import_callable`)."""
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS.get(spec)
+    if spec.count(":") != 1 or not all(spec.split(":")):
+        raise ValueError(f"reward {spec!r} is neither a built-in ({BUILTIN_REWARDS.names()}) nor 'module:function'")
+    return import_callable(spec, "reward")
 
 
 def reward_value(spec: str, value: Any) -> float:

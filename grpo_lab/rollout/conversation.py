@@ -63,6 +63,9 @@ class ConversationRenderer:
     Attributes:
         close_ids: the tokens the template puts after an assistant message's text when
             a user message follows.
+        close_text: the same as text ('' without a chat template).
+        last_close_text: what the template writes after an assistant message's text when
+            it is the last message (``close_text`` begins it).
     """
 
     _built: "weakref.WeakKeyDictionary[PromptEncoder, ConversationRenderer]" = weakref.WeakKeyDictionary()
@@ -76,10 +79,11 @@ class ConversationRenderer:
 
     def __init__(self, encoder: PromptEncoder) -> None:
         self.encoder, self.tokenizer, self.chat = encoder, encoder.tokenizer, encoder.chat
+        self.close_text = self.last_close_text = ""
         if self.chat:
             self._probe = encoder.messages(_PROBE_USER) + [{"role": "assistant", "content": _PROBE_ANSWER}]
-            self._close_text = self._continued_close()
-            self.close_ids = self._encode(self._close_text)
+            self.close_text = self._continued_close()
+            self.close_ids = self._encode(self.close_text)
         else:
             eos = self.tokenizer.eos_token_id
             self.close_ids = [eos] if eos is not None else []
@@ -98,7 +102,7 @@ class ConversationRenderer:
         rendering (``<|end|>\\n<|endoftext|>`` for Phi-3) and the continued one
         (``<|end|>\\n<|user|>...``) begin with. Refuses a template that writes the system
         prompt after that answer."""
-        last = self._after_answer(_render(self.tokenizer, self._probe, False))
+        last = self.last_close_text = self._after_answer(_render(self.tokenizer, self._probe, False))
         continued = self._after_answer(_render(self.tokenizer, self._probe + [{"role": "user", "content": _PROBE_NEXT}],
                                                True))
         system = self.encoder.system
@@ -135,11 +139,11 @@ class ConversationRenderer:
         if not self.chat:
             return self._encode(f"\n\n{text}")
         rest = self._after_answer(_render(self.tokenizer, self._probe + [{"role": "user", "content": text}], True))
-        if not rest.startswith(self._close_text):
-            raise TemplateError(f"the chat template closes an assistant message with {self._close_text!r} before one "
-                                f"user message but writes {rest[:len(self._close_text) + 20]!r} before another; use "
+        if not rest.startswith(self.close_text):
+            raise TemplateError(f"the chat template closes an assistant message with {self.close_text!r} before one "
+                                f"user message but writes {rest[:len(self.close_text) + 20]!r} before another; use "
                                 "rollout.episode_format=memory with it")
-        return self._encode(rest[len(self._close_text):])
+        return self._encode(rest[len(self.close_text):])
 
     def closing(self, answer: Sequence[int]) -> list[int]:
         """The closing tokens the sampled ``answer`` still lacks: all of :attr:`close_ids`

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Protocol, Sequence
 
 from ..data import RolloutBatch
 from ..envs.base import Env
@@ -66,9 +66,16 @@ class RolloutContext:
     tree_rng: random.Random = field(default_factory=random.Random)
     faults: FaultLog = field(default_factory=FaultLog)
     stats: dict[str, float] = field(default_factory=dict)
+    episodes: "EpisodePlayer | None" = None  # plays whole episodes in place of the turn loop (agents' functions)
 
     def play(self, seeds: list[int], group_size: int, first_group_id: int) -> RolloutBatch:
-        """``group_size`` episodes from each seed, under the configured scheduler."""
+        """``group_size`` episodes from each seed, under the configured scheduler (or
+        by the episode player)."""
+        if self.episodes is not None:
+            batch, stats = self.episodes(seeds, group_size, first_group_id, self.faults)
+            for key, value in stats.items():
+                self.stats[key] = self.stats.get(key, 0) + value
+            return batch
         loop = replace(self.loop, group_size=group_size)
         if self.scheduler is None:
             return run_episodes(self.backend, self.encoder, self.envs, seeds, loop, first_group_id=first_group_id,
@@ -92,6 +99,17 @@ class RolloutContext:
             return ("reset failed", seed)
         finally:
             env.close()
+
+
+class EpisodePlayer(Protocol):
+    """Whole episodes from elsewhere than the turn loop (a user's agent function behind
+    the endpoint: :class:`grpo_lab.endpoint.agents.AgentPlayer`)."""
+
+    def __call__(self, seeds: Sequence[int], group_size: int, first_group_id: int, faults: FaultLog
+                 ) -> tuple[RolloutBatch, dict[str, float]]:
+        """``group_size`` episodes from each seed (group ids from ``first_group_id``), the
+        failed ones counted in ``faults`` and dropped; and what the rollout cost."""
+        ...
 
 
 #: ``sampler(ctx, seeds, numbering) -> RolloutBatch``

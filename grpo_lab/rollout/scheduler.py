@@ -181,18 +181,24 @@ class ScheduledRollout:
         unit = 1 if scheduler.mode == "continuous" else min(scheduler.micro_group_size or G, G)
         if unit > self.slots:
             raise ValueError(f"micro_group_size {unit} does not fit in max_inflight={self.slots} slots")
-        for i, seed in enumerate(seeds):
-            group = first_group_id + i
-            env = guard(self.env_factory())
-            try:
-                obs: object = env.reset(int(seed))
-            except EnvFault as fault:
-                obs = fault
-            self.instruction = env.instruction
-            self.probes[group] = (env, obs)
-            key = obs.anchor if not isinstance(obs, EnvFault) else ("failed reset", group)
-            for start in range(0, G, unit):
-                self.pending.append(PendingUnit(group, list(range(start, min(start + unit, G))), int(seed), key))
+        try:
+            for i, seed in enumerate(seeds):
+                group = first_group_id + i
+                env = guard(self.env_factory())
+                self.probes[group] = (env, None)
+                try:
+                    obs: object = env.reset(int(seed))
+                except EnvFault as fault:
+                    obs = fault
+                self.instruction = env.instruction
+                self.probes[group] = (env, obs)
+                key = obs.anchor if not isinstance(obs, EnvFault) else ("failed reset", group)
+                for start in range(0, G, unit):
+                    self.pending.append(PendingUnit(group, list(range(start, min(start + unit, G))), int(seed), key))
+        except BaseException:  # an environment that cannot be built: close the ones that were
+            for env, _ in self.probes.values():
+                close_env(env)
+            raise
 
     def run(self) -> list[Row]:
         """Admit, generate, step the environments and refill until every episode ended;

@@ -298,9 +298,8 @@ def micro_batch_loss(objective: Objective, micro: MicroBatch, logp: Tensor, mask
     mask = mask * micro.loss_mask.to(device)  # [m, R]
     old = logp.detach() if micro.old_logprobs is None else micro.old_logprobs.to(device)  # [m, R]
     rollout = micro.rollout_logprobs.to(device)  # [m, R]
-    # [m, R] or None
     tis, metrics = behaviour_weights(old, rollout, mask, micro.off_policy.to(device), objective.tis_cap,
-                                     objective.off_policy_is_cap)  # [m, R]
+                                     objective.off_policy_is_cap)  # [m, R], or None: no weights
     streams = {key: value.to(device) for key, value in micro.streams.items()}  # [m] each
     loss, pg_metrics = objective.policy_loss(logp, old, micro.advantages.to(device), mask, objective, scale=scale,
                                              entropy=entropy, tis_weights=tis, streams=streams)  # []
