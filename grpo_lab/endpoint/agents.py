@@ -72,20 +72,24 @@ class AgentContext:
         """An ``openai.AsyncOpenAI`` bound to this episode."""
         import openai
 
-        if not any(isinstance(c, openai.AsyncOpenAI) for c in self._clients):
-            self._clients.append(openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s,
-                                                    max_retries=0))
-        return next(c for c in self._clients if isinstance(c, openai.AsyncOpenAI))
+        return self._bound(openai.AsyncOpenAI)
 
     @property
     def sync_client(self):
         """An ``openai.OpenAI`` bound to this episode (for a plain ``def`` agent)."""
         import openai
 
-        if not any(isinstance(c, openai.OpenAI) for c in self._clients):
-            self._clients.append(openai.OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s,
-                                               max_retries=0))
-        return next(c for c in self._clients if isinstance(c, openai.OpenAI))
+        return self._bound(openai.OpenAI)
+
+    def _bound(self, kind: type):
+        """The episode's client of ``kind``, made at first use (no retries: a failed call
+        is the agent's to handle)."""
+        for client in self._clients:
+            if isinstance(client, kind):
+                return client
+        client = kind(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s, max_retries=0)
+        self._clients.append(client)
+        return client
 
     def _latest(self, what: str):
         if not self.capture.calls:

@@ -104,38 +104,34 @@ class Sessions:
         raise APIError(401, "invalid API key: use the run's key or an open episode's key", code="invalid_api_key")
 
 
-class ChatRequest(BaseModel):
+class SamplingRequest(BaseModel):
+    """What both completion endpoints take (fields the API has and this endpoint does not
+    read are accepted and ignored)."""
+
     model_config = ConfigDict(extra="allow")
 
     model: str
-    messages: list[dict[str, Any]]
     temperature: float | None = None
     top_p: float | None = None
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     stop: str | list[str] | None = None
     n: int | None = None
+    stream: bool | None = None
+    seed: int | None = None
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    stream: bool | None = None
-    seed: int | None = None
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    model: str
+class CompletionRequest(SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
-    stop: str | list[str] | None = None
-    n: int | None = None
     logprobs: int | None = None
-    stream: bool | None = None
-    seed: int | None = None
     echo: bool | None = None
 
 
@@ -194,7 +190,7 @@ class Service:
             raise APIError(404, f"the model {name!r} does not exist: this endpoint serves {self.settings.model!r}",
                            code="model_not_found", param="model")
 
-    def sampling(self, req: ChatRequest | CompletionRequest, prompt_len: int, requested: int | None,
+    def sampling(self, req: SamplingRequest, prompt_len: int, requested: int | None,
                  stops: tuple[str, ...]) -> SamplingParams:
         """The request's sampling, its answer capped by the server's budget and the
         context left after the prompt."""
