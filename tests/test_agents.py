@@ -111,3 +111,51 @@ def test_the_frozenlake_example_agent_trains_from_the_command_line(tmp_path, pol
         assert r["num_rows"] == r["agent_calls"] > r["episodes"] == 8 and r["agent_calls_extending"] > 0.5
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_final"]["episodes"] == 2 and (out / "final_model" / "config.json").exists()
+
+
+def search_episode(tmp_path, entry: str, final: str):
+    """One episode of a shipped search agent (``entry``) on the first search task, against
+    a backend that replays a model's answers (a random model writes no tool call): a
+    search call, then ``final``. Its batch and the rollout's stats."""
+    sys.path.insert(0, str(REPO))
+    from test_serve import ScriptedBackend
+
+    tok = chat_tokenizer("qwen2.5_tools")
+    task = json.loads((REPO / "examples/agents/search_tasks.jsonl").read_text().splitlines()[0])
+    call = '<tool_call>\n{"name": "search", "arguments": {"query": "Quimir Kaul born"}}\n</tool_call><|im_end|>'
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(json.dumps(task) + "\n")
+    tasks = AgentTasks(entry=entry, tasks=str(path))
+    backend = ScriptedBackend(tok, [call, f"{final.format(**task)}<|im_end|>"])
+    faults = FaultLog()
+    batch, stats = tasks.episode_player(backend, tok, ServeSettings(model="policy", max_tokens=256,
+                                                                    fixed_sampling=True))([0], 1, 0, faults)
+    assert faults.episodes_dropped == 0, faults.examples
+    return batch, stats, tok
+
+
+def test_the_search_example_calls_its_tool_and_is_rewarded_for_the_exact_answer(tmp_path):
+    """The shipped tool-calling agent: it searches, gets the passages, answers; two rows,
+    the second extending the first by the tool's result, reward 1 for the gold answer
+    and 0 for another."""
+    returns = []
+    for final in ("{answer}", "Nowhere."):
+        batch, stats, tok = search_episode(tmp_path, "examples.agents.search_agent:run", final)
+        assert len(batch) == 2 and stats["agent_calls_extending"] == 0.5
+        returns += batch.trajectory_returns().tolist()
+    assert returns == [1.0, 0.0]
+    from examples.agents.search_agent import search
+
+    tool_turn = tok(f"<|im_start|>user\n<tool_response>\n{search('Quimir Kaul born')}\n</tool_response><|im_end|>\n"
+                    "<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    assert batch.prompt_ids[1].tolist()[-len(tool_turn):] == tool_turn
+
+
+def test_the_langgraph_example_trains_through_the_same_endpoint(tmp_path):
+    """LangGraph's ReAct graph over ``ChatOpenAI``, unchanged: its tool call and its answer
+    are two rows, the second extending the first, rewarded 1 for the gold answer."""
+    pytest.importorskip("langgraph")
+    pytest.importorskip("langchain_openai")
+    batch, stats, _ = search_episode(tmp_path, "examples.agents.langgraph_agent:run", "{answer}")
+    assert len(batch) == 2 and batch.trajectory_returns().tolist() == [1.0]
+    assert stats["agent_calls_extending"] == 0.5

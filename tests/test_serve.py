@@ -213,13 +213,13 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(serv
     assert 1 <= answer.usage.completion_tokens <= 8  # capped at the server's budget
 
 
-def test_64_concurrent_episodes_are_batched_and_each_records_only_its_own_calls(served):
-    """64 agents at once, two calls each, through ``AsyncOpenAI``: requests share
-    generate calls, and every episode's rows are its own responses' ids."""
+def concurrent_two_call_episodes(endpoint, n: int) -> None:
+    """``n`` agents at once through ``AsyncOpenAI``, two calls each (the second extending
+    the first); every episode's rows must be exactly its responses' ids."""
 
     async def agent(k: int):
-        key = served.sessions.open()
-        client = openai.AsyncOpenAI(base_url=served.base_url, api_key=key)
+        key = endpoint.sessions.open()
+        client = openai.AsyncOpenAI(base_url=endpoint.base_url, api_key=key, max_retries=0)
         messages = [{"role": "user", "content": f"Task {k}: go left."}]
         first = await client.chat.completions.create(model="policy", messages=messages)
         messages += [first.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": "Again."}]
@@ -228,17 +228,22 @@ def test_64_concurrent_episodes_are_batched_and_each_records_only_its_own_calls(
         return key, [first, second]
 
     async def main():
-        return await asyncio.gather(*(agent(k) for k in range(64)))
+        return await asyncio.gather(*(agent(k) for k in range(n)))
 
-    steps = served.queue.stats.engine_steps
-    results = asyncio.run(main())
-    assert served.queue.stats.engine_steps - steps < 64  # batched: far fewer generate calls than requests
-    for key, responses in results:
-        calls = served.sessions.close(key).calls
+    for key, responses in asyncio.run(main()):
+        calls = endpoint.sessions.close(key).calls
         assert [c.extends for c in calls] == [False, True]
         for call, response in zip(calls, responses):
             assert call.completion.token_ids == response.choices[0].model_extra["token_ids"]
             assert call.prompt_ids == response.model_extra["prompt_token_ids"]
+
+
+def test_64_concurrent_episodes_are_batched_and_each_records_only_its_own_calls(served):
+    """64 agents at once, two calls each: requests share generate calls, and every
+    episode's rows are its own responses' ids."""
+    steps = served.queue.stats.engine_steps
+    concurrent_two_call_episodes(served, 64)
+    assert served.queue.stats.engine_steps - steps < 64  # batched: far fewer generate calls than requests
 
 
 def test_streaming_completions_and_models_answer_as_the_client_expects(served, chatml):
