@@ -8,8 +8,8 @@ For each concurrency ``c``, ``--requests`` greedy chat requests of at most
 direct run renders the same messages to ids and calls ``backend.generate`` on ``c``
 prompts at a time (both paths generate the same tokens; the table counts them). Reported: both wall times, the endpoint's overhead as a share of the
 direct generation time, and generated tokens per second through the endpoint. The model
-is the tiny one with a ChatML template unless ``--model`` names a directory or hub model
-with its own template. Both runs are measured side by side in one process (the first call
+is a random one with a ChatML template (``--hidden``, ``--layers``) unless ``--model`` names
+a directory or hub model with its own template. Both runs are measured side by side in one process (the first call
 of each warms up and is not timed).
 """
 
@@ -24,23 +24,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def policy(model_path: str | None):
+def policy(model_path: str | None, hidden: int, layers: int):
     import torch
 
     from grpo_lab.modeling import build_tiny_model, load_pretrained
 
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     if model_path:
-        return load_pretrained(model_path, torch.float32 if not torch.cuda.is_available() else torch.bfloat16)
+        return load_pretrained(model_path, dtype)
     from chat_templates import chat_tokenizer
 
     tok = chat_tokenizer("chatml")
-    return build_tiny_model(tok, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512,
-                            seed=0), tok
+    heads = max(1, hidden // 64)
+    return build_tiny_model(tok, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=max(1, heads // 2),
+                            intermediate_size=2 * hidden, dtype=dtype, seed=0), tok
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--hidden", type=int, default=256, help="the random model's width (without --model)")
+    parser.add_argument("--layers", type=int, default=4, help="the random model's depth (without --model)")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
@@ -55,7 +59,7 @@ def main() -> None:
     from grpo_lab.endpoint.chat import ChatTemplate
     from grpo_lab.endpoint.server import Endpoint
 
-    model, tok = policy(args.model)
+    model, tok = policy(args.model, args.hidden, args.layers)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = HFBackend(model.to(device), tok, max_batch_size=max(args.concurrency))
     template = ChatTemplate(tok)

@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh tune     # every tile shape of each pass; prints TUNED
 #   bash benchmarks/gpu_session.sh kernel   # both kernels against SDPA and FlexAttention
 #   bash benchmarks/gpu_session.sh step     # the training forward+backward at real size
+#   bash benchmarks/gpu_session.sh agents   # the endpoint against the backend (needs fastapi, uvicorn, openai)
 #
 # Between `tune` and `kernel`, copy the printed TUNED table into
 # grpo_lab/kernels/shared_prefix_attention.py (or pass KERNEL_ARGS="--tune-json FILE").
@@ -16,7 +17,7 @@
 # own time limit, so that one overrunning step still leaves the others' results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-phase=${1:?"usage: bash benchmarks/gpu_session.sh check|tune|kernel|step"}
+phase=${1:?"usage: bash benchmarks/gpu_session.sh check|tune|kernel|step|agents"}
 out=${OUT:-results/gpu}
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -63,8 +64,12 @@ step)
     step step-trie 240 $py benchmarks/trie.py --config qwen2.5-1.5b --device cuda --dtype bfloat16 --prompt 2048 \
         --group 4 --answer 256 --observation 128 --turns 5 --attention reference triton
     ;;
+agents)
+    step agents 300 $py benchmarks/agents.py --hidden 896 --layers 24 --requests 64 --max-tokens 256 \
+        --concurrency 1 8 64
+    ;;
 *)
-    echo "unknown phase '$phase': check, tune, kernel or step" >&2
+    echo "unknown phase '$phase': check, tune, kernel, step or agents" >&2
     exit 2
     ;;
 esac
