@@ -117,7 +117,7 @@ def build_run(config: Config, output_dir: str | Path | None = None, model: torch
         model = adapt_model(cfg, model)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         encoder, episode_format = episode_encoding(cfg, tokenizer)
-        backend = build_backend(cfg, model, tokenizer, source)  # before sharding: HF copies the model
+        backend = build_backend(cfg, model, tokenizer, source, out)  # before sharding: HF copies the model
         if dist.rank > 0:  # ranks sample differently; rank 0 draws as a single process does
             torch.manual_seed(tc.seed + 7919 * dist.rank)
         try:
@@ -168,6 +168,9 @@ def check_launch(config: Config) -> str:
     if dp.resolve_strategy(tc.strategy, world) == "fsdp" and config.model.lora_r > 0:
         raise ConfigError(f"model.lora_r={config.model.lora_r} with trainer.strategy=fsdp: a LoRA run trains only its "
                           "adapter; use trainer.strategy=ddp")
+    if config.rollout.engines or config.rollout.engine_urls:
+        raise ConfigError(f"rollout.engines / rollout.engine_urls under {world} training processes: engines in their "
+                          "own processes serve single-process runs for now")
     if config.rollout.vllm_tensor_parallel_size > 1:
         raise ConfigError(f"rollout.vllm_tensor_parallel_size={config.rollout.vllm_tensor_parallel_size} under {world} "
                           "training processes: each rank runs its own one-GPU engine; tensor-parallel engines are "
@@ -222,10 +225,11 @@ def check_packing(config: Config, model: torch.nn.Module, packing: Packing) -> N
 
 def save_engine_source(config: Config, model: torch.nn.Module, tokenizer, output_dir: Path,
                        dist: dp.DistContext) -> str | None:
-    """Where an engine that loads from disk (vLLM) finds a model built in memory:
-    ``initial_model/`` in the run's directory, written by rank 0 (``None`` when the
-    engine takes the model in process, or loads ``model.name_or_path``)."""
-    if not BACKENDS.get(config.rollout.backend).from_disk or config.model.name_or_path:
+    """Where an engine that loads from disk (vLLM, or engine processes) finds a model built
+    in memory: ``initial_model/`` in the run's directory, written by rank 0 (``None`` when
+    the engine takes the model in process, or loads ``model.name_or_path``)."""
+    rc = config.rollout
+    if not (BACKENDS.get(rc.backend).from_disk or rc.engines) or config.model.name_or_path:
         return None
     source = str(output_dir / "initial_model")
     if dist.is_main:
@@ -392,11 +396,15 @@ def context_length(config: Config, model: torch.nn.Module) -> int | None:
     return int(positions) if positions else None
 
 
-def build_backend(config: Config, model: torch.nn.Module, tokenizer, source: str | None = None):
+def build_backend(config: Config, model: torch.nn.Module, tokenizer, source: str | None = None,
+                  logs: Path | None = None):
     """The rollout engine ``rollout.backend`` names (:data:`~grpo_lab.rollout.backends.BACKENDS`),
     started from ``model`` (and, for an engine that loads from disk, from
-    ``model.name_or_path`` or ``source``, the in-memory model saved)."""
+    ``model.name_or_path`` or ``source``, the in-memory model saved); engine processes
+    write their logs into ``logs``."""
     rc = config.rollout
+    if rc.engines or rc.engine_urls:
+        return remote_backend(config, source, logs or Path("outputs"))
     spec = BACKENDS.get(rc.backend)
     settings = EngineSettings(
         model, tokenizer, source=config.model.name_or_path or source, dtype=config.model.dtype, seed=config.trainer.seed,
@@ -409,6 +417,35 @@ def build_backend(config: Config, model: torch.nn.Module, tokenizer, source: str
         return spec.start(settings)
     except ImportError as err:
         raise ConfigError(f"rollout.backend={rc.backend}: {err}") from None
+
+
+def remote_backend(config: Config, source: str | None, logs: Path):
+    """Engines in their own processes: ``rollout.engines`` started here (``python -m
+    grpo_lab.serve`` on ``model.name_or_path`` or ``source``, each logging to its own file),
+    or those at ``rollout.engine_urls``."""
+    import secrets
+    import sys
+
+    from .rollout.backends.remote import EngineProcesses, RemoteBackend
+
+    rc, mc = config.rollout, config.model
+    name = config.serve.model_name or mc.name_or_path or "policy"
+    if rc.engine_urls:
+        return RemoteBackend(list(rc.engine_urls), rc.engine_api_key, name, rc.engine_timeout_s)
+    key = "sk-engine-" + secrets.token_hex(16)
+    path = mc.name_or_path or source
+    command = [sys.executable, "-m", "grpo_lab.serve", f"model.name_or_path={path}", "serve.port=0",
+               f"serve.api_key={key}", f"serve.model_name={name}", f"rollout.backend={rc.backend}",
+               f"rollout.max_new_tokens={rc.max_new_tokens}", f"model.dtype={mc.dtype}",
+               f"trainer.seed={config.trainer.seed}", f"rollout.max_batch_size={rc.max_batch_size}"]
+    try:
+        engines = EngineProcesses.start([command] * rc.engines, [logs / f"engine_{i}.log" for i in range(rc.engines)],
+                                        timeout_s=rc.engine_timeout_s)
+    except RuntimeError as err:
+        raise ConfigError(f"rollout.engines={rc.engines}: {err}") from None
+    backend = RemoteBackend(engines.urls, key, name, rc.engine_timeout_s, max_batch_size=rc.max_batch_size)
+    backend.processes = engines
+    return backend
 
 
 def vllm_max_model_len(config: Config, model: torch.nn.Module) -> int:

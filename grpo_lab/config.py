@@ -306,9 +306,19 @@ class RolloutConfig:
     vllm_sleep_mode: bool = False  # GPU only: free the KV cache during updates
     vllm_enforce_eager: bool = True
     vllm_tensor_parallel_size: int = 1  # GPUs one engine spans (single-process runs; see docs/cluster.md)
+    engines: int = 0  # engine processes this run starts (python -m grpo_lab.serve, rollout.backend inside); 0: none
+    engine_urls: List[str] = field(default_factory=list)  # engines started elsewhere: their /v1 base URLs
+    engine_api_key: Optional[str] = None  # the serve.api_key those engines were started with
+    engine_timeout_s: float = 600.0  # the longest one call to an engine may take
 
     def validate(self) -> None:
         _check(self.backend in BACKENDS, "rollout.backend", self.backend, f"one of {BACKENDS.names()}")
+        _check(self.engines >= 0, "rollout.engines", self.engines, "an integer >= 0")
+        _check(not (self.engines and self.engine_urls), "rollout.engine_urls", list(self.engine_urls),
+               f"empty with rollout.engines={self.engines} (start engines, or connect to running ones, not both)")
+        _check(not self.engine_urls or bool(self.engine_api_key), "rollout.engine_api_key", self.engine_api_key,
+               "the key the engines at rollout.engine_urls were started with (serve.api_key)")
+        _check(self.engine_timeout_s > 0, "rollout.engine_timeout_s", self.engine_timeout_s, "a number of seconds > 0")
         _check(self.vllm_tensor_parallel_size >= 1, "rollout.vllm_tensor_parallel_size", self.vllm_tensor_parallel_size,
                "an integer >= 1")
         _check(0 < self.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization",
@@ -533,6 +543,9 @@ class Config:
         for section in (self.algo, self.env, self.model, self.rollout, self.trainer, self.logger, self.serve):
             section.validate()
         rc = self.rollout
+        _check(not (rc.engines or rc.engine_urls) or self.model.lora_r == 0, "model.lora_r", self.model.lora_r,
+               "0 with engines in their own processes (rollout.engines, rollout.engine_urls): adapters are not pushed "
+               "to them yet")
         if hasattr(get_env_factory(self.env.name), "episode_player"):  # its own episodes (env=agent), not turns
             _check(rc.sampler != "tree", "rollout.sampler", rc.sampler,
                    f"chain or adaptive with env={self.env.name} (its episodes are its agent's calls, not a tree)")

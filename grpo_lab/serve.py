@@ -24,6 +24,9 @@ from .train import compose_config, fail
 
 def start(config: Config) -> Endpoint:
     """The endpoint ``config`` describes, started."""
+    import torch
+
+    torch.manual_seed(config.trainer.seed)
     model, tokenizer = build_model(config, env_factory_from(config))
     backend = build_backend(config, model, tokenizer)
     sc, rc = config.serve, config.rollout

@@ -148,6 +148,9 @@ class Trainer:
             if self.logger is not None:
                 self.logger.close()
             self.envs.close()
+            close = getattr(self.backend, "close", None)  # engines in their own processes stop with the run
+            if close is not None:
+                close()
         self._write_summary(summary)
         return summary
 

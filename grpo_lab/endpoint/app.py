@@ -16,6 +16,7 @@ when it is complete (the backend returns whole completions).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import threading
@@ -170,6 +171,8 @@ class Service:
         self.queue, self.tokenizer, self.settings, self.sessions = queue, tokenizer, settings, sessions
         self.tool_parser = tool_parser
         self.stats = ServeStats()
+        self.version = 0  # of the weights being served: 0 as loaded, then each push's
+        self.weight_group = None
         self.template: ChatTemplate | None = None
         self.template_error = ""
         try:
@@ -264,6 +267,7 @@ class Service:
         stops = stop_strings(req.stop)
         completion = await self.generate(prompt, self.sampling(req, len(prompt), req.max_completion_tokens or req.max_tokens,
                                                                stops))
+        version = self.version
         message, calls_tools = self.answer(req, self.text(completion, stops))
         if capture is not None:
             capture.record(CapturedCall(keys, tools_key(req.tools), prompt, completion,
@@ -274,7 +278,7 @@ class Service:
                   "token_ids": list(completion.token_ids)}
         return {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion", "created": int(time.time()),
                 "model": self.settings.model, "choices": [choice], "usage": usage(prompt, completion),
-                "prompt_token_ids": prompt}
+                "prompt_token_ids": prompt, "weight_version": version}
 
     async def complete(self, req: CompletionRequest, request: Request) -> dict:
         capture = self.authorize(request)
@@ -285,6 +289,7 @@ class Service:
             raise APIError(400, f"logprobs={req.logprobs}: only the sampled token's log-prob is given (logprobs=1)",
                            param="logprobs")
         completion = await self.generate(prompt, self.sampling(req, len(prompt), req.max_tokens, stops))
+        version = self.version
         text = self.text(completion, stops)
         if capture is not None:
             capture.record(CapturedCall((("prompt", tuple(prompt)),), "", prompt, completion, ("completion", text),
@@ -295,7 +300,41 @@ class Service:
                   "token_ids": list(completion.token_ids)}
         return {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion", "created": int(time.time()),
                 "model": self.settings.model, "choices": [choice], "usage": usage(prompt, completion),
-                "prompt_token_ids": prompt}
+                "prompt_token_ids": prompt, "weight_version": version}
+
+    def trainer_only(self, request: Request) -> None:
+        if self.authorize(request) is not None:
+            raise APIError(403, "an episode's key cannot change the weights: use the run's key", code="forbidden")
+
+    async def connect_weights(self, body: dict, request: Request) -> dict:
+        """Join the trainer's weight group (rank ``body["rank"]`` of ``body["world"]``)."""
+        from ..rollout.backends.remote import weight_group
+
+        self.trainer_only(request)
+        try:
+            host, port, rank, world = str(body["host"]), int(body["port"]), int(body["rank"]), int(body["world"])
+        except (KeyError, TypeError, ValueError):
+            raise APIError(400, "weights/connect needs host, port, rank and world") from None
+        self.weight_group = await asyncio.to_thread(weight_group, host, port, rank, world)
+        return {"rank": rank, "version": self.version}
+
+    async def update_weights(self, body: dict, request: Request) -> dict:
+        """Receive the trainer's broadcast of the weights of version ``body["version"]``,
+        holding new requests back while they load."""
+        from ..rollout.backends.remote import receive_tensors
+
+        self.trainer_only(request)
+        if self.weight_group is None:
+            raise APIError(409, "no weight group: call weights/connect first")
+        version = int(body.get("version", self.version + 1))
+
+        def receive() -> None:
+            with self.queue.paused():
+                self.queue.backend.load_weights(receive_tensors(self.weight_group))
+                self.version = version
+
+        await asyncio.to_thread(receive)
+        return {"version": self.version}
 
 
 def usage(prompt: list[int], completion: Completion) -> dict[str, int]:
@@ -333,6 +372,19 @@ def create_app(queue: GenerationQueue, tokenizer, settings: ServeSettings, sessi
     async def chat_completions(req: ChatRequest, request: Request):
         body = await service.chat(req, request)
         return StreamingResponse(chat_chunks(body, req), media_type="text/event-stream") if req.stream else body
+
+    @app.get("/v1/weights")
+    async def weights(request: Request) -> dict:
+        service.authorize(request)
+        return {"version": service.version}
+
+    @app.post("/v1/weights/connect")
+    async def connect_weights(body: dict, request: Request) -> dict:
+        return await service.connect_weights(body, request)
+
+    @app.post("/v1/weights/update")
+    async def update_weights(body: dict, request: Request) -> dict:
+        return await service.update_weights(body, request)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
