@@ -40,7 +40,7 @@ def policy(model_path: str | None, hidden: int, layers: int):
                             intermediate_size=2 * hidden, dtype=dtype, seed=0), tok
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
     parser.add_argument("--hidden", type=int, default=256, help="the random model's width (without --model)")
@@ -48,7 +48,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     import openai
     import torch

@@ -507,6 +507,16 @@ class LoggerConfig:
                self.engine_console_level, "DEBUG, INFO, WARNING or ERROR")
 
 
+def plays_own_episodes(env_name: str) -> bool:
+    """Whether the environment plays whole episodes itself (``env=agent``) rather than
+    turn by turn; an environment whose module cannot load answers no (building it
+    reports why)."""
+    try:
+        return hasattr(get_env_factory(env_name), "episode_player")
+    except ImportError:
+        return False
+
+
 @dataclass
 class ServeConfig:
     """The OpenAI-compatible endpoint (``python -m grpo_lab.serve``; the runs of agents
@@ -546,7 +556,7 @@ class Config:
         _check(not (rc.engines or rc.engine_urls) or self.model.lora_r == 0, "model.lora_r", self.model.lora_r,
                "0 with engines in their own processes (rollout.engines, rollout.engine_urls): adapters are not pushed "
                "to them yet")
-        if hasattr(get_env_factory(self.env.name), "episode_player"):  # its own episodes (env=agent), not turns
+        if plays_own_episodes(self.env.name):  # its own episodes (env=agent), not turns
             _check(rc.sampler != "tree", "rollout.sampler", rc.sampler,
                    f"chain or adaptive with env={self.env.name} (its episodes are its agent's calls, not a tree)")
             _check(rc.env_workers == 0, "rollout.env_workers", rc.env_workers,

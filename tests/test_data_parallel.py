@@ -169,10 +169,11 @@ def cluster_commands() -> list[str]:
 def train_overrides(command: str) -> list[str]:
     import shlex
 
-    words = shlex.split(command)
+    words = shlex.split(command, comments=True)
     if words[0] == "sbatch":
         return words[words.index("scripts/slurm/train.sbatch") + 1:]
-    return words[words.index("grpo_lab.train") + 1:]
+    entry = "grpo_lab.serve" if "grpo_lab.serve" in words else "grpo_lab.train"  # both take the run's overrides
+    return words[words.index(entry) + 1:]
 
 
 def test_the_cluster_page_has_every_launcher():
@@ -203,7 +204,7 @@ def test_the_cluster_pages_cpu_command_trains_on_two_processes(tmp_path):
     (command,) = [c for c in cluster_commands() if "trainer.device=cpu" in c]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    words = shlex.split(command)
+    words = shlex.split(command, comments=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", *words[1:]]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-8000:]

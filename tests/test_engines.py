@@ -113,8 +113,10 @@ def engine_run_metrics(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+# per-request seeds: an engine's samples do not depend on the order its concurrent requests arrive in
 COMMON = ["trainer.total_steps=3", "trainer.tasks_per_step=4", "algo.group_size=4", "trainer.eval_episodes=4",
-          "trainer.warmup.steps=10", "logger.progress_bar=false", "logger.wandb=false", "trainer.save_final=false"]
+          "trainer.warmup.steps=30", "rollout.request_seeds=true", "logger.progress_bar=false", "logger.wandb=false",
+          "trainer.save_final=false"]
 
 
 @pytest.mark.slow
@@ -131,8 +133,9 @@ def test_a_run_with_an_engine_process_trains_on_what_it_generates_with_the_pushe
     assert [r["step"] for r in records] == [0, 1, 2] and all(r["num_updates"] == 1 for r in records)
     assert max(r["logprob_diff_rollout"] for r in records) < 1e-5
     assert "serving 'policy'" not in (out / "engine_0.log").read_text()  # its banner went to the trainer
-    survivors = subprocess.run(["pgrep", "-f", f"serve.api_key=sk-engine-.*{out}"], capture_output=True, text=True)
-    assert survivors.stdout == ""
+    survivors = subprocess.run(["pgrep", "-f", f"model.name_or_path={out / 'initial_model'}"], capture_output=True,
+                               text=True)
+    assert survivors.returncode == 1 and survivors.stdout == ""  # 1: no process matched
 
 
 @pytest.mark.slow

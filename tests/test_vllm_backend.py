@@ -241,6 +241,28 @@ def test_lora_adapter_push_serves_the_trained_policy(engine, tokenizer):
     assert [c.token_ids for c in backend.generate(prompts, greedy)] == [c.token_ids for c in base]
 
 
+# before the runs below, which start engines of their own in this process (vLLM's parallel state is global)
+def test_the_endpoint_on_vllm_joins_concurrent_calls_into_the_running_batch(engine, tokenizer):
+    """Concurrent agents' calls through the endpoint on the vLLM engine: several are in
+    flight in the engine at once, and every episode's rows are its responses' ids."""
+    import copy
+
+    from grpo_lab.endpoint.app import ServeSettings
+    from grpo_lab.endpoint.server import Endpoint
+    from chat_templates import CHATML
+    from test_serve import concurrent_two_call_episodes
+
+    backend, _ = engine
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = CHATML
+    endpoint = Endpoint.start(backend, tok, ServeSettings(model="policy", max_tokens=6, max_context=512))
+    try:
+        concurrent_two_call_episodes(endpoint, 16)
+    finally:
+        endpoint.stop()
+    assert endpoint.queue.stats.peak_inflight > 1
+
+
 def test_training_run_on_the_vllm_backend(tmp_path):
     """(Last in this file: vLLM keeps process-wide parallel state, and a second engine in
     the same process must come after the module's engine is done.)
@@ -293,24 +315,3 @@ def test_command_line_run_keeps_engine_chatter_in_the_log_file(tmp_path):
     assert "][vllm" in log and "][INFO]" in log
     assert "Reloading weights inplace" in log and "RotaryEmbedding: Failed to load weights" in log
     assert "success rate" in console
-
-
-def test_the_endpoint_on_vllm_joins_concurrent_calls_into_the_running_batch(engine, tokenizer):
-    """Concurrent agents' calls through the endpoint on the vLLM engine: several are in
-    flight in the engine at once, and every episode's rows are its responses' ids."""
-    import copy
-
-    from grpo_lab.endpoint.app import ServeSettings
-    from grpo_lab.endpoint.server import Endpoint
-    from chat_templates import CHATML
-    from test_serve import concurrent_two_call_episodes
-
-    backend, _ = engine
-    tok = copy.deepcopy(tokenizer)
-    tok.chat_template = CHATML
-    endpoint = Endpoint.start(backend, tok, ServeSettings(model="policy", max_tokens=6, max_context=512))
-    try:
-        concurrent_two_call_episodes(endpoint, 16)
-    finally:
-        endpoint.stop()
-    assert endpoint.queue.stats.peak_inflight > 1
