@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from .advantages import AdvantagePipeline
-from .config import Config, ConfigError
+from .config import Config, ConfigError, plays_own_episodes
 from .envs import env_options, make_env
 from .envs.base import Env
 from .modeling import build_tiny_model, load_pretrained, text_config, torch_dtype, train_tokenizer
@@ -289,12 +289,12 @@ def build_update(config: Config, module: torch.nn.Module, model: torch.nn.Module
 def episode_player(config: Config, envs: EnvRunner, backend, tokenizer, loop: AgentLoopConfig):
     """What plays the episodes of an environment that plays its own (``env=agent``: a
     user's agent function behind the endpoint), or ``None``: the turn loop plays them."""
-    if not hasattr(envs.spec.factory, "episode_player"):
+    if not plays_own_episodes(config.env.name):
         return None
     from .endpoint.app import ServeSettings
 
     sc, sampling = config.serve, loop.sampling
-    settings = ServeSettings(model=sc.model_name or config.model.name_or_path or "policy", max_tokens=sampling.max_tokens,
+    settings = ServeSettings(model=config.served_model_name(), max_tokens=sampling.max_tokens,
                              max_context=loop.max_context, temperature=sampling.temperature, top_p=sampling.top_p,
                              fixed_sampling=True)
     return envs.spec.make().episode_player(backend, tokenizer, settings, sc.host, sc.tool_parser)
@@ -429,7 +429,7 @@ def remote_backend(config: Config, source: str | None, logs: Path):
     from .rollout.backends.remote import EngineProcesses, RemoteBackend
 
     rc, mc = config.rollout, config.model
-    name = config.serve.model_name or mc.name_or_path or "policy"
+    name = config.served_model_name()
     if rc.engine_urls:
         return RemoteBackend(list(rc.engine_urls), rc.engine_api_key, name, rc.engine_timeout_s)
     key = "sk-engine-" + secrets.token_hex(16)

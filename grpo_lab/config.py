@@ -548,6 +548,11 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
+    def served_model_name(self) -> str:
+        """The name clients pass as ``model`` to the endpoint: ``serve.model_name``, else
+        ``model.name_or_path``, else ``"policy"``."""
+        return self.serve.model_name or self.model.name_or_path or "policy"
+
     def validate(self) -> "Config":
         """Check every value; raise :class:`ConfigError` naming the first bad one."""
         for section in (self.algo, self.env, self.model, self.rollout, self.trainer, self.logger, self.serve):

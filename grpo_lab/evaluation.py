@@ -74,13 +74,13 @@ def evaluate(backend, encoder: PromptEncoder, envs: EnvRunner, loop: AgentLoopCo
     (``env=agent``); else the lock-step turn loop does."""
     if not seeds:
         return {}
-    config = replace(loop, group_size=samples, request_seed=None)
     faults = FaultLog()
     mine = seeds[dist.rank::dist.world_size]
     try:
         if player is not None:
             batch, _ = player(mine, samples, 0, faults)
         else:
+            config = replace(loop, group_size=samples, request_seed=None)
             batch = run_episodes(backend, encoder, envs, mine, config, faults=faults)
     finally:
         envs.clear()

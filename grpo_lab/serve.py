@@ -30,7 +30,7 @@ def start(config: Config) -> Endpoint:
     model, tokenizer = build_model(config, env_factory_from(config))
     backend = build_backend(config, model, tokenizer)
     sc, rc = config.serve, config.rollout
-    settings = ServeSettings(model=sc.model_name or config.model.name_or_path or "policy", max_tokens=rc.max_new_tokens,
+    settings = ServeSettings(model=config.served_model_name(), max_tokens=rc.max_new_tokens,
                              max_context=context_length(config, model), temperature=rc.temperature, top_p=rc.top_p)
     try:
         return Endpoint.start(backend, tokenizer, settings, host=sc.host, port=sc.port, api_key=sc.api_key,

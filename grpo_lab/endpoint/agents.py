@@ -45,6 +45,7 @@ from ..data import RolloutBatch
 from ..envs.base import Observation, StepResult, TextFormat
 from ..envs.dataset import load_rows
 from ..envs.rewards import import_callable
+from ..envs.worker import first_line
 from ..rollout.env_pool import EnvFault
 from ..rollout.episode import Row, rows_to_batch
 from ..rollout.faults import FaultLog, drop_failed
@@ -100,7 +101,7 @@ class AgentContext:
         """Add ``value`` to the reward of the latest call (a step reward)."""
         value = float(value)
         if not math.isfinite(value):
-            raise ValueError(f"ctx.reward({value}): not a finite number")
+            raise NonFiniteReward(f"ctx.reward({value}): not a finite number")
         self._latest("reward").reward += value
 
     def anchor(self, key: Hashable) -> None:
@@ -115,6 +116,10 @@ class AgentContext:
                 await result
 
 
+class NonFiniteReward(ValueError):
+    """A reward that is a number but not a finite one (the fault kind ``nonfinite``)."""
+
+
 def agent_reward(value: Any) -> float:
     """An agent's return value as the episode's reward; ``ValueError`` when it is not a
     finite number."""
@@ -122,7 +127,7 @@ def agent_reward(value: Any) -> float:
         raise ValueError(f"the agent returned {value!r} ({type(value).__name__}), not a number")
     reward = float(value)
     if not math.isfinite(reward):
-        raise ValueError(f"the agent returned {reward}, not a finite number")
+        raise NonFiniteReward(f"the agent returned {reward}, not a finite number")
     return reward
 
 
@@ -246,10 +251,8 @@ class AgentPlayer:
             fault = EnvFault("timeout", f"agent {self.tasks.entry}", index, len(capture.calls),
                              f"the episode ran past episode_timeout_s={self.tasks.episode_timeout_s:g}")
         except Exception as err:
-            text = str(err).strip().splitlines()
-            kind = "nonfinite" if "finite" in (text[0] if text else "") else "error"
-            fault = EnvFault(kind, f"agent {self.tasks.entry}", index, len(capture.calls),
-                             f"{type(err).__name__}" + (f": {text[0]}" if text else ""))
+            kind = "nonfinite" if isinstance(err, NonFiniteReward) else "error"
+            fault = EnvFault(kind, f"agent {self.tasks.entry}", index, len(capture.calls), first_line(err))
         finally:
             endpoint.sessions.close(key)
             await ctx.aclose()

@@ -41,7 +41,7 @@ class GenerationQueue:
         self.backend = backend
         self.gather_gap_s, self.gather_max_s = gather_gap_s, gather_max_s
         self.stats = QueueStats()
-        self._stream: RequestStream = backend.stream() if hasattr(backend, "stream") else BatchStream(backend)
+        self._stream: RequestStream = self._open_stream()
         self._batching = isinstance(self._stream, BatchStream)
         self._incoming: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
@@ -80,6 +80,10 @@ class GenerationQueue:
         self._open.set()
         self._incoming.put(None)
         self._thread.join(timeout=30)
+
+    def _open_stream(self) -> RequestStream:
+        """The backend's own request stream, or one ``generate`` per step over any backend."""
+        return self.backend.stream() if hasattr(self.backend, "stream") else BatchStream(self.backend)
 
     # ------------------------------------------------------------------ the driver thread
     def _take(self, block: bool) -> list[tuple]:
@@ -146,7 +150,7 @@ class GenerationQueue:
             except Exception as err:  # the engine failed: every request in flight fails, the queue goes on
                 for key in list(self._waiting):
                     self._deliver(key, RuntimeError(f"generation failed: {err}"))
-                self._stream = self.backend.stream() if hasattr(self.backend, "stream") else BatchStream(self.backend)
+                self._stream = self._open_stream()
                 continue
             self.stats.engine_steps += 1
             for key, completion in done:
