@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_session.sh kernel   # both kernels against SDPA and FlexAttention
 #   bash benchmarks/gpu_session.sh step     # the training forward+backward at real size
 #   bash benchmarks/gpu_session.sh agents   # the endpoint against the backend (needs fastapi, uvicorn, openai)
+#   bash benchmarks/gpu_session.sh async    # colocated, engine process lock-step and async (needs fastapi, uvicorn, httpx)
 #
 # Between `tune` and `kernel`, copy the printed TUNED table into
 # grpo_lab/kernels/shared_prefix_attention.py (or pass KERNEL_ARGS="--tune-json FILE").
@@ -17,7 +18,7 @@
 # own time limit, so that one overrunning step still leaves the others' results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-phase=${1:?"usage: bash benchmarks/gpu_session.sh check|tune|kernel|step|agents"}
+phase=${1:?"usage: bash benchmarks/gpu_session.sh check|tune|kernel|step|agents|async"}
 out=${OUT:-results/gpu}
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -68,8 +69,13 @@ agents)
     step agents 300 $py benchmarks/agents.py --hidden 896 --layers 24 --requests 64 --max-tokens 256 \
         --concurrency 1 8 64
     ;;
+async)
+    step async 540 $py benchmarks/async_training.py --steps 8 --latency 0 --colocated model.tiny_hidden_size=896 \
+        model.tiny_num_layers=24 model.tiny_num_heads=14 model.tiny_num_kv_heads=2 model.tiny_intermediate_size=4864 \
+        rollout.max_new_tokens=64 trainer.micro_batch_size=16
+    ;;
 *)
-    echo "unknown phase '$phase': check, tune, kernel, step or agents" >&2
+    echo "unknown phase '$phase': check, tune, kernel, step, agents or async" >&2
     exit 2
     ;;
 esac

@@ -117,7 +117,7 @@ def build_run(config: Config, output_dir: str | Path | None = None, model: torch
         model = adapt_model(cfg, model)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         encoder, episode_format = episode_encoding(cfg, tokenizer)
-        backend = build_backend(cfg, model, tokenizer, source, out)  # before sharding: HF copies the model
+        backend = build_backend(cfg, model, tokenizer, source, out, dist)  # before sharding: HF copies the model
         if dist.rank > 0:  # ranks sample differently; rank 0 draws as a single process does
             torch.manual_seed(tc.seed + 7919 * dist.rank)
         try:
@@ -168,9 +168,6 @@ def check_launch(config: Config) -> str:
     if dp.resolve_strategy(tc.strategy, world) == "fsdp" and config.model.lora_r > 0:
         raise ConfigError(f"model.lora_r={config.model.lora_r} with trainer.strategy=fsdp: a LoRA run trains only its "
                           "adapter; use trainer.strategy=ddp")
-    if config.rollout.engines or config.rollout.engine_urls:
-        raise ConfigError(f"rollout.engines / rollout.engine_urls under {world} training processes: engines in their "
-                          "own processes serve single-process runs for now")
     if config.rollout.vllm_tensor_parallel_size > 1:
         raise ConfigError(f"rollout.vllm_tensor_parallel_size={config.rollout.vllm_tensor_parallel_size} under {world} "
                           "training processes: each rank runs its own one-GPU engine; tensor-parallel engines are "
@@ -397,14 +394,14 @@ def context_length(config: Config, model: torch.nn.Module) -> int | None:
 
 
 def build_backend(config: Config, model: torch.nn.Module, tokenizer, source: str | None = None,
-                  logs: Path | None = None):
+                  logs: Path | None = None, dist: dp.DistContext = dp.SINGLE):
     """The rollout engine ``rollout.backend`` names (:data:`~grpo_lab.rollout.backends.BACKENDS`),
     started from ``model`` (and, for an engine that loads from disk, from
     ``model.name_or_path`` or ``source``, the in-memory model saved); engine processes
     write their logs into ``logs``."""
     rc = config.rollout
     if rc.engines or rc.engine_urls:
-        return remote_backend(config, source, logs or Path("outputs"))
+        return remote_backend(config, source, logs or Path("outputs"), dist)
     spec = BACKENDS.get(rc.backend)
     settings = EngineSettings(
         model, tokenizer, source=config.model.name_or_path or source, dtype=config.model.dtype, seed=config.trainer.seed,
@@ -419,31 +416,49 @@ def build_backend(config: Config, model: torch.nn.Module, tokenizer, source: str
         raise ConfigError(f"rollout.backend={rc.backend}: {err}") from None
 
 
-def remote_backend(config: Config, source: str | None, logs: Path):
+def remote_backend(config: Config, source: str | None, logs: Path, dist: dp.DistContext = dp.SINGLE):
     """Engines in their own processes: ``rollout.engines`` started here (``python -m
-    grpo_lab.serve`` on ``model.name_or_path`` or ``source``, each logging to its own file),
-    or those at ``rollout.engine_urls``."""
+    grpo_lab.serve`` on ``model.name_or_path`` or ``source``, each logging to its own file;
+    by rank 0 under several trainer processes, which all use them, rank 0 pushing the
+    weights), or those at ``rollout.engine_urls``."""
     import secrets
     import sys
 
     from .rollout.backends.remote import EngineProcesses, RemoteBackend
+    from .rollout.backends.weight_stream import address_toward
 
     rc, mc = config.rollout, config.model
     name = config.served_model_name()
+    interrupt, keep_partial = rc.PARTIAL_ROLLOUTS[rc.partial_rollout]
+    engines, started = None, None
     if rc.engine_urls:
-        return RemoteBackend(list(rc.engine_urls), rc.engine_api_key, name, rc.engine_timeout_s)
-    key = "sk-engine-" + secrets.token_hex(16)
-    path = mc.name_or_path or source
-    command = [sys.executable, "-m", "grpo_lab.serve", f"model.name_or_path={path}", "serve.port=0",
-               f"serve.api_key={key}", f"serve.model_name={name}", f"rollout.backend={rc.backend}",
-               f"rollout.max_new_tokens={rc.max_new_tokens}", f"model.dtype={mc.dtype}",
-               f"trainer.seed={config.trainer.seed}", f"rollout.max_batch_size={rc.max_batch_size}"]
-    try:
-        engines = EngineProcesses.start([command] * rc.engines, [logs / f"engine_{i}.log" for i in range(rc.engines)],
-                                        timeout_s=rc.engine_timeout_s)
-    except RuntimeError as err:
-        raise ConfigError(f"rollout.engines={rc.engines}: {err}") from None
-    backend = RemoteBackend(engines.urls, key, name, rc.engine_timeout_s, max_batch_size=rc.max_batch_size)
+        started = ("ok", list(rc.engine_urls), rc.engine_api_key)
+    elif dist.is_main:
+        key = "sk-engine-" + secrets.token_hex(16)
+        path = mc.name_or_path or source
+        command = [sys.executable, "-m", "grpo_lab.serve", f"model.name_or_path={path}", "serve.port=0",
+                   f"serve.api_key={key}", f"serve.model_name={name}", f"rollout.backend={rc.backend}",
+                   f"rollout.max_new_tokens={rc.max_new_tokens}", f"model.dtype={mc.dtype}",
+                   f"trainer.seed={config.trainer.seed}", f"rollout.max_batch_size={rc.max_batch_size}"]
+        if mc.lora_r > 0:  # a vLLM engine starts with LoRA enabled at this rank; an HF engine takes the adapter's config
+            command.append(f"model.lora_r={mc.lora_r}")
+        try:
+            engines = EngineProcesses.start([command] * rc.engines,
+                                            [logs / f"engine_{i}.log" for i in range(rc.engines)],
+                                            timeout_s=rc.engine_timeout_s)
+            started = ("ok", engines.urls, key)
+        except RuntimeError as err:
+            started = ("error", f"rollout.engines={rc.engines}: {err}", None)
+    started = dp.broadcast_object(dist, started)  # rank 0's engines, or its failure, on every rank
+    if started[0] == "error":
+        raise ConfigError(started[1])
+    _, urls, key = started
+    share = (lambda obj: dp.broadcast_object(dist, obj)) if dist.enabled else None
+    weight_host = rc.weight_host or address_toward(urls[0])
+    backend = RemoteBackend(urls, key, name, rc.engine_timeout_s, weight_host=weight_host,
+                            max_batch_size=rc.max_batch_size if rc.engines else None, interrupt=interrupt,
+                            keep_partial=keep_partial, pusher=dist.is_main, share=share,
+                            retain=dist.strategy != "fsdp")
     backend.processes = engines
     return backend
 

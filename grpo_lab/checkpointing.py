@@ -17,13 +17,13 @@ import torch
 from torch import Tensor
 
 from .build import RunParts
-from .config import ConfigError
+from .config import Config, ConfigError, TrainerConfig
 from .modeling import frozen, torch_dtype
 from .training import distributed as dp
 from .training.checkpoint import (WRITE_ERRORS, CheckpointError, CheckpointWriteError, as_os_error, checkpoint_dir,
                                   load_model_weights, load_sharded_state, load_trainer_state, save_checkpoint,
                                   sharded_state, verify_checkpoint, write_manifest, write_on_main)
-from .training.resume import RunDirectoryError, choose_start
+from .training.resume import RunDirectoryError, check_resume_config, choose_start
 from .training.shared_prefix import enable_shared_prefix
 
 #: summary fields a resumed run carries over from the checkpoint it starts from
@@ -49,6 +49,19 @@ def save_reference(output_dir: Path, ref_model: torch.nn.Module) -> None:
         raise CheckpointWriteError(-1, as_os_error(err), what="the KL reference") from None
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+
+
+def checked_resume_state(config: Config, path: Path) -> dict[str, Any]:
+    """The saved state of the checkpoint at ``path``, after checking its config against
+    ``config`` (the keys :attr:`TrainerConfig.HARMLESS_ON_RESUME` may differ; with a
+    learning-rate schedule, not the run's length)."""
+    state = load_trainer_state(path)
+    harmless = TrainerConfig.HARMLESS_ON_RESUME
+    if config.trainer.lr_scheduler != "constant":  # the schedule's length is the run's
+        harmless = tuple(k for k in harmless if k != "trainer.total_steps")
+    check_resume_config(state.get("config"), asdict(config), harmless, config.trainer.resume_allow_changes,
+                        defaults=asdict(Config().validate()))
+    return state
 
 
 def choose_start_on_every_rank(dist: dp.DistContext, output_dir: Path, mode: str) -> tuple[int, Path] | None:
@@ -129,13 +142,14 @@ class RunCheckpoints:
                 full[name] = tensor.cpu()
         return full if self.parts.dist.is_main else None
 
-    def save(self, step: int, carried: dict[str, Any]) -> None:
+    def save(self, step: int, carried: dict[str, Any], rollout: dict[str, Any] | None = None) -> None:
         """The checkpoint of ``step``: the model (whole, loadable by transformers), rank
-        0's optimizer and every rank's rollout state in one file, with the summary fields
-        a resumed run ``carried`` over; under FSDP also the sharded model and optimizer through
-        ``torch.distributed.checkpoint``."""
+        0's optimizer and every rank's rollout state (``rollout``, default
+        :meth:`rollout_state`; with ``pending``, rollouts made for later steps) in one
+        file, with the summary fields a resumed run ``carried`` over; under FSDP also the
+        sharded model and optimizer through ``torch.distributed.checkpoint``."""
         p = self.parts
-        ranks = dp.gather_objects(p.dist, self.rollout_state())
+        ranks = dp.gather_objects(p.dist, rollout if rollout is not None else self.rollout_state())
         state = {
             "optimizer": None if self.sharded else p.optimizer.state_dict(),
             "lr_scheduler": p.lr_scheduler.state_dict(),

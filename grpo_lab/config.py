@@ -310,6 +310,14 @@ class RolloutConfig:
     engine_urls: List[str] = field(default_factory=list)  # engines started elsewhere: their /v1 base URLs
     engine_api_key: Optional[str] = None  # the serve.api_key those engines were started with
     engine_timeout_s: float = 600.0  # the longest one call to an engine may take
+    max_staleness: int = 1  # trainer.async: a row trains at most this many policy versions after it was sampled
+    weight_host: Optional[str] = None  # the address engines reach this trainer at for weight pushes (None:
+    # $GRPO_LAB_WEIGHT_HOST, else this machine's address on the route to the first engine)
+    partial_rollout: str = "finish"  # at a weight push, generations in flight on the engines: finish (on the old
+    # weights, the push waits) | continue (cut short, go on from their last token on the new weights: AReaL) | restart
+
+    #: ``partial_rollout`` values: (whether a push cuts generations short, whether their tokens are kept)
+    PARTIAL_ROLLOUTS = {"finish": (False, True), "continue": (True, True), "restart": (True, False)}
 
     def validate(self) -> None:
         _check(self.backend in BACKENDS, "rollout.backend", self.backend, f"one of {BACKENDS.names()}")
@@ -319,6 +327,10 @@ class RolloutConfig:
         _check(not self.engine_urls or bool(self.engine_api_key), "rollout.engine_api_key", self.engine_api_key,
                "the key the engines at rollout.engine_urls were started with (serve.api_key)")
         _check(self.engine_timeout_s > 0, "rollout.engine_timeout_s", self.engine_timeout_s, "a number of seconds > 0")
+        _check(self.max_staleness >= 0, "rollout.max_staleness", self.max_staleness,
+               "an integer >= 0 (0: the synchronous run)")
+        _check(self.partial_rollout in self.PARTIAL_ROLLOUTS, "rollout.partial_rollout", self.partial_rollout,
+               f"one of {list(self.PARTIAL_ROLLOUTS)}")
         _check(self.vllm_tensor_parallel_size >= 1, "rollout.vllm_tensor_parallel_size", self.vllm_tensor_parallel_size,
                "an integer >= 1")
         _check(0 < self.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization",
@@ -425,6 +437,8 @@ class TrainerConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, one more forward per layer)
     lr_scheduler: str = "constant"  # constant | linear | cosine (over the run's optimizer steps)
     lr_warmup_steps: int = 0  # optimizer steps of linear warm-up from 0 to trainer.lr
+    async_rollout: bool = False  # trainer.async on the command line: generation runs ahead of training on the engines,
+    # at most rollout.max_staleness policy versions (grpo_lab.training.async_rollout)
 
     #: keys a resumed run may change without ``resume_allow_changes`` (they change
     #: neither the data nor the updates of the steps to come); ``logger.*`` too
@@ -433,7 +447,9 @@ class TrainerConfig:
                           "trainer.micro_batch_size", "trainer.micro_batch_tokens",  # the gradient does not depend on them
                           "trainer.packing", "trainer.shared_prefix",  # nor on the packing (exact, up to order)
                           "rollout.env_workers", "env.step_timeout_s", "rollout.max_env_fault_rate",
-                          "serve.host", "serve.port", "serve.api_key")
+                          "serve.host", "serve.port", "serve.api_key",
+                          "rollout.engine_urls", "rollout.engine_api_key", "rollout.engine_timeout_s",
+                          "rollout.weight_host")  # engines move
 
     #: ``attention`` values and the packed attention's backend each selects
     ATTENTION_BACKENDS = {"sdpa_shared_prefix": "reference", "triton_shared_prefix": "triton"}
@@ -538,6 +554,20 @@ class ServeConfig:
         _check(self.model_name is None or bool(self.model_name), "serve.model_name", self.model_name, "null or a name")
 
 
+#: command-line keys that are not Python names, and the config keys they set
+KEY_ALIASES = {"trainer.async": "trainer.async_rollout"}
+
+
+def aliased(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """``overrides`` with each aliased key (:data:`KEY_ALIASES`) replaced by the key it sets."""
+    out = []
+    for item in overrides:
+        sign = item[: len(item) - len(item.lstrip("+~"))]
+        key, eq, value = item[len(sign):].partition("=")
+        out.append(f"{sign}{KEY_ALIASES.get(key, key)}{eq}{value}")
+    return out
+
+
 @dataclass
 class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -558,9 +588,9 @@ class Config:
         for section in (self.algo, self.env, self.model, self.rollout, self.trainer, self.logger, self.serve):
             section.validate()
         rc = self.rollout
-        _check(not (rc.engines or rc.engine_urls) or self.model.lora_r == 0, "model.lora_r", self.model.lora_r,
-               "0 with engines in their own processes (rollout.engines, rollout.engine_urls): adapters are not pushed "
-               "to them yet")
+        _check(not self.trainer.async_rollout or bool(rc.engines or rc.engine_urls), "trainer.async",
+               self.trainer.async_rollout, "false without engines in their own processes: add rollout.engines=N (or "
+               "rollout.engine_urls=[...]), so that generation runs on other devices while this process trains")
         if plays_own_episodes(self.env.name):  # its own episodes (env=agent), not turns
             _check(rc.sampler != "tree", "rollout.sampler", rc.sampler,
                    f"chain or adaptive with env={self.env.name} (its episodes are its agent's calls, not a tree)")

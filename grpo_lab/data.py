@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 _SCALAR_COLUMNS = ("group_id", "traj_id", "step", "reward", "done", "valid_action", "won", "tree_id", "node_id", "parent_id",
-                   "off_policy")
+                   "off_policy", "policy_version")
 _TOKEN_COLUMNS = ("prompt_ids", "response_ids", "rollout_logprobs", "loss_mask")
 
 
@@ -45,6 +45,11 @@ class RolloutBatch:
     - ``off_policy`` ``[N]``: the row was sampled by an earlier policy than this step's
       (AR3PO's reused episodes); its ``rollout_logprobs`` are that policy's, and the loss
       weighs it by ``pi_old / pi_behaviour`` (truncated).
+    - ``policy_version`` ``[N]``: the version of the weights that sampled the row's
+      response (the number of RL steps applied to them; an engine in its own process
+      reports it with each completion), -1 where the backend does not report one (a
+      backend in the trainer's process: the current weights). Every sampled token of a
+      row comes from one completion, so this is each of its tokens' version.
     - ``reward_parts``: ``N`` dicts, the named parts of each step's reward where the
       environment reports them (several reward functions), else empty; for logging.
     """
@@ -65,6 +70,7 @@ class RolloutBatch:
     node_id: Tensor | None = None
     parent_id: Tensor | None = None
     off_policy: Tensor | None = None
+    policy_version: Tensor | None = None
     reward_parts: list[dict[str, float]] | None = None
 
     def __setstate__(self, state: dict) -> None:
@@ -72,12 +78,14 @@ class RolloutBatch:
         self.__dict__.update(state)
         if "off_policy" not in state:
             self.off_policy = torch.zeros(len(self.prompt_ids), dtype=torch.bool)
+        if "policy_version" not in state:
+            self.policy_version = torch.full((len(self.prompt_ids),), -1, dtype=torch.long)
         if "reward_parts" not in state:
             self.reward_parts = [{} for _ in self.prompt_ids]
 
     def __post_init__(self) -> None:
         n = len(self.prompt_ids)
-        for name in ("group_id", "traj_id", "step", "tree_id", "node_id", "parent_id"):
+        for name in ("group_id", "traj_id", "step", "tree_id", "node_id", "parent_id", "policy_version"):
             value = getattr(self, name)
             setattr(self, name, _long(value) if value is not None else torch.full((n,), -1, dtype=torch.long))
         self.reward = torch.as_tensor(self.reward, dtype=torch.float32)

@@ -23,7 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, aliased
 from .training.stop import RunStopped
 
 ConfigStore.instance().store(name="grpo_lab_schema", node=Config)
@@ -69,7 +69,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="grpo_lab.configs", version_base="1.3"):
-        return build_config(compose(config_name="config", overrides=list(overrides)))
+        return build_config(compose(config_name="config", overrides=aliased(overrides)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,6 +103,7 @@ def preflight(argv: list[str]) -> list[str]:
     directory the run cannot start in. With ``trainer.output_dir`` set, Hydra's run
     directory (``.hydra/``, ``train.log``) is that directory too. Command lines with
     Hydra flags (``--cfg``, ``--multirun``, ...) go to Hydra as they are."""
+    argv = aliased(argv)
     if any(a.startswith("-") for a in argv):
         return argv
     from hydra import compose, initialize_config_module

@@ -7,7 +7,10 @@ and how a run resumes from it in :mod:`grpo_lab.checkpointing`.
 One step:
 
 1. ``tasks_per_step`` seeds, played by the configured sampler
-   (:mod:`grpo_lab.rollout.samplers`: chain, tree or adaptive) on the backend.
+   (:mod:`grpo_lab.rollout.samplers`: chain, tree or adaptive) on the backend; with
+   ``trainer.async`` the rollout was made ahead, while earlier steps trained, within
+   ``rollout.max_staleness`` versions (:mod:`grpo_lab.training.async_rollout`), and its
+   rows older than the weights train off-policy.
 2. Advantages from the registered estimator (``algo.estimator``) and modifiers, on
    rewards, with the invalid-action penalty placed as ``algo.penalty_placement`` says;
    with ``algo.drop_zero_std_groups`` the groups whose advantages are all zero leave the
@@ -19,7 +22,8 @@ One step:
    normalised by its whole mini-batch's counts
    (:class:`~grpo_lab.losses.LossScale`), so the gradient does not depend on the
    micro-batch size.
-4. The new weights go to the backend in process.
+4. The new weights, policy version ``step + 1``, go to the backend (in process, or
+   pushed to engines in their own processes).
 5. The step's metrics, reduced over ranks, are logged by rank 0.
 
 Under ``torchrun`` or ``accelerate launch`` every rank runs this loop on its share of
@@ -54,18 +58,21 @@ import torch
 
 from .advantages import AdvantageOutput
 from .build import RunParts, build_run
-from .checkpointing import CARRIED, RunCheckpoints, choose_start_on_every_rank, resume_advice, save_reference
-from .config import Config, TrainerConfig
+from .checkpointing import (CARRIED, RunCheckpoints, checked_resume_state, choose_start_on_every_rank, resume_advice,
+                            save_reference)
+from .config import Config
 from .data import RolloutBatch
 from .evaluation import (NO_SIGNAL_WARN_AFTER, check_fault_rate, eval_basis, evaluate, no_signal_warning,
                          rollout_metrics)
 from .rollout.agent_loop import OverlongPromptError
+from .rollout.backend import EngineError
 from .rollout.faults import FaultLog
 from .rollout.samplers import GroupNumbering
 from .training import distributed as dp
-from .training.checkpoint import CheckpointWriteError, checkpoint_dir, load_trainer_state, write_on_main
-from .training.metrics_log import MetricsLogger, plot_metrics, reduce_record
-from .training.resume import check_resume_config, metrics_until
+from .training.async_rollout import Collected, RolloutAhead, mark_stale
+from .training.checkpoint import CheckpointWriteError, checkpoint_dir, write_on_main
+from .training.metrics_log import MetricsLogger, plot_metrics, progress_bar, reduce_record, show_step
+from .training.resume import metrics_until
 from .training.step import informative_rows, signal_mask
 from .training.stop import (Abandon, CheckpointFailed, EnvFaultRateExceeded, RunStopped, StopSignals, TrainingInterrupted,
                             signal_name)
@@ -74,6 +81,25 @@ from .training.warmup import supervised_warmup
 __all__ = ["Trainer"]
 
 log = logging.getLogger("grpo_lab")
+
+
+#: what stops a run early, saving its last completed step (see :func:`how_it_stops`)
+STOPPING = (Abandon, EnvFaultRateExceeded, OverlongPromptError, EngineError, CheckpointWriteError)
+
+
+def how_it_stops(err: BaseException) -> tuple[type[RunStopped], str, bool, dict[str, Any]]:
+    """The :class:`RunStopped` a run raises for ``err`` (one of :data:`STOPPING`), its
+    reason, whether the last completed step is saved, and the exception's extra fields:
+    a signal; too many failed episodes; an overlong prompt (``rollout.overlong_prompt=
+    error``); an engine that does not answer, or a weight push that failed twice; a full
+    disk (the last checkpoint written stays)."""
+    if isinstance(err, Abandon):
+        return TrainingInterrupted, f"stopped by {signal_name(err.signum)}", True, {"signum": err.signum}
+    if isinstance(err, EnvFaultRateExceeded):
+        return EnvFaultRateExceeded, str(err), True, {}
+    if isinstance(err, CheckpointWriteError):
+        return CheckpointFailed, str(err), False, {}
+    return RunStopped, str(err), True, {}
 
 
 class Trainer:
@@ -100,6 +126,8 @@ class Trainer:
         self._summary: dict[str, Any] = {}
         self._earlier_parts: list[dict[str, Any]] = []  # the parts of the run before a resume
         self._part_start: tuple[float, int] | None = None  # (wall clock, first step) of this part of the run
+        self._ahead: RolloutAhead | None = None  # trainer.async: the rollouts made ahead of training
+        self._pending: dict[int, Collected] = {}  # rollouts a checkpoint kept, for the steps they were made for
 
     @property
     def ref_model(self) -> torch.nn.Module | None:
@@ -117,7 +145,7 @@ class Trainer:
         summary."""
         cfg = self.config
         resume_point = choose_start_on_every_rank(self.dist, self.output_dir, cfg.trainer.resume_mode())
-        resume_state = None if resume_point is None else self._resume_state(resume_point)
+        resume_state = None if resume_point is None else checked_resume_state(cfg, resume_point[1])
         if self.dist.is_main:  # the metrics file is cut back to the checkpoint's step before the logger opens it
             history = metrics_until(self.output_dir, resume_point[0]) if resume_point is not None else []
             self.logger = MetricsLogger(self.output_dir, cfg.logger.wandb, cfg.logger.wandb_project, asdict(cfg))
@@ -131,26 +159,20 @@ class Trainer:
             with stop:
                 try:
                     self._run(summary, stop, resume_point, resume_state)
-                except Abandon as abandon:
+                except STOPPING as err:
                     stop.shield()
-                    raise self._stop_run(summary, TrainingInterrupted, f"stopped by {signal_name(abandon.signum)}",
-                                         signum=abandon.signum) from None
-                except EnvFaultRateExceeded as err:
-                    stop.shield()
-                    raise self._stop_run(summary, EnvFaultRateExceeded, str(err)) from None
-                except OverlongPromptError as err:  # rollout.overlong_prompt=error
-                    stop.shield()
-                    raise self._stop_run(summary, RunStopped, str(err)) from None
-                except CheckpointWriteError as err:  # a full disk: stop at the last checkpoint written
-                    stop.shield()
-                    raise self._stop_run(summary, CheckpointFailed, str(err), save=False) from None
+                    raise self._stop_run(summary, *how_it_stops(err)) from None
         finally:
+            if self._ahead is not None:
+                self._ahead.stop(timeout_s=0)  # no rollout starts now
             if self.logger is not None:
                 self.logger.close()
-            self.envs.close()
             close = getattr(self.backend, "close", None)  # engines in their own processes stop with the run
             if close is not None:
                 close()
+            if self._ahead is not None:  # the rollout under way ends (its engine calls fail) before its envs close
+                self._ahead.stop(timeout_s=30)
+            self.envs.close()
         self._write_summary(summary)
         return summary
 
@@ -159,10 +181,11 @@ class Trainer:
         ``stop.abandonable()``."""
         cfg = self.config
         self._part_start = (time.perf_counter(), resume_point[0] + 1 if resume_point is not None else 0)
-        start = 0
+        start, pending = 0, []
         if resume_point is not None:
             start = self.checkpoints.restore(resume_point[1], resume_state) + 1
-            self.push_weights()
+            pending = (resume_state.get("ranks") or [resume_state])[self.dist.rank].get("pending", [])
+            self.push_weights(start)
             before = self.checkpoints.eval_after_warmup
             log.info("resumed from %s: continuing at step %d", resume_point[1], start)
         else:
@@ -181,7 +204,12 @@ class Trainer:
         if before:
             log.info("after warm-up: success rate %.3f %s", before["success_rate"], eval_basis(before))
         self._end_state = self.checkpoints.rollout_state()
-        bar = self._progress(start)
+        if cfg.trainer.async_rollout:
+            self._ahead = RolloutAhead(self._produce, self.checkpoints.rollout_state, start, cfg.trainer.total_steps,
+                                       cfg.rollout.max_staleness, version=start, pending=pending).start()
+        else:
+            self._pending = {c.step: c for c in pending}
+        bar = progress_bar(cfg.trainer.total_steps, start) if cfg.logger.progress_bar and self.dist.is_main else None
         silent: list[dict[str, Any]] = []  # the run of consecutive steps without a learning signal
         try:
             for step in range(start, cfg.trainer.total_steps):
@@ -194,12 +222,19 @@ class Trainer:
                 if cfg.trainer.checkpoint_every and (step + 1) % cfg.trainer.checkpoint_every == 0:
                     self._save(step)
                 self._done_step, self._dirty = step, False
-                self._end_state = self.checkpoints.rollout_state()
+                if self._ahead is not None:
+                    self._ahead.done(step)
+                else:
+                    self._end_state = self.checkpoints.rollout_state()
                 if dp.any_rank(self.dist, stop.requested is not None):  # the step is complete: stop now
                     raise Abandon(stop.requested or signal.SIGTERM)
         finally:
             if bar is not None:
                 bar.close()
+            if self._ahead is not None:
+                self._ahead.stop(timeout_s=0)
+        if self._ahead is not None:
+            self._ahead.stop()  # it made the last step's rollout and ended: the engines are free to evaluate
         with stop.abandonable():
             after = self.evaluate()
         summary["eval_final"] = after
@@ -217,15 +252,21 @@ class Trainer:
         """One RL step: rollout (abandonable), fault check, advantages, update, weights to
         the engine, log."""
         cfg = self.config
-        t_step = time.perf_counter()
         with stop.abandonable():
-            batch = self.collect(step)
+            rollout, waited = self._rollout(step)
         t_roll = time.perf_counter()
-        check_fault_rate(self.dist, self.rollout.faults, cfg.rollout.max_env_fault_rate, f"step {step}")
-        record: dict[str, Any] = {"step": step, **self.rollout.faults.metrics(), **self.rollout.stats}
+        batch = rollout.batch
+        check_fault_rate(self.dist, rollout.faults, cfg.rollout.max_env_fault_rate, f"step {step}")
+        record: dict[str, Any] = {"step": step, **rollout.faults.metrics(), **rollout.stats}
+        staleness = mark_stale(batch, step)  # rows an older policy sampled train off-policy
+        if self._ahead is not None or staleness["stale_rows_frac"] > 0:
+            record.update(staleness)
+        if self._ahead is not None:
+            record["rollout_wait_time"] = waited
+        record.update(getattr(self.backend, "engine_stats", {}))  # engines in their own processes: faults so far
         if dp.global_sums(self.dist, [len(batch)])[0] == 0:  # every group lost (only with a fault rate limit near 1)
             log.warning("step %d: every episode failed or lost its group; no update", step)
-            record.update(num_rows=0, rollout_time=t_roll - t_step, update_time=0.0)
+            record.update(num_rows=0, rollout_time=rollout.seconds, update_time=0.0)
             return self._log(reduce_record(self.dist, record, 0))
         advantages, extras = torch.zeros(0), {}  # [N], and the estimator's further [N] streams
         if len(batch):  # else this rank lost all its groups; the others train, and it joins their collectives
@@ -243,12 +284,30 @@ class Trainer:
         self.backend.sleep()
         record.update(self.policy_update(train_batch, advantages, extras))
         self.backend.wake()
-        self.push_weights()
-        record["rollout_time"] = t_roll - t_step
+        self.push_weights(step + 1)
+        if self._ahead is not None:
+            self._ahead.publish(step + 1)
+        record["rollout_time"] = rollout.seconds
         record["update_time"] = time.perf_counter() - t_roll
         return self._log(reduce_record(self.dist, record, len(batch)))
 
     # ------------------------------------------------------------------ phases
+    def _rollout(self, step: int) -> tuple[Collected, float]:
+        """The rollout step ``step`` trains on, and the seconds the trainer waited for it:
+        made ahead (``trainer.async``), kept by the checkpoint resumed from, or made now."""
+        if self._ahead is not None:
+            return self._ahead.take(step)
+        if step in self._pending:
+            return self._pending.pop(step), 0.0
+        t0 = time.perf_counter()
+        batch, stats, faults = self._produce(step)
+        return Collected(step, batch, stats, faults, time.perf_counter() - t0), 0.0
+
+    def _produce(self, step: int) -> tuple[RolloutBatch, dict[str, Any], FaultLog]:
+        """:meth:`collect`, with what the rollout counted."""
+        batch = self.collect(step)
+        return batch, self.rollout.stats, self.rollout.faults
+
     def collect(self, step: int) -> RolloutBatch:
         """This rank's episodes of the step: ``tasks_per_step`` seeds are drawn (the same on
         every rank), each rank plays its contiguous share with the configured sampler
@@ -282,7 +341,7 @@ class Trainer:
         with self.policy_update.autocast():
             losses = supervised_warmup(self.policy_update.module, examples, wc.steps, wc.batch_size, wc.lr,
                                        self.config.trainer.seed, p.pad_id)
-        self.push_weights()
+        self.push_weights(0)
         return losses
 
     def evaluate(self) -> dict[str, float]:
@@ -291,47 +350,47 @@ class Trainer:
         return evaluate(self.backend, p.encoder, self.envs, p.loop, p.eval_seeds, self.config.trainer.eval_samples,
                         self.dist, self.config.rollout.max_env_fault_rate, self.rollout.episodes)
 
-    def push_weights(self) -> None:
-        """Send the training weights to the backend: with LoRA the adapter alone, else the
-        whole state dict. The state dict keeps tied aliases (``lm_head.weight`` beside the
-        embedding): vLLM needs both names to update a tied output layer. Under FSDP each
-        tensor is gathered as the engine takes it, so no full state dict is held."""
+    def push_weights(self, version: int) -> None:
+        """Send the training weights, policy ``version`` (the RL steps applied to them), to
+        the backend: with LoRA the adapter alone, else the whole state dict. The state
+        dict keeps tied aliases (``lm_head.weight`` beside the embedding): vLLM needs both
+        names to update a tied output layer. Under FSDP each tensor is gathered as the
+        engine takes it, so no full state dict is held."""
         if self.parts.lora:
             from .training.lora import adapter_state
 
-            self.backend.load_adapter(*adapter_state(self.model))
+            self.backend.load_adapter(*adapter_state(self.model), version=version)
             return
-        self.backend.load_weights(dp.full_tensors(self.model))
+        self.backend.load_weights(dp.full_tensors(self.model), version=version)
 
     # ------------------------------------------------------------------ run control
-    def _resume_state(self, resume_point: tuple[int, Path]) -> dict[str, Any]:
-        """The saved state to resume from, after checking its config against this run's."""
-        cfg = self.config
-        state = load_trainer_state(resume_point[1])
-        harmless = TrainerConfig.HARMLESS_ON_RESUME
-        if cfg.trainer.lr_scheduler != "constant":  # the schedule's length is the run's
-            harmless = tuple(k for k in harmless if k != "trainer.total_steps")
-        check_resume_config(state.get("config"), asdict(cfg), harmless, cfg.trainer.resume_allow_changes,
-                            defaults=asdict(Config().validate()))
-        return state
-
-    def _save(self, step: int) -> None:
-        """The checkpoint of ``step`` (:meth:`RunCheckpoints.save`)."""
+    def _save(self, step: int, replay_from: int | None = None) -> None:
+        """The checkpoint of ``step`` (:meth:`RunCheckpoints.save`), with the rollouts made
+        for later steps (``trainer.async``: :meth:`RolloutAhead.state`; those before
+        ``replay_from``)."""
         carried = {**{k: self._summary[k] for k in CARRIED if k in self._summary}, "parts": self._times(step)["parts"]}
-        self.checkpoints.save(step, carried)
+        rollout = None
+        if self._ahead is not None:
+            rollout = self._ahead.state(step, replay_from)
+        elif self._pending:  # resumed from an async run's checkpoint: what is left of its rollouts
+            rollout = {**self.checkpoints.rollout_state(), "pending": [self._pending[s] for s in sorted(self._pending)]}
+        self.checkpoints.save(step, carried, rollout)
         self._saved_step = step
 
     def _stop_run(self, summary: dict[str, Any], kind: type[RunStopped], reason: str, save: bool = True,
-                  **extra) -> RunStopped:
+                  extra: dict[str, Any] | None = None) -> RunStopped:
         """Save the last completed step (unless saved already, or ``save`` is false: the
         stop is a failed save) and the summary; the exception to raise, with a message
         that says how to resume."""
+        replay_from = self._done_step + 1 if kind is EnvFaultRateExceeded else None  # the refused rollout: again
+        if self._ahead is not None:
+            self._ahead.stop(timeout_s=0)  # the rollout under way is played again after the resume
         if self._done_step >= 0 and not self._dirty and save:
-            if self._end_state is not None:
+            if self._end_state is not None and self._ahead is None:
                 self.checkpoints.set_rollout_state(self._end_state)  # undo what the abandoned phase drew
-            if self._saved_step != self._done_step:
+            if self._saved_step != self._done_step or self._ahead is not None:  # async: with the rollouts made since
                 try:
-                    self._save(self._done_step)
+                    self._save(self._done_step, replay_from)
                 except CheckpointWriteError as err:
                     reason += f"; then {err}"
                     save = False
@@ -351,7 +410,7 @@ class Trainer:
         except OSError as err:  # the disk that refused the checkpoint may refuse this too
             log.error("summary.json could not be written: %s", err)
         log.error("%s", message)
-        return kind(message, last_step=last, checkpoint=checkpoint, **extra)
+        return kind(message, last_step=last, checkpoint=checkpoint, **(extra or {}))
 
     def _times(self, last_step: int) -> dict[str, Any]:
         """``parts``: the wall time of each part of the run (a first run and each resume),
@@ -377,24 +436,3 @@ class Trainer:
         if self.dist.is_main:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
-    def _progress(self, start: int):
-        """Rank 0's progress bar over the run's steps, at ``start`` (``logger.progress_bar``)."""
-        if not self.config.logger.progress_bar or not self.dist.is_main:
-            return None
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=self.config.trainer.total_steps, desc="GRPO", unit="step", dynamic_ncols=True)
-        if start:
-            bar.update(start)
-        return bar
-
-
-def show_step(bar, record: dict[str, Any], silent: int) -> None:
-    """A completed step on the progress bar: its reward, success rate and how many steps
-    in a row had no learning signal."""
-    postfix = {"reward": f"{record.get('reward_mean', float('nan')):.2f}",
-               "success": f"{record.get('success_rate', float('nan')):.2f}"}
-    if silent:
-        postfix["no signal"] = f"{silent} step{'s' if silent > 1 else ''}"
-    bar.set_postfix(postfix)
-    bar.update(1)

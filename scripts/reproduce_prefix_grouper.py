@@ -101,7 +101,7 @@ def measure(group_size: int, repeats: int, seed: int, steps: int, quick: bool, o
                 worst = float((w_plain[name] - w_shared[name]).abs().max())
                 assert worst <= 1e-4 * scale + 1e-8, f"{name}: gradients of the two updates differ by {worst} (max {scale})"
             out["losses"].append((m_plain["loss"], m_shared["loss"]))
-        trainer.push_weights()
+        trainer.push_weights(step + 1)
     trainer.envs.clear()
     out["params"] = params
     return out

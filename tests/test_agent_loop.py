@@ -48,7 +48,7 @@ class ScriptedBackend:
             out.append(Completion(ids, [-0.1 * (k + 1)] * len(ids)))
         return out
 
-    def load_weights(self, named_tensors):
+    def load_weights(self, named_tensors, version=None):
         pass
 
     def sleep(self):

@@ -43,6 +43,22 @@ def test_select_and_concat_round_trip():
     assert both.traj_id.tolist() == [2, 0, 1]
 
 
+def test_policy_versions_default_unknown_travel_with_their_rows_and_old_pickles_load():
+    """``policy_version`` is -1 (not reported) unless given, follows select and concat, and
+    a batch pickled before the column existed (a checkpoint's rollouts) loads with -1."""
+    import pickle
+
+    b = make(policy_version=[4, 5, 6])
+    assert make().policy_version.tolist() == [-1, -1, -1]
+    assert RolloutBatch.concat([b.select([2, 0]), make(n=1)]).policy_version.tolist() == [6, 4, -1]
+    old = make()
+    del old.__dict__["policy_version"]
+    restored = pickle.loads(pickle.dumps(old))
+    assert restored.policy_version.tolist() == [-1, -1, -1]
+    with pytest.raises(ValueError, match="policy_version"):
+        make(policy_version=[1, 2])
+
+
 def test_trajectory_returns_and_success():
     b = make(traj_id=[5, 5, 9], reward=[0.0, 1.0, 0.5], won=[False, True, False])
     assert b.trajectory_returns().tolist() == [1.0, 0.5]

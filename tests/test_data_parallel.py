@@ -171,7 +171,11 @@ def train_overrides(command: str) -> list[str]:
 
     words = shlex.split(command, comments=True)
     if words[0] == "sbatch":
-        return words[words.index("scripts/slurm/train.sbatch") + 1:]
+        script = next(w for w in words if w.endswith(".sbatch"))
+        overrides = words[words.index(script) + 1:]
+        if script.endswith("async.sbatch"):  # what the script adds for the trainer
+            overrides += ["trainer.async=true", "rollout.engine_urls=[http://node:8000/v1]", "rollout.engine_api_key=k"]
+        return overrides
     entry = "grpo_lab.serve" if "grpo_lab.serve" in words else "grpo_lab.train"  # both take the run's overrides
     return words[words.index(entry) + 1:]
 
@@ -186,6 +190,15 @@ def test_cluster_page_command_lines_load_and_validate(command):
     from test_readme import load
 
     load(*train_overrides(command))
+
+
+def test_the_async_sbatch_script_parses_and_starts_engines_then_the_trainer():
+    script = SBATCH.with_name("async.sbatch")
+    done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = script.read_text()
+    assert "-m grpo_lab.serve" in text and "trainer.async=true" in text and "GRPO_LAB_WEIGHT_HOST" in text
+    assert text.index("-m grpo_lab.serve") < text.index("curl") < text.index("-m grpo_lab.train")
 
 
 def test_the_sbatch_script_parses_and_starts_one_torchrun_per_node():

@@ -14,7 +14,8 @@ import torch
 from grpo_lab.modeling import build_tiny_model
 from grpo_lab.rollout import SamplingParams
 from grpo_lab.rollout.backends.hf import HFBackend
-from grpo_lab.rollout.backends.remote import RemoteBackend, receive_tensors, send_tensors, weight_group
+from grpo_lab.rollout.backends.remote import RemoteBackend
+from grpo_lab.rollout.backends.weight_stream import receive_tensors, send_tensors, weight_group
 
 KEY = "sk-engine-test-key"
 
@@ -47,7 +48,7 @@ def prompts_of(tokenizer):
 def test_a_tensor_stream_crosses_a_gloo_group_with_names_dtypes_and_shapes():
     import threading
 
-    from grpo_lab.rollout.backends.remote import free_port
+    from grpo_lab.rollout.backends.weight_stream import free_port
 
     tensors = [("a.weight", torch.randn(3, 4)), ("b", torch.arange(5)), ("c.bf16", torch.randn(2, 2).bfloat16()),
                ("scalar", torch.tensor(2.5, dtype=torch.float16))]
@@ -136,6 +137,79 @@ def test_a_run_with_an_engine_process_trains_on_what_it_generates_with_the_pushe
     survivors = subprocess.run(["pgrep", "-f", f"model.name_or_path={out / 'initial_model'}"], capture_output=True,
                                text=True)
     assert survivors.returncode == 1 and survivors.stdout == ""  # 1: no process matched
+
+
+@pytest.mark.slow
+def test_the_one_command_async_run_trains_within_its_staleness_bound(tmp_path):
+    """``trainer.async=true rollout.engines=1``, as a user types it: the run starts its
+    engine, trains while it generates, no row more than one version old, and leaves no
+    engine behind."""
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "grpo_lab.train", "trainer.async=true", "rollout.engines=1",
+                           f"trainer.output_dir={out}", *COMMON], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = engine_run_metrics(out)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert all(r["staleness_max"] <= 1 and "rollout_wait_time" in r for r in records)
+    assert all(r["engine_requests_resubmitted"] == 0 and r["engine_restarts"] == 0 for r in records)
+    survivors = subprocess.run(["pgrep", "-f", f"model.name_or_path={out / 'initial_model'}"], capture_output=True,
+                               text=True)
+    assert survivors.returncode == 1
+
+
+@pytest.mark.slow
+def test_two_trainer_processes_share_one_engine_that_rank_0_starts_and_pushes_to(tmp_path):
+    """``torchrun --nproc_per_node 2 ... trainer.async=true rollout.engines=1
+    rollout.max_staleness=0``: rank 0 starts the one engine and pushes the weights; both
+    ranks generate on it, and every step's samples are the pushed weights' (the
+    engine's log-probs equal the trainer's forward on both ranks)."""
+    import os
+
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "grpo_lab.train", "trainer.device=cpu", "rollout.env_workers=0", "trainer.async=true",
+                           "rollout.engines=1", "rollout.max_staleness=0", f"trainer.output_dir={out}", *COMMON],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = engine_run_metrics(out)
+    assert [r["step"] for r in records] == [0, 1, 2] and all(r["world_size"] == 2 for r in records)
+    assert all(r["staleness_max"] == 0 for r in records)
+    assert all(r["logprob_diff_rollout"] < 1e-5 for r in records if "logprob_diff_rollout" in r)
+    assert any("logprob_diff_rollout" in r for r in records)
+    assert sorted(p.name for p in out.glob("engine_*.log")) == ["engine_0.log"]
+    survivors = subprocess.run(["pgrep", "-f", f"model.name_or_path={out / 'initial_model'}"], capture_output=True,
+                               text=True)
+    assert survivors.returncode == 1
+
+
+@pytest.mark.slow
+def test_an_engine_process_that_dies_is_started_again_and_gets_the_weights(tokenizer, tmp_path):
+    """An engine this run started is killed: the next push starts it again (logged in
+    the same file), gives it the weights of that version, and it serves them."""
+    from grpo_lab.rollout.backends.engine_processes import EngineProcesses
+
+    model = build_tiny_model(tokenizer, hidden_size=64, num_layers=2, num_heads=1, num_kv_heads=1,
+                             intermediate_size=128, seed=0)
+    model.save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    command = [sys.executable, "-m", "grpo_lab.serve", f"model.name_or_path={tmp_path / 'policy'}", "serve.port=0",
+               f"serve.api_key={KEY}", "serve.model_name=policy", "rollout.max_new_tokens=8"]
+    engines = EngineProcesses.start([command], [tmp_path / "engine_0.log"], timeout_s=300)
+    remote = RemoteBackend(engines.urls, KEY, "policy", timeout_s=120)
+    remote.processes = engines
+    try:
+        params = SamplingParams(max_tokens=4, temperature=1.0, seed=2)
+        remote.load_weights(model.state_dict().items(), version=1)
+        assert remote.generate(prompts_of(tokenizer), params)[0].version == 1
+        engines.procs[0].kill()
+        engines.procs[0].wait(30)
+        remote.load_weights(model.state_dict().items(), version=2)
+        assert remote.engine_stats["engine_restarts"] == 1 and engines.procs[0].poll() is None
+        assert [c.version for c in remote.generate(prompts_of(tokenizer), params)] == [2, 2, 2]
+    finally:
+        remote.close()
 
 
 @pytest.mark.slow

@@ -360,7 +360,7 @@ def test_the_gpu_session_script_names_real_options_and_files(monkeypatch):
     text = open(os.path.join(root, "benchmarks", "gpu_session.sh")).read().replace("\\\n", " ")
     monkeypatch.syspath_prepend(os.path.join(root, "benchmarks"))
     commands = re.findall(r"\$py (benchmarks/\w+\.py[^\n]*)", text)
-    assert len(commands) == 7, commands
+    assert len(commands) == 8, commands
     for line in commands:
         script, *argv = shlex.split(line.replace("${KERNEL_ARGS:-}", "").replace("$out", "out"))
         module = importlib.import_module(os.path.basename(script)[:-3])
@@ -368,5 +368,5 @@ def test_the_gpu_session_script_names_real_options_and_files(monkeypatch):
     tests = re.findall(r"tests/\w+\.py", text)
     assert tests and all(os.path.isfile(os.path.join(root, t)) for t in tests)
     phases = re.findall(r"^(\w+)\)$", text, flags=re.M)
-    assert phases == ["check", "tune", "kernel", "step", "agents"]
+    assert phases == ["check", "tune", "kernel", "step", "agents", "async"]
     assert all(f"bash benchmarks/gpu_session.sh {p} " in text for p in phases)  # its usage lines

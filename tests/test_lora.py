@@ -3,6 +3,7 @@ backend then samples from exactly the trained policy."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -60,11 +61,24 @@ def test_the_push_carries_only_the_adapter(tiny_model):
     assert all("lora_" in name for name in tensors) and config.r == 4
 
 
-def test_a_backend_without_an_adapter_refuses_one(tiny_model, tokenizer):
-    backend = HFBackend(tiny_model, tokenizer)
-    lora_model = apply_lora(tiny_model, r=2, alpha=4, dropout=0.0, target_modules="all-linear")
-    with pytest.raises(ValueError, match="no LoRA adapter"):
-        backend.load_adapter(*adapter_state(lora_model))
+def test_a_backend_on_the_base_model_takes_the_adapter_and_samples_the_adapted_policy(tiny_model, tokenizer):
+    """An engine process serves the base model: the first adapter pushed wraps it in the
+    adapter's config, and it then samples the adapted policy (its log-probs are the
+    PEFT model's forward), with the version given."""
+    base = copy.deepcopy(tiny_model)
+    backend = HFBackend(base, tokenizer)
+    model = apply_lora(tiny_model, r=2, alpha=4, dropout=0.0, target_modules="all-linear")
+    perturb_adapter(model)
+    model.eval()
+    backend.load_adapter(*adapter_state(model), version=7)
+    prompts = [tokenizer(t)["input_ids"] for t in ("Frozen lake: reach G", "row 2")]
+    comps = backend.generate(prompts, SamplingParams(max_tokens=8))
+    with torch.no_grad():
+        logp, _, _ = response_logprobs(model, [torch.tensor(p) for p in prompts],
+                                       [torch.tensor(c.token_ids) for c in comps])
+    assert max(float((logp[i, : len(c.token_ids)] - torch.tensor(c.logprobs)).abs().max())
+               for i, c in enumerate(comps)) < 1e-4
+    assert all(c.version == 7 for c in comps)
 
 
 @pytest.mark.slow

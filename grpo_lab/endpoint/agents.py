@@ -273,7 +273,8 @@ def episode_rows(capture: EpisodeCapture, group: int, traj: int, reward: float, 
         rows.append(Row(group, traj, step, list(call.prompt_ids), list(call.completion.token_ids),
                         list(call.completion.logprobs), call.reward + (reward if done else 0.0), done, True,
                         done and reward >= success_threshold,
-                        call.anchor if call.anchor is not None else ("agent call", traj, step)))
+                        call.anchor if call.anchor is not None else ("agent call", traj, step),
+                        version=call.completion.version))
     return rows
 
 

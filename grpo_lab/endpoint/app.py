@@ -267,7 +267,7 @@ class Service:
         stops = stop_strings(req.stop)
         completion = await self.generate(prompt, self.sampling(req, len(prompt), req.max_completion_tokens or req.max_tokens,
                                                                stops))
-        version = self.version
+        version = completion.version if completion.version is not None else self.version
         message, calls_tools = self.answer(req, self.text(completion, stops))
         if capture is not None:
             capture.record(CapturedCall(keys, tools_key(req.tools), prompt, completion,
@@ -289,7 +289,7 @@ class Service:
             raise APIError(400, f"logprobs={req.logprobs}: only the sampled token's log-prob is given (logprobs=1)",
                            param="logprobs")
         completion = await self.generate(prompt, self.sampling(req, len(prompt), req.max_tokens, stops))
-        version = self.version
+        version = completion.version if completion.version is not None else self.version
         text = self.text(completion, stops)
         if capture is not None:
             capture.record(CapturedCall((("prompt", tuple(prompt)),), "", prompt, completion, ("completion", text),
@@ -308,7 +308,7 @@ class Service:
 
     async def connect_weights(self, body: dict, request: Request) -> dict:
         """Join the trainer's weight group (rank ``body["rank"]`` of ``body["world"]``)."""
-        from ..rollout.backends.remote import weight_group
+        from ..rollout.backends.weight_stream import weight_group
 
         self.trainer_only(request)
         try:
@@ -320,17 +320,27 @@ class Service:
 
     async def update_weights(self, body: dict, request: Request) -> dict:
         """Receive the trainer's broadcast of the weights of version ``body["version"]``,
-        holding new requests back while they load."""
-        from ..rollout.backends.remote import receive_tensors
+        holding new requests back while they load; ``body["interrupt"]``: generations in
+        flight end first with ``finish_reason="abort"`` (partial rollouts), else they
+        finish on the old weights."""
+        from ..rollout.backends.weight_stream import adapter_config, receive_tensors
 
         self.trainer_only(request)
         if self.weight_group is None:
             raise APIError(409, "no weight group: call weights/connect first")
         version = int(body.get("version", self.version + 1))
+        interrupt = bool(body.get("interrupt", False))
+        try:
+            adapter = adapter_config(body["adapter"]) if body.get("adapter") else None
+        except (TypeError, ValueError) as err:
+            raise APIError(400, f"weights/update: the adapter's config is not a LoRA config: {err}") from None
 
         def receive() -> None:
-            with self.queue.paused():
-                self.queue.backend.load_weights(receive_tensors(self.weight_group))
+            with self.queue.paused(interrupt):
+                if adapter is not None:  # a LoRA adapter's tensors only: the base weights stay
+                    self.queue.backend.load_adapter(dict(receive_tensors(self.weight_group)), adapter, version=version)
+                else:
+                    self.queue.backend.load_weights(receive_tensors(self.weight_group), version=version)
                 self.version = version
 
         await asyncio.to_thread(receive)

@@ -7,8 +7,9 @@ it. On vLLM a request joins the running batch at the next step; on a batch backe
 first arrives, the queue waits while more keep coming (each within ``gather_gap_s`` of the
 last, up to ``gather_max_s`` in all), and all that arrive while a batch decodes go into the
 next one.
-:meth:`GenerationQueue.paused` holds new requests back (those in flight finish) while the
-trainer swaps the weights.
+:meth:`GenerationQueue.paused` holds new requests back while the trainer swaps the
+weights; those in flight finish first, or, on a backend that can cut a generation short
+(Hugging Face ``generate``), end at once with ``finish_reason="abort"``.
 """
 
 from __future__ import annotations
@@ -63,15 +64,22 @@ class GenerationQueue:
         return await future
 
     @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
+    def paused(self, interrupt: bool = False) -> Iterator[None]:
         """No request starts inside this block; it is entered once those in flight are
-        done (for a weight swap)."""
+        done (for a weight swap). ``interrupt``: those in flight end now, where the
+        backend can cut a generation short (its ``interrupt`` event), their answers
+        ending with ``"abort"`` (the client continues them on the new weights)."""
         self._open.clear()
+        cut = getattr(self.backend, "interrupt", None) if interrupt else None
+        if cut is not None:
+            cut.set()
         try:
             with self._idle:
                 self._idle.wait_for(lambda: not self._waiting or self._stopped)
             yield
         finally:
+            if cut is not None:
+                cut.clear()
             self._open.set()
 
     def close(self) -> None:

@@ -90,16 +90,24 @@ def per_request(params: "SamplingParams | Sequence[SamplingParams]", n: int) -> 
     return params
 
 
+class EngineError(RuntimeError):
+    """A generation engine in another process that did not answer, or answered an error
+    (the run stops at its last checkpoint with this message)."""
+
+
 @dataclass
 class Completion:
     """One generated response: its token ids, the log-prob of each under the distribution
     it was sampled from (:func:`sampling_logprobs`), and why it ended (``"stop"``:
-    end-of-sequence token or a stop string; ``"length"``: ``max_tokens``)."""
+    end-of-sequence token or a stop string; ``"length"``: ``max_tokens``); ``version``:
+    the policy version of the weights that generated it, where the backend reports one
+    (engines in their own processes do), else ``None``."""
 
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str = "stop"
     text: str = field(default="", compare=False)
+    version: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.logprobs):
@@ -117,13 +125,16 @@ class Backend(Protocol):
         one per prompt."""
         ...
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Copy new weights (names as in the training model) into the engine, in process."""
+    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int | None = None) -> None:
+        """Copy new weights (names as in the training model) into the engine; ``version``:
+        their policy version (the RL steps applied), which a backend that reports versions
+        gives every completion generated from them."""
         ...
 
-    def load_adapter(self, tensors: dict[str, Tensor], peft_config) -> None:
+    def load_adapter(self, tensors: dict[str, Tensor], peft_config, version: int | None = None) -> None:
         """Serve the base model with this LoRA adapter from now on (tensors named as in
-        PEFT's ``adapter_model.safetensors``; ``peft_config`` is its ``LoraConfig``)."""
+        PEFT's ``adapter_model.safetensors``; ``peft_config`` is its ``LoraConfig``), the
+        policy ``version`` (see :meth:`load_weights`)."""
         ...
 
     def sleep(self) -> None:

@@ -57,6 +57,7 @@ class Row:
     node_id: int = -1
     parent_id: int = -1
     reward_parts: dict[str, float] | None = None  # the reward functions' own values (StepResult.info["rewards"])
+    version: int | None = None  # the policy version that sampled the response (None: not reported)
 
 
 def reward_parts(result: StepResult | None) -> dict[str, float] | None:
@@ -149,4 +150,5 @@ def rows_to_batch(rows: list[Row], order: Callable[[Row], tuple] = lambda r: (r.
         node_id=[r.node_id for r in rows],
         parent_id=[r.parent_id for r in rows],
         reward_parts=[r.reward_parts or {} for r in rows],
+        policy_version=[-1 if r.version is None else r.version for r in rows],
     )

@@ -303,7 +303,7 @@ class Forest:
         self.next_node[s.tree] += 1
         row = dict(group_id=s.group, traj_id=b.branch, step=s.steps, prompt_ids=turn_prompt + partial,
                    response_ids=list(comp.token_ids), logprobs=list(comp.logprobs), anchor=s.obs.anchor,
-                   tree_id=s.tree, node_id=node_id, parent_id=s.node)
+                   tree_id=s.tree, node_id=node_id, parent_id=s.node, version=comp.version)
         if not turn_over:  # a segment inside an answer: no action yet
             new = _Node(s.tree, node_id, s.node, s.group, s.seed, s.actions, s.history, s.obs, s.steps, False,
                         tuple(turn_prompt), tuple(answer), s.conversation)

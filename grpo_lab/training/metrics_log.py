@@ -134,6 +134,27 @@ def plot_metrics(records: list[dict[str, Any]], path: str | os.PathLike,
     return path
 
 
+def progress_bar(total_steps: int, start: int):
+    """A progress bar over a run's steps, at ``start``."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, desc="GRPO", unit="step", dynamic_ncols=True)
+    if start:
+        bar.update(start)
+    return bar
+
+
+def show_step(bar, record: dict[str, Any], silent: int) -> None:
+    """A completed step on the progress bar: its reward, success rate and how many steps
+    in a row had no learning signal."""
+    postfix = {"reward": f"{record.get('reward_mean', float('nan')):.2f}",
+               "success": f"{record.get('success_rate', float('nan')):.2f}"}
+    if silent:
+        postfix["no signal"] = f"{silent} step{'s' if silent > 1 else ''}"
+    bar.set_postfix(postfix)
+    bar.update(1)
+
+
 #: step metrics that add up over ranks (the others are means, weighted by rows, or maxima)
 SUMMED = ("num_rows", "signal_rows", "response_tokens", "rows_dropped", "episodes", "episodes_dropped", "groups_dropped", "env_errors",
           "env_timeouts", "env_nonfinite_rewards", "overlong_dropped", "overlong_truncated", "overlong_ended", "env_steps",
@@ -141,7 +162,7 @@ SUMMED = ("num_rows", "signal_rows", "response_tokens", "rows_dropped", "episode
           "rollout_replayed_env_steps", "tree_nodes", "tree_expansions_short", "ar3po_reused", "ar3po_unsolved",
           "ar3po_buffer_size")
 MAXED = ("rollout_time", "update_time", "rollout_peak_inflight_tokens", "rollout_engine_steps", "rollout_decode_steps",
-         "rollout_env_seconds", "ar3po_stages_run", "num_updates", "lr")
+         "rollout_env_seconds", "ar3po_stages_run", "num_updates", "lr", "rollout_wait_time", "staleness_max")
 
 
 def reduce_record(dist: DistContext, record: dict[str, Any], rows: int) -> dict[str, Any]:

@@ -15,14 +15,27 @@ Log-probs are those of the distribution sampled from (after temperature and top-
 from __future__ import annotations
 
 import copy
+import threading
 from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase,
+                          StoppingCriteria, StoppingCriteriaList)
 
 from ...modeling import frozen
 from ..backend import BatchStream, Completion, SamplingParams, per_request, sampling_logprobs, top_p_mask
+
+
+class Interrupted(StoppingCriteria):
+    """Ends every row of a ``generate`` once ``event`` is set (a weight swap is waiting
+    with ``interrupt``: :meth:`~grpo_lab.endpoint.engine.GenerationQueue.paused`)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class SeededSampler(LogitsProcessor):
@@ -80,6 +93,8 @@ class HFBackend:
         # this backend's copy gets a neutral config, and every call sets top_k=0.
         self.model.generation_config = GenerationConfig(eos_token_id=sorted(self.eos_ids) or None, pad_token_id=self.pad_id)
         self._params = dict(self.model.named_parameters(remove_duplicate=False))  # tied aliases too
+        self.version: int | None = None  # of the weights loaded last
+        self.interrupt = threading.Event()  # set: generation in progress ends now, its answers "abort"
 
     @property
     def device(self) -> torch.device:
@@ -139,6 +154,7 @@ class HFBackend:
             attention_mask=attention.to(self.device),
             generation_config=config,
             logits_processor=processors,
+            stopping_criteria=StoppingCriteriaList([Interrupted(self.interrupt)]),
             tokenizer=self.tokenizer,
         )
         generated = result.sequences[:, width:].cpu()
@@ -154,12 +170,14 @@ class HFBackend:
                     logprobs=logprobs[i, :end].tolist(),
                     finish_reason=reason,
                     text=self.tokenizer.decode(ids[:end], skip_special_tokens=True),
+                    version=self.version,
                 )
             )
         return completions
 
     def _end_of(self, ids: list[int], params: SamplingParams) -> tuple[int, str]:
-        """Length of the real completion in ``ids`` (generate pads finished rows)."""
+        """Length of the real completion in ``ids`` (generate pads finished rows) and why
+        it ended; ``"abort"``: :attr:`interrupt` cut it short."""
         for k, tok in enumerate(ids):
             if tok in self.eos_ids:
                 return k + 1, "stop"
@@ -167,11 +185,13 @@ class HFBackend:
                 text = self.tokenizer.decode(ids[: k + 1], skip_special_tokens=True)
                 if any(s in text for s in params.stop):
                     return k + 1, "stop"
-        return len(ids), "length"
+        cut_short = len(ids) < params.max_tokens and self.interrupt.is_set()  # set until its answers are delivered
+        return len(ids), "abort" if cut_short else "length"
 
     @torch.no_grad()
-    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Copy tensors into the parameters of the same names; unknown names raise."""
+    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int | None = None) -> None:
+        """Copy tensors into the parameters of the same names; unknown names raise. The
+        completions generated after carry ``version``."""
         for name, tensor in named_tensors:
             if name not in self._params:
                 raise KeyError(f"backend model has no parameter {name!r}")
@@ -179,19 +199,24 @@ class HFBackend:
             if target.shape != tensor.shape:
                 raise ValueError(f"parameter {name!r}: shape {tuple(tensor.shape)} does not match {tuple(target.shape)}")
             target.copy_(tensor.detach().to(device=target.device, dtype=target.dtype))
+        self.version = version
 
     @torch.no_grad()
-    def load_adapter(self, tensors: dict[str, Tensor], peft_config) -> None:
+    def load_adapter(self, tensors: dict[str, Tensor], peft_config, version: int | None = None) -> None:
         """Copy a LoRA adapter into this backend's PEFT model (the trainer's model was a
-        PEFT model when the backend copied it); only the adapter's tensors move."""
-        from peft import PeftModel, set_peft_model_state_dict
+        PEFT model when the backend copied it; a backend serving a base model, as an
+        engine process does, wraps it in ``peft_config`` at the first push); only the adapter's tensors move. The
+        completions generated after carry ``version``."""
+        from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 
         if not isinstance(self.model, PeftModel):
-            raise ValueError("this backend's model has no LoRA adapter: build the backend from the PEFT-wrapped model")
+            self.model = frozen(get_peft_model(self.model, copy.deepcopy(peft_config)))
+            self._params = dict(self.model.named_parameters(remove_duplicate=False))
         result = set_peft_model_state_dict(self.model, tensors)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise KeyError(f"adapter tensors the backend's model does not have: {unexpected[:5]}")
+        self.version = version
 
     def sleep(self) -> None:
         """Nothing to free: ``generate`` keeps no cache between calls."""

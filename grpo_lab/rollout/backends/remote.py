@@ -4,172 +4,71 @@ weights pushed to them over ``torch.distributed``.
 
 Generation: a prompt's token ids go to ``/v1/completions`` (``prompt`` as ids,
 ``logprobs=1``), and the answer's ids and log-probs come back as the engine sampled
-them. Requests are spread over the engines by their prompt, so that the members of a
-group (one prompt) meet in one engine's prefix cache.
+them. A :class:`Router` spreads the requests: a prompt goes where the same prompt went
+last (a group's members meet in one engine's prefix cache), else to the engine with the
+fewest requests in flight.
 
 Weights: the trainer (rank 0) and the engines (ranks 1..N) form a process group of their
-own (gloo; :func:`weight_group`), set up once through ``/v1/weights/connect``; each push
+own (gloo; :mod:`~grpo_lab.rollout.backends.weight_stream`), set up once through ``/v1/weights/connect``; each push
 is one ``/v1/weights/update`` call per engine, after which the trainer broadcasts the
 tensors one at a time, each preceded by a small header (name, dtype, shape), so that
 no side holds more than one tensor beyond its model. Every push carries a version; the
 engine answers with it, and every completion names the version that produced it.
 
-Departures, stated: one trainer process (no data parallelism with engines yet); no
-LoRA adapters (whole weights only); a turn after the first of a conversation may go to
-another engine than its group's first turn.
+LoRA runs push the adapter alone (``/v1/weights/update`` names its config); the engine
+wraps its base model in it at the first push.
+
+Departures, stated: a turn after the first of a conversation goes to the
+least-loaded engine, not necessarily its group's (its prompt is new to every engine).
 """
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import json
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Iterator, Sequence
+from dataclasses import replace
+from typing import Any, Callable, Iterable, Sequence
 
-import torch
 from torch import Tensor
 
-from ..backend import BatchStream, Completion, SamplingParams, per_request
+from ..backend import BatchStream, Completion, EngineError, SamplingParams, per_request
+from .engine_processes import EngineProcesses
+from .router import Router
+from .weight_stream import adapter_config_dict, free_port, send_tensors, weight_group
 
-#: the dtypes a push carries, by code (every tensor travels as its bytes)
-DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool)
-HEADER = 16  # int64 slots: kind, dtype code, ndim, name length, then up to 12 dims
-END, TENSOR = 0, 1
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+__all__ = ["EngineError", "EngineProcesses", "EngineUnreachable", "RemoteBackend", "Router"]
 
 
-def weight_group(host: str, port: int, rank: int, world: int, timeout_s: float = 300.0):
-    """A gloo process group of ``world`` ranks through a TCP store at ``host:port`` (rank 0
-    hosts it), apart from any default group this process has (the trainer's DDP)."""
-    from torch.distributed import ProcessGroupGloo, TCPStore
-
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = TCPStore(host, port, world, rank == 0, timeout=timeout)
-    return ProcessGroupGloo(store, rank, world, timeout)
-
-
-def _broadcast(group, tensor: Tensor) -> None:
-    from torch.distributed import BroadcastOptions
-
-    options = BroadcastOptions()
-    options.rootRank = 0
-    group.broadcast([tensor], options).wait()
-
-
-def send_tensors(group, named_tensors: Iterable[tuple[str, Tensor]]) -> int:
-    """Rank 0: broadcast each tensor after its header, then the end mark; the count."""
-    count = 0
-    for name, tensor in named_tensors:
-        tensor = tensor.detach().cpu().contiguous()
-        if tensor.dtype not in DTYPES or tensor.dim() > HEADER - 4:
-            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} with {tensor.dim()} dims cannot be pushed")
-        encoded = name.encode()
-        header = torch.zeros(HEADER, dtype=torch.int64)
-        header[:4] = torch.tensor([TENSOR, DTYPES.index(tensor.dtype), tensor.dim(), len(encoded)])
-        header[4:4 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
-        _broadcast(group, header)
-        _broadcast(group, torch.frombuffer(bytearray(encoded), dtype=torch.uint8))
-        _broadcast(group, tensor.reshape(-1).view(torch.uint8))
-        count += 1
-    _broadcast(group, torch.zeros(HEADER, dtype=torch.int64))  # kind END
-    return count
-
-
-def receive_tensors(group) -> Iterator[tuple[str, Tensor]]:
-    """Ranks > 0: the tensors rank 0 sends, one at a time, until its end mark."""
-    while True:
-        header = torch.zeros(HEADER, dtype=torch.int64)
-        _broadcast(group, header)
-        kind, code, ndim, length = (int(x) for x in header[:4])
-        if kind == END:
-            return
-        name = torch.zeros(length, dtype=torch.uint8)
-        _broadcast(group, name)
-        dtype, shape = DTYPES[code], [int(x) for x in header[4:4 + ndim]]
-        data = torch.empty(shape, dtype=dtype)
-        _broadcast(group, data.reshape(-1).view(torch.uint8))
-        yield bytes(name.tolist()).decode(), data
-
-
-class EngineProcesses:
-    """Engine processes this run started: their URLs, read from each one's first line
-    (``serving ... at URL``), and their logs; stopped by :meth:`close` (or when this
-    object is collected, or the interpreter exits)."""
-
-    def __init__(self, procs: list, urls: list[str]) -> None:
-        import weakref
-
-        self.procs, self.urls = procs, urls
-        self._finalizer = weakref.finalize(self, EngineProcesses._stop, list(procs))
-
-    @classmethod
-    def start(cls, commands: Sequence[Sequence[str]], logs: Sequence, timeout_s: float = 600.0) -> "EngineProcesses":
-        """Start every command, then wait for each to print its URL; ``RuntimeError``
-        with the end of its log when one exits first or takes longer than ``timeout_s``."""
-        import subprocess
-        import time
-        from pathlib import Path
-
-        procs, files = [], []
-        for command, log in zip(commands, logs):
-            Path(log).parent.mkdir(parents=True, exist_ok=True)
-            files.append(open(log, "w"))
-            procs.append(subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=files[-1], text=True))
-        urls = []
-        try:
-            for proc, log in zip(procs, logs):
-                line, box = "", []
-                reader = threading.Thread(target=lambda p=proc, b=box: b.append(p.stdout.readline()), daemon=True)
-                reader.start()
-                deadline = time.monotonic() + timeout_s
-                while reader.is_alive() and time.monotonic() < deadline:
-                    reader.join(0.2)
-                line = box[0] if box else ""
-                if " at http" not in line:
-                    tail = Path(log).read_text()[-1500:] if Path(log).exists() else ""
-                    raise RuntimeError(f"the engine process did not start (exit {proc.poll()}); its log {log} ends:\n"
-                                       f"{tail}")
-                urls.append(line.split(" at ")[1].strip())
-        except BaseException:
-            cls._stop(procs)
-            raise
-        finally:
-            for f in files:
-                f.close()
-        return cls(procs, urls)
-
-    @staticmethod
-    def _stop(procs) -> None:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except Exception:
-                proc.kill()
-
-    def close(self) -> None:
-        self._finalizer()
-
-
-class EngineError(RuntimeError):
-    """An engine that did not answer, or answered an error."""
+class EngineUnreachable(EngineError):
+    """An engine that could not be reached at all (refused, reset, timed out): its
+    requests can go to another engine."""
 
 
 class RemoteBackend:
-    """Engines at ``urls`` (their ``/v1`` base URLs), called with the run's ``api_key``."""
+    """Engines at ``urls`` (their ``/v1`` base URLs), called with the run's ``api_key``.
+
+    Several trainer processes (``share``: rank 0's object on every rank, a collective)
+    share the engines: rank 0 (the ``pusher``) pushes, and a push returns on every rank
+    once it is done. ``retain``: keep the pushed tensors' references to send them again
+    when a push fails (not under FSDP, where they are gathered copies).
+
+    Partial rollouts (AReaL's interruptible generation): with ``interrupt``, a weight push
+    cuts the engines' generations in flight short; each goes on from its last token on
+    the new weights (``keep_partial``) or starts again on them. Without, they finish on
+    the weights they started with while the push waits.
+
+    Faults: a request whose engine cannot be reached goes to another engine (counted in
+    ``engine_stats["engine_requests_resubmitted"]``) and that engine is marked down; at the next weight
+    push an engine this run started (``processes``) that exited is started again and gets
+    the weights before it serves (``engine_stats["engine_restarts"]``), and an engine started
+    elsewhere that is down is left out of the push (and of the requests); a push that fails
+    is tried once more over a new weight group, then raises :class:`EngineError`; with no
+    engine up, generation and pushes raise :class:`EngineError`."""
 
     def __init__(self, urls: Sequence[str], api_key: str, model: str, timeout_s: float = 600.0,
-                 weight_host: str = "127.0.0.1", max_batch_size: int | None = None) -> None:
+                 weight_host: str = "127.0.0.1", max_batch_size: int | None = None, interrupt: bool = False,
+                 keep_partial: bool = True, pusher: bool = True, share: Callable[[Any], Any] | None = None,
+                 retain: bool = True) -> None:
         import logging
 
         import httpx
@@ -177,40 +76,83 @@ class RemoteBackend:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
         if not urls:
             raise ValueError("RemoteBackend needs at least one engine URL")
-        self.urls, self.api_key, self.model = [u.rstrip("/") for u in urls], api_key, model
+        self.api_key, self.model = api_key, model
         self.timeout_s, self.weight_host, self.max_batch_size = timeout_s, weight_host, max_batch_size
+        self.interrupt, self.keep_partial = interrupt, keep_partial
+        self.pusher, self.share, self.retain = pusher, share, retain
+        self.router = Router([u.rstrip("/") for u in urls])
         self.client = httpx.Client(timeout=timeout_s, headers={"Authorization": f"Bearer {api_key}"},
                                    limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
-        self.pool = ThreadPoolExecutor(max_workers=64)
-        self.version = 0
+        self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpo_lab-engine-call")
+        self.weight_pool = ThreadPoolExecutor(max_workers=max(4, len(urls)), thread_name_prefix="grpo_lab-weights")
+        self.version: int | None = None  # of the weights pushed last
+        self.engine_stats = {"engine_requests_resubmitted": 0, "engine_requests_interrupted": 0,  # since the start
+                             "engine_restarts": 0}
         self._group = None
+        self._members: list[str] = []  # the engines in the weight group
         self._lock = threading.Lock()
 
-    # ------------------------------------------------------------------ generation
-    def engine_of(self, prompt: Sequence[int]) -> str:
-        """The engine a prompt goes to: the same for the same prompt (a group's members)."""
-        digest = hashlib.blake2b(json.dumps(list(prompt)).encode(), digest_size=8).digest()
-        return self.urls[int.from_bytes(digest, "little") % len(self.urls)]
+    @property
+    def urls(self) -> list[str]:
+        return list(self.router.urls)
 
+    # ------------------------------------------------------------------ generation
     def post(self, url: str, path: str, body: dict) -> dict:
         try:
             response = self.client.post(url + path, json=body)
-        except Exception as err:  # connection refused, timeout
-            raise EngineError(f"engine {url}: {type(err).__name__}: {err}") from None
+        except Exception as err:  # connection refused, reset, timeout
+            raise EngineUnreachable(f"engine {url}: {type(err).__name__}: {err}") from None
         if response.status_code != 200:
             raise EngineError(f"engine {url}{path}: HTTP {response.status_code}: {response.text[:300]}")
         return response.json()
 
-    def complete(self, prompt: Sequence[int], params: SamplingParams) -> Completion:
+    def request(self, prompt: Sequence[int], params: SamplingParams) -> dict:
+        """One ``/completions`` call for ``prompt`` (ids), on the engine the router picks;
+        an engine that cannot be reached is marked down and the call goes to another."""
         body = {"model": self.model, "prompt": list(prompt), "max_tokens": params.max_tokens,
                 "temperature": params.temperature, "top_p": params.top_p, "logprobs": 1}
         if params.stop:
             body["stop"] = list(params.stop)
         if params.seed is not None:
             body["seed"] = params.seed
-        choice = self.post(self.engine_of(prompt), "/completions", body)["choices"][0]
-        return Completion(list(choice["token_ids"]), list(choice["logprobs"]["token_logprobs"]),
-                          choice["finish_reason"])
+        tried: list[str] = []
+        while True:
+            url = self.router.acquire(prompt, avoid=tried)
+            try:
+                return self.post(url, "/completions", body)
+            except EngineUnreachable as err:
+                self.router.mark_down(url)
+                tried.append(url)
+                if len(tried) == len(self.router.urls):
+                    raise EngineError(f"no engine could take the request; the last: {err}") from None
+                self.engine_stats["engine_requests_resubmitted"] += 1
+            finally:
+                self.router.release(url)
+
+    def complete(self, prompt: Sequence[int], params: SamplingParams) -> Completion:
+        """One completion. A generation that a weight push cut short (``"abort"``) goes on
+        from its last token on the new weights (``partial="continue"``: its tokens keep
+        their own log-probs, and the completion the oldest version), or starts again
+        (``partial="restart"``)."""
+        ids: list[int] = []
+        logprobs: list[float] = []
+        version: int | None = None
+        while True:
+            left = params.max_tokens - len(ids)
+            seed = None if params.seed is None else (params.seed + len(ids)) % 2**63  # a continuation draws anew
+            answer = self.request(list(prompt) + ids, replace(params, max_tokens=left, seed=seed))
+            choice = answer["choices"][0]
+            part_version = answer.get("weight_version")
+            ids += list(choice["token_ids"])
+            logprobs += list(choice["logprobs"]["token_logprobs"])
+            version = part_version if version is None or part_version is None else min(version, part_version)
+            if choice["finish_reason"] != "abort":
+                return Completion(ids, logprobs, choice["finish_reason"], version=version)
+            self.engine_stats["engine_requests_interrupted"] += 1
+            if len(ids) >= params.max_tokens:
+                return Completion(ids, logprobs, "length", version=version)
+            if not self.keep_partial:
+                ids, logprobs, version = [], [], None
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
                  ) -> list[Completion]:
@@ -222,31 +164,102 @@ class RemoteBackend:
 
     # ------------------------------------------------------------------ weights
     def connect(self) -> None:
-        """The weight group with every engine (once)."""
-        port, world = free_port(self.weight_host), len(self.urls) + 1
-        calls = [self.pool.submit(self.post, url, "/weights/connect",
-                                  {"host": self.weight_host, "port": port, "rank": rank, "world": world})
-                 for rank, url in enumerate(self.urls, start=1)]
+        """A weight group with every engine (a new one replaces the old: after a restart
+        or a failed push)."""
+        for url in self.router.up():  # an engine that does not answer would hold the group's rendezvous
+            try:
+                self.client.get(url + "/weights", timeout=min(self.timeout_s, 30.0)).raise_for_status()
+            except Exception as err:
+                import logging
+
+                logging.getLogger("grpo_lab").warning("engine %s does not answer (%s): left out of the weight push",
+                                                      url, err)
+                self.router.mark_down(url)
+        port, urls = free_port(self.weight_host), self.router.up()
+        if not urls:
+            raise EngineError(f"no engine is up to take the weights (down: {sorted(self.router.down)})")
+        world = len(urls) + 1
+        calls = [self.weight_pool.submit(self.post, url, "/weights/connect",
+                                         {"host": self.weight_host, "port": port, "rank": rank, "world": world})
+                 for rank, url in enumerate(urls, start=1)]
         self._group = weight_group(self.weight_host, port, 0, world, self.timeout_s)
+        self._members = urls
         for call in calls:
             call.result()
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Push the weights to every engine; they serve version ``self.version`` after."""
+    def restart_exited(self) -> bool:
+        """Start again the engines this run started that exited; whether any was."""
+        if self.processes is None:
+            return False
+        restarted = False
+        for index, (old, new) in self.processes.restart_exited().items():
+            self.router.replace(old, new)
+            self.engine_stats["engine_restarts"] += 1
+            restarted = True
+        return restarted
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int | None = None,
+                     adapter: dict | None = None) -> None:
+        """Push the weights (with ``adapter``, a LoRA adapter of that config) to every
+        engine; they serve ``version`` after (default: one more than the last push's).
+        Under several trainer processes rank 0 pushes, the others take part in gathering
+        the tensors and learn how the push went (and where restarted engines listen)."""
         with self._lock:
-            if self._group is None:
-                self.connect()
-            version = self.version + 1
-            calls = [self.pool.submit(self.post, url, "/weights/update", {"version": version}) for url in self.urls]
-            send_tensors(self._group, named_tensors)
-            answers = [call.result() for call in calls]
-            wrong = [a for a in answers if a.get("version") != version]
-            if wrong:
-                raise EngineError(f"an engine answered the weight push of version {version} with {wrong[0]}")
+            version = version if version is not None else (self.version or 0) + 1
+            outcome: tuple = ("ok", None)
+            if self.pusher:
+                try:
+                    self._push_with_retry(named_tensors, version, adapter)
+                    outcome = ("ok", self.router.urls)
+                except EngineError as err:
+                    outcome = ("error", str(err))
+            else:
+                for _ in named_tensors:  # FSDP gathers every tensor on every rank
+                    pass
+            if self.share is not None:  # every rank's next requests come after the push
+                outcome = self.share(outcome)
+                if outcome[0] == "ok" and not self.pusher:
+                    self.router.set_urls(outcome[1])
+            if outcome[0] == "error":
+                raise EngineError(outcome[1])
             self.version = version
 
-    def load_adapter(self, tensors, peft_config) -> None:
-        raise NotImplementedError("LoRA adapters to engines in their own processes are not supported yet")
+    def _push_with_retry(self, named_tensors: Iterable[tuple[str, Tensor]], version: int, adapter: dict | None) -> None:
+        if self.restart_exited():
+            self._group = None
+        tensors = list(named_tensors) if self.retain else named_tensors  # kept: a failed push can be sent again
+        try:
+            self._push(tensors, version, adapter)
+        except Exception as err:  # one more try over a new group (an engine restarted, a broken connection)
+            if not isinstance(tensors, list):
+                raise EngineError(f"the weight push of version {version} failed: {err}") from err
+            import logging
+
+            logging.getLogger("grpo_lab").warning("the weight push of version %d failed (%s): trying again",
+                                                  version, err)
+            self.restart_exited()
+            self._group = None
+            try:
+                self._push(tensors, version, adapter)
+            except Exception as again:
+                raise EngineError(f"the weight push of version {version} failed twice: {again}") from again
+
+    def _push(self, named_tensors: Iterable[tuple[str, Tensor]], version: int, adapter: dict | None) -> None:
+        if self._group is None or set(self._members) != set(self.router.up()):  # an engine went down: a new group
+            self.connect()
+        calls = [self.weight_pool.submit(self.post, url, "/weights/update",
+                                         {"version": version, "interrupt": self.interrupt, "adapter": adapter})
+                 for url in self._members]
+        send_tensors(self._group, named_tensors)
+        answers = [call.result() for call in calls]
+        wrong = [a for a in answers if a.get("version") != version]
+        if wrong:
+            raise EngineError(f"an engine answered the weight push of version {version} with {wrong[0]}")
+
+    def load_adapter(self, tensors: dict[str, Tensor], peft_config, version: int | None = None) -> None:
+        """Push a LoRA adapter (its tensors alone) to every engine, which serves its base
+        model with it from then on; as :meth:`load_weights` otherwise."""
+        self.load_weights(tensors.items(), version, adapter=adapter_config_dict(peft_config))
 
     def sleep(self) -> None:
         """The engines keep their memory: they run on their own devices."""
@@ -261,4 +274,5 @@ class RemoteBackend:
         if self.processes is not None:
             self.processes.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.weight_pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
