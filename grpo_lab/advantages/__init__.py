@@ -19,7 +19,11 @@ from ..data import RolloutBatch, anchor_ids
 from . import focal as _focal  # noqa: F401  (each import registers its functions)
 from . import copo as _copo  # noqa: F401
 from . import gigpo as _gigpo  # noqa: F401
+from . import gpg as _gpg  # noqa: F401
 from . import grpo as _grpo  # noqa: F401
+from . import opo as _opo  # noqa: F401
+from . import passk as _passk  # noqa: F401
+from . import reinforce_pp as _reinforce_pp  # noqa: F401
 from . import rloo as _rloo  # noqa: F401
 from . import tree_grpo as _tree_grpo  # noqa: F401
 from . import treerpo as _treerpo  # noqa: F401
@@ -60,6 +64,7 @@ def inputs_from_batch(batch: RolloutBatch, invalid_penalty: float = 0.0, penalty
         tree_id=batch.tree_id,
         node_id=batch.node_id,
         parent_id=batch.parent_id,
+        lengths=torch.stack([m.sum() for m in batch.loss_mask]) if len(batch) else torch.zeros(0),
     )
 
 
@@ -135,6 +140,7 @@ def example_inputs() -> AdvantageInputs:
         anchor_id=torch.tensor([0, 1, 0, 2, 3, 4, 3, 4]),
         anchors=["a", "b", "a", "c", "d", "e", "d", "e"],
         success=torch.tensor([False, True, False, False, False, True, False, True]),
+        lengths=torch.tensor([3.0, 2.0, 4.0, 1.0, 2.0, 2.0, 5.0, 1.0]),
     )
 
 

@@ -131,6 +131,30 @@ def normalize_in_groups(values: Tensor, group: Tensor, mode: str, eps: float) ->
     return normalize_weighted(values, ones, group, count, mode, eps)
 
 
+def episode_table(inputs) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The episodes of ``inputs`` (an ``AdvantageInputs``): ``returns`` ``[T]`` (float64),
+    ``traj_group`` ``[T]``, ``row_traj`` ``[N]``, ``tokens`` ``[T]`` (the trained tokens of
+    each episode, its rows' ``lengths`` summed; rows without lengths count 1) and
+    ``group_size`` ``[K]`` (episodes per group)."""
+    returns, traj_group, row_traj = trajectory_table(inputs.rewards.to(torch.float64), inputs.traj_id, inputs.group_id)
+    tokens = torch.zeros_like(returns).index_add_(0, row_traj, inputs.row_lengths())
+    k = int(traj_group.max()) + 1 if traj_group.numel() else 0
+    group_size = torch.zeros(k, dtype=torch.float64).index_add_(0, traj_group, torch.ones_like(returns))
+    return returns, traj_group, row_traj, tokens, group_size
+
+
+def whiten(values: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:
+    """``(values - mean) / sqrt(var + eps)`` with the mean and the Bessel-corrected variance
+    taken over ``weight`` units (``values`` ``[M]``, ``weight`` ``[M]``: each value counts
+    ``weight`` times, as verl's ``masked_whiten`` counts every token of a response)."""
+    total = weight.sum()
+    if values.numel() == 0:
+        return values.clone()
+    mean = (weight * values).sum() / total.clamp(min=1e-12)
+    var = (weight * (values - mean) ** 2).sum() / (total - 1).clamp(min=1e-12) if total > 1 else values.new_zeros(())
+    return (values - mean) * torch.rsqrt(var + eps)
+
+
 def discounted_returns(rewards: Tensor, traj_id: Tensor, step: Tensor, gamma: float) -> Tensor:
     """``G_t = r_t + gamma * G_{t+1}`` inside each episode, ``[N]`` in the input's row order.
 

@@ -247,3 +247,76 @@ def copo_loop(rewards, group_id, traj_id, b=0.5, k=1.0, entropy_coef=True, blend
         global_adv = {g: 0.0 for g in global_reward}
     weights = [weight[g] if blend == "soft" or a != 0 else 0.0 for g, a in zip(group_id, local)]
     return local, [global_adv[g] for g in group_id], weights
+
+
+# ---------------------------------------------------------------- the estimators verl ships
+def _token_whiten(values: list[float], lengths: list[float], eps: float = 1e-8) -> list[float]:
+    """verl's ``masked_whiten`` with each value repeated over its ``lengths`` tokens."""
+    tokens = [v for v, n in zip(values, lengths) for _ in range(int(n))]
+    if not tokens:
+        return [0.0] * len(values)
+    mean = sum(tokens) / len(tokens)
+    var = sum((t - mean) ** 2 for t in tokens) / (len(tokens) - 1) if len(tokens) > 1 else 0.0
+    return [(v - mean) / math.sqrt(var + eps) for v in values]
+
+
+def single_turn_groups(rewards, group_id) -> dict[int, list[int]]:
+    """The rows of each group, one row per episode (single-turn batches)."""
+    rows: dict[int, list[int]] = defaultdict(list)
+    for i, g in enumerate(group_id):
+        rows[g].append(i)
+    return rows
+
+
+def reinforce_pp_loop(rewards, lengths) -> list[float]:
+    """Single-turn REINFORCE++ (gamma 1): the rewards whitened over every token."""
+    return _token_whiten(list(rewards), lengths)
+
+
+def reinforce_pp_baseline_loop(rewards, group_id, lengths) -> list[float]:
+    """Single-turn REINFORCE++-baseline: reward minus its group's mean (0 alone), whitened."""
+    centred = [0.0] * len(rewards)
+    for rows in single_turn_groups(rewards, group_id).values():
+        if len(rows) > 1:
+            mean = sum(rewards[i] for i in rows) / len(rows)
+            for i in rows:
+                centred[i] = rewards[i] - mean
+    return _token_whiten(centred, lengths)
+
+
+def opo_loop(rewards, group_id, lengths) -> list[float]:
+    adv = [0.0] * len(rewards)
+    for rows in single_turn_groups(rewards, group_id).values():
+        if len(rows) < 2 or max(rewards[i] for i in rows) == min(rewards[i] for i in rows):
+            continue
+        baseline = sum(lengths[i] * rewards[i] for i in rows) / sum(lengths[i] for i in rows)
+        for i in rows:
+            adv[i] = rewards[i] - baseline
+    return adv
+
+
+def gpg_loop(rewards, group_id, f_norm=1.0) -> list[float]:
+    alpha = len(rewards) / max(sum(1 for r in rewards if r != 0), 1)
+    adv = [0.0] * len(rewards)
+    for rows in single_turn_groups(rewards, group_id).values():
+        if len(rows) < 2 or max(rewards[i] for i in rows) == min(rewards[i] for i in rows):
+            continue
+        mean = sum(rewards[i] for i in rows) / len(rows)
+        for i in rows:
+            adv[i] = alpha * (rewards[i] - mean) / f_norm
+    return adv
+
+
+def passk_loop(rewards, group_id, norm_adv_by_std=True, eps=1e-6) -> list[float]:
+    adv = [0.0] * len(rewards)
+    for rows in single_turn_groups(rewards, group_id).values():
+        values = [rewards[i] for i in rows]
+        if len(rows) < 2 or max(values) == min(values):
+            continue
+        best = max(range(len(rows)), key=lambda k: (values[k], -k))  # the first of equal bests
+        second = max(v for k, v in enumerate(values) if k != best)
+        margin = values[best] - second
+        if norm_adv_by_std:
+            margin /= statistics.stdev(values) + eps
+        adv[rows[best]] = margin
+    return adv

@@ -29,6 +29,8 @@ class AdvantageInputs:
     - ``success`` ``[N]`` bool or None: the episode was won at this row.
     - ``tree_id``, ``node_id``, ``parent_id`` ``[N]`` long or None: tree sampling
       bookkeeping (see ``grpo_lab.advantages.trees``); -1 everywhere means chains.
+    - ``lengths`` ``[N]`` float or None: the tokens each row trains (its sampled tokens);
+      the estimators that weigh by length (OPO, REINFORCE++'s whitening) read it.
     - ``penalty`` ``[N]`` float >= 0 or None: a penalty each row pays on its own scores
       (``algo.penalty_placement=row``, see :mod:`grpo_lab.advantages.shaping`): an
       estimator subtracts it from that row's episode score and step return, and from
@@ -46,6 +48,7 @@ class AdvantageInputs:
     node_id: Tensor | None = None
     parent_id: Tensor | None = None
     penalty: Tensor | None = None
+    lengths: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.rewards.shape[0] if self.rewards.dim() == 1 else -1
@@ -53,7 +56,8 @@ class AdvantageInputs:
             raise ValueError(f"rewards must be one-dimensional [N], got shape {tuple(self.rewards.shape)}")
         if self.anchors is not None and len(self.anchors) != n:
             raise ValueError(f"anchors has {len(self.anchors)} rows, expected {n} like rewards")
-        for name in ("group_id", "traj_id", "step", "anchor_id", "success", "tree_id", "node_id", "parent_id", "penalty"):
+        for name in ("group_id", "traj_id", "step", "anchor_id", "success", "tree_id", "node_id", "parent_id", "penalty",
+                     "lengths"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != (n,):
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected ({n},) like rewards")
@@ -63,6 +67,19 @@ class AdvantageInputs:
         if self.penalty is not None and not bool(((self.penalty >= 0) & torch.isfinite(self.penalty)).all()):
             bad = torch.nonzero(~((self.penalty >= 0) & torch.isfinite(self.penalty))).flatten().tolist()[:5]
             raise ValueError(f"penalty must be finite and >= 0; bad values at rows {bad}")
+
+    def no_row_penalty(self, estimator: str) -> None:
+        """Refuse a row penalty (the estimators whose scores are whole episodes' returns
+        take the penalty in the rewards: ``algo.penalty_placement=episode``)."""
+        if self.penalty is not None:
+            raise ValueError(f"{estimator} takes the invalid-action penalty in the rewards: set "
+                             "algo.penalty_placement=episode (it has no per-row score a row penalty could lower)")
+
+    def row_lengths(self) -> Tensor:
+        """``[N]`` float64: each row's trained tokens (ones without ``lengths``)."""
+        if self.lengths is None:
+            return torch.ones(self.rewards.shape[0], dtype=torch.float64)
+        return self.lengths.to(torch.float64)
 
     def row_penalty(self) -> Tensor:
         """``[N]`` float64: each row's own penalty (zeros without one)."""

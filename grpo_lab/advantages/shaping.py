@@ -22,8 +22,9 @@ from torch import Tensor
 
 PENALTY_PLACEMENTS = ("row", "episode")
 #: estimators that take the penalty in the rewards: a Tree-GRPO node's advantage is built
-#: from the leaves below it, and there is no score of its own that a row penalty could lower
-EPISODE_PLACEMENT_ESTIMATORS = ("tree_grpo",)
+#: from the leaves below it, and there is no score of its own that a row penalty could lower;
+#: the others score whole episodes (their returns) and nothing else
+EPISODE_PLACEMENT_ESTIMATORS = ("tree_grpo", "reinforce_pp", "reinforce_pp_baseline", "opo", "gpg", "grpo_passk")
 
 
 def default_penalty_placement(estimator: str) -> str:
