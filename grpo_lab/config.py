@@ -155,7 +155,7 @@ class AlgoConfig:
                "episode (or null) with estimator tree_grpo (a node's advantage comes from the leaves below it)")
         _check(self.ratio_level in RATIO_LEVELS, "algo.ratio_level", self.ratio_level, f"one of {list(RATIO_LEVELS)}")
         self.clip_low, self.clip_high, self.loss_agg = self.loss_settings()
-        _check(0 <= self.clip_low < 1, "algo.clip_low", self.clip_low, "a number in [0, 1)")
+        _check(0 <= self.clip_low <= 1, "algo.clip_low", self.clip_low, "a number in [0, 1] (1: no lower bound)")
         _check(self.clip_high >= 0, "algo.clip_high", self.clip_high, "a number >= 0")
         _check(self.loss_agg in AGGREGATIONS, "algo.loss_agg", self.loss_agg, f"one of {AGGREGATIONS.names()}")
         _check(self.policy_loss in POLICY_LOSSES, "algo.policy_loss", self.policy_loss, f"one of {POLICY_LOSSES.names()}")

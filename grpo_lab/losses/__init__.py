@@ -6,6 +6,8 @@ losses behind one signature and the :class:`Objective` an update minimises. Each
 choice (``algo.policy_loss``, ``algo.loss_agg``, ``algo.kl_estimator``) is a registry.
 """
 
+from . import cispo as _cispo  # noqa: F401  (each import registers its loss)
+from . import gmpo as _gmpo  # noqa: F401
 from .policy import POLICY_LOSSES, Objective, PolicyLoss, register_policy_loss
 from .terms import (AGGREGATIONS, KL_ESTIMATORS, LOSS_AGG_MODES, RATIO_LEVELS, LossScale, aggregate, behaviour_weights,
                     clipped_policy_loss, kl_penalty, reinforce_loss, truncated_is_weights)

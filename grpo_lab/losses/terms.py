@@ -97,7 +97,8 @@ def aggregate(values: Tensor, mask: Tensor, mode: "str | Aggregation", scale: Lo
     return fn(values, mask.to(values.dtype), scale)  # []
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """The mean of ``values`` over the tokens of ``mask`` (0 without any)."""
     return (values * mask).sum() / mask.sum().clamp(min=1)  # []
 
 
@@ -220,15 +221,15 @@ def clipped_policy_loss(
 
     with torch.no_grad():
         metrics = {
-            "clip_frac": _masked_mean(is_clipped, mask),
-            "clip_frac_low": _masked_mean(low, mask),
-            "clip_frac_high": _masked_mean(high, mask),
-            "approx_kl": _masked_mean(ratio - 1 - log_ratio, mask),
-            "ratio_mean": _masked_mean(ratio, mask),
+            "clip_frac": masked_mean(is_clipped, mask),
+            "clip_frac_low": masked_mean(low, mask),
+            "clip_frac_high": masked_mean(high, mask),
+            "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
             "ratio_max": (ratio * mask).max() if mask.any() else ratio.new_zeros(()),  # []
         }
         if entropy is not None:
-            metrics["entropy"] = _masked_mean(entropy.to(mask.dtype), mask)
+            metrics["entropy"] = masked_mean(entropy.to(mask.dtype), mask)
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 
@@ -256,7 +257,7 @@ def reinforce_loss(
         per_token = per_token * tis_weights.detach().to(per_token.dtype)  # [B, T]
     metrics: dict[str, Tensor] = {}
     if entropy is not None:
-        metrics["entropy"] = _masked_mean(entropy.detach().to(mask.dtype), mask)
+        metrics["entropy"] = masked_mean(entropy.detach().to(mask.dtype), mask)
     return aggregate(per_token, mask, loss_agg, scale), metrics  # []
 
 
@@ -368,6 +369,6 @@ def truncated_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: T
     weights = torch.clamp(raw, max=cap)  # [B, T]
     mask = mask.to(weights.dtype)  # [B, T]
     return weights, {
-        "tis_weight_mean": _masked_mean(weights, mask),
-        "tis_frac_truncated": _masked_mean((raw > cap).to(weights.dtype), mask),
+        "tis_weight_mean": masked_mean(weights, mask),
+        "tis_frac_truncated": masked_mean((raw > cap).to(weights.dtype), mask),
     }
