@@ -39,6 +39,8 @@ def test_kl_estimator_gradients_point_where_the_docs_say(seed):
     assert torch.allclose(expected_loss_gradient("k1", logits, ref_logp), torch.zeros(6, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(expected_loss_gradient("k2", logits, ref_logp), reverse, atol=1e-12)
     assert torch.allclose(expected_loss_gradient("k3", logits, ref_logp), forward, atol=1e-12)
+    for straight_through in ("k1+", "k3+", "abs+"):  # the estimator's value, k2's gradient
+        assert torch.allclose(expected_loss_gradient(straight_through, logits, ref_logp), reverse, atol=1e-12)
     assert not torch.allclose(reverse, forward, atol=1e-3)  # the two directions differ here
 
 

@@ -149,6 +149,9 @@ def test_kl_estimators_by_hand():
     k3 = [math.exp(-0.5) - 1 + 0.5, math.exp(0.5) - 1 - 0.5]
     assert torch.allclose(kl_penalty(logp, ref, "k3"), torch.tensor([k3]))
     assert kl_penalty(torch.tensor([[-30.0]]), torch.tensor([[0.0]]), "k3").item() == 10.0  # clamped
+    assert torch.allclose(kl_penalty(logp, ref, "abs"), torch.tensor([[0.5, 0.5]]))
+    for name in ("k1", "k3", "abs"):  # straight-through: the value is the estimator's own
+        assert torch.allclose(kl_penalty(logp, ref, name + "+"), kl_penalty(logp, ref, name))
     with pytest.raises(ValueError, match="k3"):
         kl_penalty(logp, ref, "k4")
 

@@ -284,6 +284,30 @@ def k3(d: Tensor, clamp: float) -> Tensor:
     return torch.clamp(torch.exp(-d) - 1 + d, min=-clamp, max=clamp)  # [B, T]
 
 
+@KL_ESTIMATORS.register("abs")
+def kl_abs(d: Tensor, clamp: float) -> Tensor:
+    """|d| (verl's abs): biased; as a loss, sign(d) times the log-prob's gradient."""
+    return d.abs()  # [B, T]
+
+
+def straight_through(estimate: Callable[[Tensor, float], Tensor]) -> Callable[[Tensor, float], Tensor]:
+    """``estimate``'s value with k2's gradient (verl's ``+`` modes): the penalty reported
+    and added is the estimator's, the gradient that of KL(policy || reference)."""
+
+    def fn(d: Tensor, clamp: float) -> Tensor:
+        grad_of = k2(d, clamp)  # [B, T]
+        return grad_of - grad_of.detach() + estimate(d, clamp).detach()  # [B, T]
+
+    return fn
+
+
+KL_ESTIMATORS.register("k1+", description="k1's value, k2's gradient (straight-through): the gradient of "
+                       "KL(policy || reference)")(straight_through(k1))
+KL_ESTIMATORS.register("k3+", description="k3's value, k2's gradient (straight-through, verl's low_var_kl+): the "
+                       "gradient of KL(policy || reference)")(straight_through(k3))
+KL_ESTIMATORS.register("abs+", description="|d|'s value, k2's gradient (straight-through)")(straight_through(kl_abs))
+
+
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: "str | Callable[[Tensor, float], Tensor]" = "k3",
                clamp: float = 10.0) -> Tensor:
     """Per-token estimate ``[B, T]`` of KL(policy || reference) from samples of the policy,
@@ -293,7 +317,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: "str | Callabl
     ``k1 = d`` (unbiased, high variance, can be negative), ``k2 = d^2 / 2`` (low variance,
     biased), ``k3 = exp(-d) - 1 + d`` (unbiased, low variance, non-negative; clamped to
     ``[-clamp, clamp]`` as in verl, since ``exp(-d)`` explodes where the policy has
-    moved far below the reference).
+    moved far below the reference); ``abs = |d|``; the straight-through ``k1+``, ``k3+``
+    and ``abs+`` take their estimator's value and ``k2``'s gradient (verl's ``+`` modes).
 
     As a *loss* the estimates are differentiated through ``logprobs`` on samples that
     stay fixed, and their expected gradients are not all that of KL(policy || reference):
