@@ -24,7 +24,7 @@ from .advantages import AdvantagePipeline
 from .advantages.shaping import PENALTY_PLACEMENTS, default_penalty_placement
 from .training.packing import PACKINGS, packing_name
 from .endpoint.tools import TOOL_PARSERS  # also registers env=agent
-from .losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, RATIO_LEVELS, Objective
+from .losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, RATIO_LEVELS, RATIO_LEVELS_OF_ROWS, Objective
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -95,6 +95,10 @@ class AlgoConfig:
     tis_cap: Optional[float] = None  # truncated importance sampling cap C (e.g. 2.0)
     entropy_coef: float = 0.0  # > 0: entropy bonus
     off_policy_is_cap: float = 2.0  # cap of pi_old / pi_behaviour on rows an earlier policy sampled
+    tis_level: str = "token"  # token | sequence | geometric: the ratio tis_cap truncates (grpo_lab.losses.rollout_correction)
+    rejection: Optional[str] = None  # token | sequence | geometric: leave out what pi_old / pi_rollout puts off the band
+    rejection_upper: float = 2.0  # the band's upper bound (geometric wants ~1.001)
+    rejection_lower: Optional[float] = None  # None: 1 / rejection_upper
 
     #: the defaults of ``clip_low``, ``clip_high`` and ``loss_agg`` per ratio level
     LOSS_DEFAULTS = {"token": (0.2, 0.28, "token-mean"), "sequence": (3e-4, 4e-4, "seq-mean-token-mean")}
@@ -114,9 +118,17 @@ class AlgoConfig:
                              clip_low=clip_low, clip_high=clip_high, dual_clip_c=self.dual_clip_c,
                              ratio_level=self.ratio_level, kl_coef=self.kl_coef,
                              kl_estimator=KL_ESTIMATORS.get(self.kl_estimator), entropy_coef=self.entropy_coef,
-                             tis_cap=self.tis_cap, off_policy_is_cap=self.off_policy_is_cap)
+                             tis_cap=self.tis_cap, off_policy_is_cap=self.off_policy_is_cap,
+                             tis_level=RATIO_LEVELS_OF_ROWS.get(self.tis_level),
+                             rejection=None if self.rejection is None else RATIO_LEVELS_OF_ROWS.get(self.rejection),
+                             rejection_band=self.rejection_bounds())
         except KeyError as err:
             raise ConfigError(f"algo: {err}") from None
+
+    def rejection_bounds(self) -> tuple[float, float]:
+        """``(lower, upper)`` of the rejection band (``lower`` defaults to ``1 / upper``)."""
+        upper = self.rejection_upper
+        return (1.0 / upper if self.rejection_lower is None else self.rejection_lower), upper
 
     def advantages(self) -> AdvantagePipeline:
         """The estimator and modifiers with every name resolved, and the invalid-action
@@ -165,6 +177,13 @@ class AlgoConfig:
         _check(self.tis_cap is None or self.tis_cap > 0, "algo.tis_cap", self.tis_cap, "null or a number > 0")
         _check(self.entropy_coef >= 0, "algo.entropy_coef", self.entropy_coef, "a number >= 0")
         _check(self.off_policy_is_cap > 0, "algo.off_policy_is_cap", self.off_policy_is_cap, "a number > 0")
+        levels = RATIO_LEVELS_OF_ROWS.names()
+        _check(self.tis_level in RATIO_LEVELS_OF_ROWS, "algo.tis_level", self.tis_level, f"one of {levels}")
+        _check(self.rejection is None or self.rejection in RATIO_LEVELS_OF_ROWS, "algo.rejection", self.rejection,
+               f"null or one of {levels}")
+        _check(self.rejection_upper >= 1, "algo.rejection_upper", self.rejection_upper, "a number >= 1")
+        lower, _ = self.rejection_bounds()
+        _check(0 < lower <= 1, "algo.rejection_lower", self.rejection_lower, "null (1 / rejection_upper) or in (0, 1]")
         _check(not (self.drop_zero_std_groups and self.estimator == "copo"), "algo.drop_zero_std_groups",
                self.drop_zero_std_groups, "false with estimator copo (its global stream trains exactly the groups "
                "whose local advantages are all zero)")

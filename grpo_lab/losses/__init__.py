@@ -8,10 +8,11 @@ choice (``algo.policy_loss``, ``algo.loss_agg``, ``algo.kl_estimator``) is a reg
 
 from . import cispo as _cispo  # noqa: F401  (each import registers its loss)
 from . import gmpo as _gmpo  # noqa: F401
+from .rollout_correction import RATIO_LEVELS_OF_ROWS, rejection_keep
 from .policy import POLICY_LOSSES, Objective, PolicyLoss, register_policy_loss
 from .terms import (AGGREGATIONS, KL_ESTIMATORS, LOSS_AGG_MODES, RATIO_LEVELS, LossScale, aggregate, behaviour_weights,
                     clipped_policy_loss, kl_penalty, reinforce_loss, truncated_is_weights)
 
-__all__ = ["AGGREGATIONS", "KL_ESTIMATORS", "LOSS_AGG_MODES", "POLICY_LOSSES", "RATIO_LEVELS", "LossScale", "Objective",
+__all__ = ["RATIO_LEVELS_OF_ROWS", "rejection_keep", "AGGREGATIONS", "KL_ESTIMATORS", "LOSS_AGG_MODES", "POLICY_LOSSES", "RATIO_LEVELS", "LossScale", "Objective",
            "PolicyLoss", "aggregate", "behaviour_weights", "clipped_policy_loss", "kl_penalty", "register_policy_loss",
            "reinforce_loss", "truncated_is_weights"]

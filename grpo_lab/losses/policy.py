@@ -76,6 +76,9 @@ class Objective:
     entropy_coef: float = 0.0
     tis_cap: float | None = None
     off_policy_is_cap: float = 2.0
+    tis_level: Callable[[Tensor, Tensor], Tensor] | None = None  # None: token (rollout_correction.RATIO_LEVELS_OF_ROWS)
+    rejection: Callable[[Tensor, Tensor], Tensor] | None = None  # a level: tokens or rows out of the band leave the loss
+    rejection_band: tuple[float, float] = (0.5, 2.0)
 
     @property
     def trains_every_row(self) -> bool:

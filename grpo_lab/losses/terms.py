@@ -335,7 +335,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: "str | Callabl
 
 
 def behaviour_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, stale: Tensor,
-                      tis_cap: float | None, stale_cap: float) -> tuple[Tensor | None, dict[str, Tensor]]:
+                      tis_cap: float | None, stale_cap: float, tis_level: Callable[[Tensor, Tensor], Tensor] | None = None
+                      ) -> tuple[Tensor | None, dict[str, Tensor]]:
     """Per-token importance weights between the policy the update starts from and the
     policy that sampled each row (decoupled PPO: Hilton et al. 2022, "Batch size-invariance
     for policy optimization"; the PPO ratio stays ``pi / pi_old``).
@@ -343,7 +344,9 @@ def behaviour_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tens
     - ``stale`` rows (``[B]`` bool; sampled by an earlier policy, e.g. AR3PO's reused
       episodes): ``min(pi_old / pi_behaviour, stale_cap)``, ``rollout_logprobs`` being the
       behaviour policy's;
-    - the other rows: :func:`truncated_is_weights` with ``tis_cap``, or 1 without one.
+    - the other rows: :func:`truncated_is_weights` with ``tis_cap`` (at ``tis_level``,
+      :mod:`~grpo_lab.losses.rollout_correction`; default each token's own), or 1
+      without one.
 
     Returns ``None`` (no weights) when no row is stale and ``tis_cap`` is None, and metrics
     ``tis_weight_mean``/``tis_frac_truncated`` (fresh rows, with TIS) and
@@ -362,7 +365,8 @@ def behaviour_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tens
         fresh_weights = torch.ones_like(stale_weights)  # [B, T]
     else:
         # [B, T]
-        fresh_weights, fresh_metrics = truncated_is_weights(old_logprobs, rollout_logprobs, fresh_mask, tis_cap)
+        fresh_weights, fresh_metrics = truncated_is_weights(old_logprobs, rollout_logprobs, fresh_mask, tis_cap,
+                                                            tis_level)
         if bool(fresh_mask.any()):
             metrics.update(fresh_metrics)
     if bool(stale_mask.any()):
@@ -371,7 +375,8 @@ def behaviour_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tens
     return torch.where(stale, stale_weights, fresh_weights), metrics  # [B, T]
 
 
-def truncated_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, cap: float) -> tuple[Tensor, dict[str, Tensor]]:
+def truncated_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, cap: float,
+                         level: Callable[[Tensor, Tensor], Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Truncated importance sampling between the sampler and the trainer.
 
     The rollout engine and the trainer never compute exactly the same probabilities (other
@@ -384,13 +389,19 @@ def truncated_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: T
             sampling policy's weights.
         rollout_logprobs: ``[B, T]`` the sampler's log-probs of the same tokens.
         cap: the truncation ``C`` (> 0).
+        level: ``fn(log_ratio [B, T], mask [B, T]) -> [B, T]``, the ratio each token is
+            weighted by (:data:`~grpo_lab.losses.rollout_correction.RATIO_LEVELS_OF_ROWS`:
+            a row's product or geometric mean); ``None``: each token's own.
 
     Returns:
         detached weights ``[B, T]`` and metrics ``tis_weight_mean`` and ``tis_frac_truncated``.
     """
     if cap <= 0:
         raise ValueError(f"the truncated-IS cap must be > 0, got {cap}")
-    raw = torch.exp((old_logprobs - rollout_logprobs).detach())  # [B, T]
+    log_ratio = (old_logprobs - rollout_logprobs).detach()  # [B, T]
+    if level is not None:
+        log_ratio = torch.clamp(level(log_ratio * mask.to(log_ratio.dtype), mask.to(log_ratio.dtype)), max=50.0)  # [B, T]
+    raw = torch.exp(log_ratio)  # [B, T]
     weights = torch.clamp(raw, max=cap)  # [B, T]
     mask = mask.to(weights.dtype)  # [B, T]
     return weights, {

@@ -15,7 +15,7 @@ from .distributed import SINGLE, DistContext, global_sums, gradient_sync, lockst
 from .forward import pad_rows
 from .packing import Packing, get_packing
 from .shared_prefix import common_prefix_length
-from ..losses import LossScale, Objective, aggregate, behaviour_weights, kl_penalty
+from ..losses import LossScale, Objective, aggregate, behaviour_weights, kl_penalty, rejection_keep
 
 
 def split_micro_batches(batch: RolloutBatch, rows: Tensor, max_rows: int, max_tokens: int | None = None,
@@ -299,7 +299,11 @@ def micro_batch_loss(objective: Objective, micro: MicroBatch, logp: Tensor, mask
     old = logp.detach() if micro.old_logprobs is None else micro.old_logprobs.to(device)  # [m, R]
     rollout = micro.rollout_logprobs.to(device)  # [m, R]
     tis, metrics = behaviour_weights(old, rollout, mask, micro.off_policy.to(device), objective.tis_cap,
-                                     objective.off_policy_is_cap)  # [m, R], or None: no weights
+                                     objective.off_policy_is_cap, objective.tis_level)  # [m, R], or None: no weights
+    if objective.rejection is not None:  # the tokens or rows whose ratio to the engine's leaves the band
+        keep, rejected = rejection_keep(old, rollout, mask, objective.rejection, *objective.rejection_band)  # [m, R]
+        mask = mask * keep  # [m, R]
+        metrics.update(rejected)
     streams = {key: value.to(device) for key, value in micro.streams.items()}  # [m] each
     loss, pg_metrics = objective.policy_loss(logp, old, micro.advantages.to(device), mask, objective, scale=scale,
                                              entropy=entropy, tis_weights=tis, streams=streams)  # []
