@@ -48,8 +48,9 @@ class RolloutBatch:
     - ``policy_version`` ``[N]``: the version of the weights that sampled the row's
       response (the number of RL steps applied to them; an engine in its own process
       reports it with each completion), -1 where the backend does not report one (a
-      backend in the trainer's process: the current weights). Every sampled token of a
-      row comes from one completion, so this is each of its tokens' version.
+      backend in the trainer's process: the current weights). A row's sampled tokens come
+      from one completion, which a weight push can split (``rollout.partial_rollout=
+      continue``): the row then has the oldest of its tokens' versions.
     - ``reward_parts``: ``N`` dicts, the named parts of each step's reward where the
       environment reports them (several reward functions), else empty; for logging.
     """

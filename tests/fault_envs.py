@@ -98,6 +98,21 @@ class SigtermLake(FrozenLakeEnv):
     ARMED = 0
     steps_taken = 0
 
+    @classmethod
+    def steps_at_each_rollout(cls, monkeypatch) -> list[int]:
+        """The list ``steps_taken`` is appended to as each rollout (``Trainer.collect``)
+        begins: where to arm the signal to land inside a given step's rollout."""
+        from grpo_lab.trainer import Trainer  # here: worker processes import this module by name
+
+        starts, original = [], Trainer.collect
+
+        def counting(self, step):
+            starts.append(cls.steps_taken)
+            return original(self, step)
+
+        monkeypatch.setattr(Trainer, "collect", counting)
+        return starts
+
     def step(self, action):
         SigtermLake.steps_taken += 1
         if SigtermLake.ARMED and SigtermLake.steps_taken == SigtermLake.ARMED:

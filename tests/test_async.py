@@ -273,14 +273,7 @@ def test_sigterm_with_rollouts_in_flight_then_resume_trains_every_episode_once(t
         return original(self, batch, advantages, extras)
 
     monkeypatch.setattr(PolicyUpdate, "__call__", recording)
-    starts = []
-    original_collect = Trainer.collect
-
-    def counting(self, step):
-        starts.append(SigtermLake.steps_taken)
-        return original_collect(self, step)
-
-    monkeypatch.setattr(Trainer, "collect", counting)
+    starts = SigtermLake.steps_at_each_rollout(monkeypatch)
 
     def cfg(port, **kw):
         c = run_config(port, total_steps=5, env="sigterm_lake", async_rollout=True, **kw)

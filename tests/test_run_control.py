@@ -202,14 +202,7 @@ def test_sigterm_in_the_middle_of_a_step_then_resume_equals_the_uninterrupted_ru
         c.trainer.warmup = WarmupConfig(steps=40, batch_size=16, episodes=60)  # valid actions reach the environment
         return c
 
-    starts = []
-    original = Trainer.collect
-
-    def counting(self, step):
-        starts.append(SigtermLake.steps_taken)
-        return original(self, step)
-
-    monkeypatch.setattr(Trainer, "collect", counting)
+    starts = SigtermLake.steps_at_each_rollout(monkeypatch)
     SigtermLake.ARMED, SigtermLake.steps_taken = 0, 0
     whole = Trainer(cfg(), output_dir=tmp_path / "whole")
     whole.train()

@@ -128,7 +128,7 @@ def gigpo(
         raise ValueError("similarity_threshold < 1 needs the anchors themselves (AdvantageInputs.anchors)")
     n = inputs.rewards.numel()
     if n == 0:
-        return AdvantageOutput(torch.zeros(0), {"frac_zero_std_groups": 0.0})
+        return AdvantageOutput.no_rows()
     rewards = inputs.rewards.to(torch.float64)
     penalty = inputs.row_penalty()
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .grouping import episode_table, weighted_group_moments
+from .grouping import episode_groups
 from .registry import AdvantageInputs, AdvantageOutput, register_estimator
 
 
@@ -38,11 +38,10 @@ def gpg(inputs: AdvantageInputs, *, f_norm: float = 1.0) -> AdvantageOutput:
     if not f_norm > 0:
         raise ValueError(f"f_norm must be > 0, got {f_norm}")
     if inputs.rewards.numel() == 0:
-        return AdvantageOutput(torch.zeros(0), {"frac_zero_std_groups": 0.0})
-    returns, traj_group, row_traj, _, group_size = episode_table(inputs)
-    alpha = returns.numel() / max(int((returns != 0).sum()), 1)
-    mean, _, constant = weighted_group_moments(returns, torch.ones_like(returns), traj_group, group_size)
-    none = constant | (group_size <= 1)  # [K]
-    adv = torch.where(none[traj_group], torch.zeros_like(returns), alpha * (returns - mean[traj_group]) / f_norm)
-    return AdvantageOutput(adv[row_traj].to(inputs.rewards.dtype),
-                           {"frac_zero_std_groups": float(none.float().mean()), "gpg_alpha": float(alpha)})
+        return AdvantageOutput.no_rows()
+    eg = episode_groups(inputs)
+    alpha = eg.returns.numel() / max(int((eg.returns != 0).sum()), 1)
+    adv = torch.where(eg.no_signal[eg.traj_group], torch.zeros_like(eg.returns),
+                      alpha * (eg.returns - eg.mean[eg.traj_group]) / f_norm)  # [T]
+    return AdvantageOutput(adv[eg.row_traj].to(inputs.rewards.dtype),
+                           {"frac_zero_std_groups": eg.frac_no_signal(), "gpg_alpha": float(alpha)})

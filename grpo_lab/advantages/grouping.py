@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -131,16 +133,33 @@ def normalize_in_groups(values: Tensor, group: Tensor, mode: str, eps: float) ->
     return normalize_weighted(values, ones, group, count, mode, eps)
 
 
-def episode_table(inputs) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The episodes of ``inputs`` (an ``AdvantageInputs``): ``returns`` ``[T]`` (float64),
-    ``traj_group`` ``[T]``, ``row_traj`` ``[N]``, ``tokens`` ``[T]`` (the trained tokens of
-    each episode, its rows' ``lengths`` summed; rows without lengths count 1) and
-    ``group_size`` ``[K]`` (episodes per group)."""
+@dataclass(frozen=True)
+class EpisodeGroups:
+    """The episodes of a batch and their groups, for the estimators that score whole
+    episodes by their returns (each episode counted once)."""
+
+    returns: Tensor  # [T] float64, each episode's return
+    traj_group: Tensor  # [T] dense group of each episode
+    row_traj: Tensor  # [N] dense episode of each row
+    tokens: Tensor  # [T] trained tokens of each episode (its rows' lengths; a row without one counts 1)
+    group_size: Tensor  # [K] episodes per group
+    mean: Tensor  # [K] the group's mean return
+    std: Tensor  # [K] the group's Bessel-corrected std of returns
+    no_signal: Tensor  # [K] bool: every return equal, or a group of one (no baseline)
+
+    def frac_no_signal(self) -> float:
+        """The share of groups without a signal (logged as ``frac_zero_std_groups``)."""
+        return float(self.no_signal.float().mean())
+
+
+def episode_groups(inputs) -> EpisodeGroups:
+    """:class:`EpisodeGroups` of ``inputs`` (an ``AdvantageInputs`` with at least one row)."""
     returns, traj_group, row_traj = trajectory_table(inputs.rewards.to(torch.float64), inputs.traj_id, inputs.group_id)
-    tokens = torch.zeros_like(returns).index_add_(0, row_traj, inputs.row_lengths())
+    tokens = torch.zeros_like(returns).index_add_(0, row_traj, inputs.row_lengths())  # [T]
     k = int(traj_group.max()) + 1 if traj_group.numel() else 0
-    group_size = torch.zeros(k, dtype=torch.float64).index_add_(0, traj_group, torch.ones_like(returns))
-    return returns, traj_group, row_traj, tokens, group_size
+    group_size = torch.zeros(k, dtype=torch.float64).index_add_(0, traj_group, torch.ones_like(returns))  # [K]
+    mean, std, constant = weighted_group_moments(returns, torch.ones_like(returns), traj_group, group_size)  # [K] each
+    return EpisodeGroups(returns, traj_group, row_traj, tokens, group_size, mean, std, constant | (group_size <= 1))
 
 
 def whiten(values: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:

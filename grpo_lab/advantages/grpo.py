@@ -51,7 +51,7 @@ def grpo(inputs: AdvantageInputs, *, scale_rewards: str = "group", eps: float = 
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     if inputs.rewards.numel() == 0:
-        return AdvantageOutput(torch.zeros(0), {"frac_zero_std_groups": 0.0})
+        return AdvantageOutput.no_rows()
     rewards = inputs.rewards.to(torch.float64)
     returns, traj_group, row_traj = trajectory_table(rewards, inputs.traj_id, inputs.group_id)
     score = returns[row_traj] - inputs.row_penalty()  # [N] each row's episode score

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .grouping import episode_table, weighted_group_moments
+from .grouping import episode_groups
 from .registry import AdvantageInputs, AdvantageOutput, register_estimator
 
 
@@ -36,13 +36,12 @@ def opo(inputs: AdvantageInputs) -> AdvantageOutput:
     if inputs.lengths is None:
         raise ValueError("opo weighs each episode by its length: AdvantageInputs.lengths (tokens per row) is needed")
     if inputs.rewards.numel() == 0:
-        return AdvantageOutput(torch.zeros(0), {"frac_zero_std_groups": 0.0})
-    returns, traj_group, row_traj, tokens, group_size = episode_table(inputs)
-    k = group_size.numel()
-    weighted = torch.zeros(k, dtype=torch.float64).index_add_(0, traj_group, tokens * returns)
-    total = torch.zeros(k, dtype=torch.float64).index_add_(0, traj_group, tokens)
+        return AdvantageOutput.no_rows()
+    eg = episode_groups(inputs)
+    k = eg.group_size.numel()
+    weighted = torch.zeros(k, dtype=torch.float64).index_add_(0, eg.traj_group, eg.tokens * eg.returns)  # [K]
+    total = torch.zeros(k, dtype=torch.float64).index_add_(0, eg.traj_group, eg.tokens)  # [K]
     baseline = weighted / total.clamp(min=1e-12)  # [K]
-    _, _, constant = weighted_group_moments(returns, torch.ones_like(returns), traj_group, group_size)
-    none = constant | (group_size <= 1)  # [K] no signal: all equal, or no baseline
-    adv = torch.where(none[traj_group], torch.zeros_like(returns), returns - baseline[traj_group])[row_traj]  # [N]
-    return AdvantageOutput(adv.to(inputs.rewards.dtype), {"frac_zero_std_groups": float(none.float().mean())})
+    adv = torch.where(eg.no_signal[eg.traj_group], torch.zeros_like(eg.returns),
+                      eg.returns - baseline[eg.traj_group])[eg.row_traj]  # [N]
+    return AdvantageOutput(adv.to(inputs.rewards.dtype), {"frac_zero_std_groups": eg.frac_no_signal()})

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .grouping import episode_table, weighted_group_moments
+from .grouping import episode_groups
 from .registry import AdvantageInputs, AdvantageOutput, register_estimator
 
 
@@ -35,24 +35,22 @@ def grpo_passk(inputs: AdvantageInputs, *, norm_adv_by_std: bool = True, eps: fl
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     if inputs.rewards.numel() == 0:
-        return AdvantageOutput(torch.zeros(0), {"frac_zero_std_groups": 0.0})
-    returns, traj_group, row_traj, _, group_size = episode_table(inputs)
-    k = group_size.numel()
-    _, std, constant = weighted_group_moments(returns, torch.ones_like(returns), traj_group, group_size)
+        return AdvantageOutput.no_rows()
+    eg = episode_groups(inputs)
+    returns, traj_group, k = eg.returns, eg.traj_group, eg.group_size.numel()
     # the best episode of each group (the first of equal bests), then the best of the rest
-    order = torch.argsort(traj_group * 0 - returns, stable=True)  # [T] by return, descending
+    order = torch.argsort(-returns, stable=True)  # [T] by return, descending
     order = order[torch.argsort(traj_group[order], stable=True)]  # [T] grouped, each group best first
     first = torch.ones_like(order, dtype=torch.bool)
     first[1:] = traj_group[order][1:] != traj_group[order][:-1]
     best = order[first]  # [K] episode index of each group's best
-    top = torch.full((k,), -torch.inf, dtype=torch.float64).scatter_reduce(0, traj_group, returns, "amax")
+    top = torch.full((k,), -torch.inf, dtype=torch.float64).scatter_reduce(0, traj_group, returns, "amax")  # [K]
     rest = returns.clone()
     rest[best] = -torch.inf
-    second = torch.full((k,), -torch.inf, dtype=torch.float64).scatter_reduce(0, traj_group, rest, "amax")
-    margin = torch.where(group_size > 1, top - second, torch.zeros_like(top))  # [K]
+    second = torch.full((k,), -torch.inf, dtype=torch.float64).scatter_reduce(0, traj_group, rest, "amax")  # [K]
+    margin = torch.where(eg.group_size > 1, top - second, torch.zeros_like(top))  # [K]
     if norm_adv_by_std:
-        margin = margin / (std + eps)
-    none = constant | (group_size <= 1)
-    adv = torch.zeros_like(returns)
-    adv[best] = torch.where(none, torch.zeros_like(margin), margin)[traj_group[best]]
-    return AdvantageOutput(adv[row_traj].to(inputs.rewards.dtype), {"frac_zero_std_groups": float(none.float().mean())})
+        margin = margin / (eg.std + eps)
+    adv = torch.zeros_like(returns)  # [T]
+    adv[best] = torch.where(eg.no_signal, torch.zeros_like(margin), margin)[traj_group[best]]
+    return AdvantageOutput(adv[eg.row_traj].to(inputs.rewards.dtype), {"frac_zero_std_groups": eg.frac_no_signal()})

@@ -98,6 +98,11 @@ class AdvantageOutput:
     metrics: dict[str, float] = field(default_factory=dict)
     extras: dict[str, Tensor] = field(default_factory=dict)
 
+    @classmethod
+    def no_rows(cls) -> "AdvantageOutput":
+        """The output for a batch without rows."""
+        return cls(torch.zeros(0), {"frac_zero_std_groups": 0.0})
+
 
 EstimatorFn = Callable[..., AdvantageOutput]
 

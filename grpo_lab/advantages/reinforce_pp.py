@@ -22,12 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .grouping import discounted_returns, episode_table, weighted_group_moments, whiten
+from .grouping import discounted_returns, episode_groups, whiten
 from .registry import AdvantageInputs, AdvantageOutput, register_estimator
-
-
-def _no_rows() -> AdvantageOutput:
-    return AdvantageOutput(torch.zeros(0), {"frac_zero_std_groups": 0.0})
 
 
 @register_estimator("reinforce_pp")
@@ -47,11 +43,11 @@ def reinforce_pp(inputs: AdvantageInputs, *, gamma: float = 1.0, eps: float = 1e
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     if inputs.rewards.numel() == 0:
-        return _no_rows()
+        return AdvantageOutput.no_rows()
     step = inputs.step if inputs.step is not None else torch.zeros_like(inputs.traj_id)
     returns = discounted_returns(inputs.rewards.to(torch.float64), inputs.traj_id, step, gamma)  # [N]
     adv = whiten(returns, inputs.row_lengths(), eps)  # [N]
-    return AdvantageOutput(adv.to(inputs.rewards.dtype), {"frac_zero_std_groups": _constant_groups(inputs)})
+    return AdvantageOutput(adv.to(inputs.rewards.dtype), {"frac_zero_std_groups": episode_groups(inputs).frac_no_signal()})
 
 
 @register_estimator("reinforce_pp_baseline")
@@ -69,18 +65,9 @@ def reinforce_pp_baseline(inputs: AdvantageInputs, *, eps: float = 1e-8) -> Adva
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     if inputs.rewards.numel() == 0:
-        return _no_rows()
-    returns, traj_group, row_traj, tokens, group_size = episode_table(inputs)
-    ones = torch.ones_like(returns)
-    mean, _, constant = weighted_group_moments(returns, ones, traj_group, group_size)
-    centred = torch.where(group_size[traj_group] > 1, returns - mean[traj_group], torch.zeros_like(returns))  # [T]
-    adv = whiten(centred, tokens, eps)[row_traj]  # [N]
-    return AdvantageOutput(adv.to(inputs.rewards.dtype),
-                           {"frac_zero_std_groups": float((constant | (group_size <= 1)).float().mean())})
-
-
-def _constant_groups(inputs: AdvantageInputs) -> float:
-    """The share of groups whose episodes' returns are all equal (no signal inside them)."""
-    returns, traj_group, _, _, group_size = episode_table(inputs)
-    _, _, constant = weighted_group_moments(returns, torch.ones_like(returns), traj_group, group_size)
-    return float((constant | (group_size <= 1)).float().mean())
+        return AdvantageOutput.no_rows()
+    eg = episode_groups(inputs)
+    centred = torch.where(eg.group_size[eg.traj_group] > 1, eg.returns - eg.mean[eg.traj_group],
+                          torch.zeros_like(eg.returns))  # [T]
+    adv = whiten(centred, eg.tokens, eps)[eg.row_traj]  # [N]
+    return AdvantageOutput(adv.to(inputs.rewards.dtype), {"frac_zero_std_groups": eg.frac_no_signal()})

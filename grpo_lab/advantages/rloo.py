@@ -34,7 +34,7 @@ def rloo(inputs: AdvantageInputs) -> AdvantageOutput:
         ``[N]`` advantages, constant within an episode.
     """
     if inputs.rewards.numel() == 0:
-        return AdvantageOutput(torch.zeros(0), {"frac_zero_std_groups": 0.0})
+        return AdvantageOutput.no_rows()
     rewards = inputs.rewards.to(torch.float64)
     returns, traj_group, row_traj = trajectory_table(rewards, inputs.traj_id, inputs.group_id)
     penalty = inputs.row_penalty()

@@ -61,7 +61,7 @@ def tree_grpo(
                          "not as a row penalty: an inner node has no score of its own to lower")
     n = inputs.rewards.numel()
     if n == 0:
-        return AdvantageOutput(torch.zeros(0), {"frac_zero_std_groups": 0.0})
+        return AdvantageOutput.no_rows()
     tree_id, node_id, parent_id = tree_columns(inputs)
     index = tree_index(tree_id, node_id, parent_id)
     rewards = inputs.rewards.to(torch.float64)

@@ -47,7 +47,7 @@ def treerpo(inputs: AdvantageInputs, *, mode: str = "mean_std_norm", eps: float 
     """
     n = inputs.rewards.numel()
     if n == 0:
-        return AdvantageOutput(torch.zeros(0), {"frac_zero_std_groups": 0.0})
+        return AdvantageOutput.no_rows()
     index = tree_index(*tree_columns(inputs), group_id=inputs.group_id)
     returns = path_sums(index, inputs.rewards.to(torch.float64))
     total, count = subtree_leaf_stats(index, returns)

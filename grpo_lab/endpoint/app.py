@@ -223,6 +223,11 @@ class Service:
         except RuntimeError as err:
             raise APIError(503, str(err), kind="server_error") from None
 
+    def version_of(self, completion: Completion) -> int:
+        """The policy version that generated ``completion`` (its backend's stamp, else the
+        version served now)."""
+        return completion.version if completion.version is not None else self.version
+
     def text(self, completion: Completion, stops: tuple[str, ...]) -> str:
         return cut_at_stop(self.tokenizer.decode(completion.token_ids, skip_special_tokens=True), stops)
 
@@ -267,7 +272,7 @@ class Service:
         stops = stop_strings(req.stop)
         completion = await self.generate(prompt, self.sampling(req, len(prompt), req.max_completion_tokens or req.max_tokens,
                                                                stops))
-        version = completion.version if completion.version is not None else self.version
+        version = self.version_of(completion)
         message, calls_tools = self.answer(req, self.text(completion, stops))
         if capture is not None:
             capture.record(CapturedCall(keys, tools_key(req.tools), prompt, completion,
@@ -289,7 +294,7 @@ class Service:
             raise APIError(400, f"logprobs={req.logprobs}: only the sampled token's log-prob is given (logprobs=1)",
                            param="logprobs")
         completion = await self.generate(prompt, self.sampling(req, len(prompt), req.max_tokens, stops))
-        version = completion.version if completion.version is not None else self.version
+        version = self.version_of(completion)
         text = self.text(completion, stops)
         if capture is not None:
             capture.record(CapturedCall((("prompt", tuple(prompt)),), "", prompt, completion, ("completion", text),

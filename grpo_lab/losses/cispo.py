@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .policy import Objective, register_policy_loss
-from .terms import LossScale, aggregate, masked_mean
+from .terms import LossScale, aggregate, masked_mean, token_advantages
 
 
 def cispo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float,
@@ -36,7 +36,7 @@ def cispo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask:
     log_ratio = (logprobs - old_logprobs).detach()  # [B, T]
     ratio = torch.exp(log_ratio)  # [B, T]
     weight = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)  # [B, T], detached
-    adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).to(logprobs.dtype)  # [B, 1] or [B, T]
+    adv = token_advantages(advantages, logprobs)  # [B, 1] or [B, T]
     per_token = -weight * adv * logprobs  # [B, T]
     if tis_weights is not None:
         per_token = per_token * tis_weights.detach().to(per_token.dtype)  # [B, T]

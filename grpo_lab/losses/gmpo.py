@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .policy import Objective, register_policy_loss
-from .terms import LossScale, masked_mean
+from .terms import LossScale, masked_mean, token_advantages
 
 
 def geometric_mean_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float,
@@ -34,7 +34,7 @@ def geometric_mean_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
     if clip_low < 0 or clip_high < 0:
         raise ValueError(f"clip ranges must be >= 0, got clip_low={clip_low}, clip_high={clip_high}")
     mask = mask.to(logprobs.dtype)  # [B, T]
-    adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).to(logprobs.dtype)  # [B, 1] or [B, T]
+    adv = token_advantages(advantages, logprobs)  # [B, 1] or [B, T]
     adv = adv.expand_as(logprobs)  # [B, T]
     lengths = mask.sum(-1)  # [B]
     row_adv = (adv * mask).sum(-1) / (lengths + 1e-8)  # [B]

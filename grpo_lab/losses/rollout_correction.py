@@ -32,6 +32,7 @@ from typing import Callable
 from torch import Tensor
 
 from ..registry import Registry
+from .terms import masked_mean
 
 LogRatioLevel = Callable[[Tensor, Tensor], Tensor]
 
@@ -70,5 +71,4 @@ def rejection_keep(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor,
     log_rho = (old_logprobs - rollout_logprobs).detach() * mask  # [B, T], 0 off the mask
     value = level(log_rho, mask)  # [B, T]
     keep = ((value >= math.log(lower)) & (value <= math.log(upper))).to(mask.dtype)  # [B, T]
-    rejected = ((1.0 - keep) * mask).sum() / mask.sum().clamp(min=1)  # []
-    return keep, {"rejected_frac": rejected}
+    return keep, {"rejected_frac": masked_mean(1.0 - keep, mask)}

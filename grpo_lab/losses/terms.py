@@ -97,6 +97,12 @@ def aggregate(values: Tensor, mask: Tensor, mode: "str | Aggregation", scale: Lo
     return fn(values, mask.to(values.dtype), scale)  # []
 
 
+def token_advantages(advantages: Tensor, like: Tensor) -> Tensor:
+    """``advantages`` ``[B]`` (one per row) as ``[B, 1]``, or ``[B, T]`` as they are, in
+    ``like``'s dtype: what multiplies a ``[B, T]`` per-token term."""
+    return (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).to(like.dtype)  # [B, 1] or [B, T]
+
+
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """The mean of ``values`` over the tokens of ``mask`` (0 without any)."""
     return (values * mask).sum() / mask.sum().clamp(min=1)  # []
@@ -106,7 +112,7 @@ def _clipped_terms(
     ratio: Tensor, advantages: Tensor, clip_low: float, clip_high: float, dual_clip_c: float | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-token clipped loss ``[B, T]`` and float flags (clip taken, low clip, high clip)."""
-    adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).to(ratio.dtype)  # [B, 1] or [B, T]
+    adv = token_advantages(advantages, ratio)  # [B, 1] or [B, T]
     unclipped = -adv * ratio  # [B, T]
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)  # [B, T]
     loss = torch.maximum(unclipped, clipped)  # [B, T]
@@ -251,7 +257,7 @@ def reinforce_loss(
     """
     mask = mask.to(logprobs.dtype)  # [B, T]
     scale = scale or LossScale.of(mask)
-    adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).to(logprobs.dtype)  # [B, 1] or [B, T]
+    adv = token_advantages(advantages, logprobs)  # [B, 1] or [B, T]
     per_token = -adv * logprobs  # [B, T]
     if tis_weights is not None:
         per_token = per_token * tis_weights.detach().to(per_token.dtype)  # [B, T]

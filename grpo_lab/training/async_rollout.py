@@ -28,9 +28,11 @@ trains the same episodes (the same tasks, seeds and group numbers) as one that r
 through, none lost and none twice (tested).
 
 Departure, stated: a batch is a whole step's rollout (verl's and AReaL's streaming of
-single groups into the trainer is not done); a request in flight at a push finishes on
-the weights it started with (the engine holds new requests during the swap), so a
-multi-turn episode's turns may come from several versions, each row's from one.
+single groups into the trainer is not done). A request in flight at a push finishes on
+the weights it started with (``rollout.partial_rollout=finish``: the engine holds new
+requests during the swap), or is cut short and continued on the new ones (``continue``),
+its row then taking the oldest version among its tokens; a multi-turn episode's turns
+may come from several versions.
 """
 
 from __future__ import annotations

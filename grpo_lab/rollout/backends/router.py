@@ -64,15 +64,16 @@ class Router:
         with self._lock:
             for old, new in zip(list(self.urls), urls):
                 if old != new:
-                    self.inflight[new] = self.inflight.pop(old, 0)
-                    self.down.discard(old)
-                    self._last = {k: (new if u == old else u) for k, u in self._last.items()}
-            self.urls = list(urls)
+                    self._move(old, new)
 
     def replace(self, old: str, new: str) -> None:
         """A restarted engine at ``new`` takes ``old``'s place (up again)."""
         with self._lock:
-            self.urls[self.urls.index(old)] = new
-            self.inflight[new] = self.inflight.pop(old, 0) if new != old else self.inflight[old]
-            self.down.discard(old)
-            self._last = {k: (new if u == old else u) for k, u in self._last.items()}
+            self._move(old, new)
+
+    def _move(self, old: str, new: str) -> None:
+        """Engine ``old`` listens at ``new`` now, and is up (the lock held)."""
+        self.urls[self.urls.index(old)] = new
+        self.inflight[new] = self.inflight.pop(old, 0)
+        self.down.discard(old)
+        self._last = {k: (new if u == old else u) for k, u in self._last.items()}
