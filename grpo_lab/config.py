@@ -84,7 +84,8 @@ class AlgoConfig:
     group_size: int = 8
     invalid_action_penalty: float = 0.1
     penalty_placement: Optional[str] = None  # row | episode; None: row (episode for tree_grpo)
-    policy_loss: str = "ppo_clip"  # ppo_clip | reinforce (no ratio, strictly on-policy)
+    policy_loss: str = "ppo_clip"  # ppo_clip | reinforce (no ratio, strictly on-policy) | ... (--list)
+    loss_params: Dict[str, Any] = field(default_factory=dict)  # the policy loss's own parameters (SAPO's tau_pos, ...)
     clip_low: Optional[float] = None  # None: 0.2 (token ratio), 3e-4 (sequence ratio, GSPO)
     clip_high: Optional[float] = None  # None: 0.28 (token ratio), 4e-4 (sequence ratio, GSPO)
     dual_clip_c: Optional[float] = None  # > 1 enables dual-clip PPO
@@ -114,15 +115,17 @@ class AlgoConfig:
         ``kl_estimator``) and the ratio level's defaults for the unset ones."""
         clip_low, clip_high, agg = self.loss_settings()
         try:
-            return Objective(policy_loss=POLICY_LOSSES.get(self.policy_loss), aggregation=AGGREGATIONS.get(agg),
+            policy_loss = POLICY_LOSSES.get(self.policy_loss)
+            return Objective(policy_loss=policy_loss, aggregation=AGGREGATIONS.get(agg),
                              clip_low=clip_low, clip_high=clip_high, dual_clip_c=self.dual_clip_c,
                              ratio_level=self.ratio_level, kl_coef=self.kl_coef,
                              kl_estimator=KL_ESTIMATORS.get(self.kl_estimator), entropy_coef=self.entropy_coef,
                              tis_cap=self.tis_cap, off_policy_is_cap=self.off_policy_is_cap,
                              tis_level=RATIO_LEVELS_OF_ROWS.get(self.tis_level),
                              rejection=None if self.rejection is None else RATIO_LEVELS_OF_ROWS.get(self.rejection),
-                             rejection_band=self.rejection_bounds())
-        except KeyError as err:
+                             rejection_band=self.rejection_bounds(),
+                             loss_params=self.loss_params)
+        except (KeyError, ValueError) as err:
             raise ConfigError(f"algo: {err}") from None
 
     def rejection_bounds(self) -> tuple[float, float]:
@@ -171,6 +174,10 @@ class AlgoConfig:
         _check(self.clip_high >= 0, "algo.clip_high", self.clip_high, "a number >= 0")
         _check(self.loss_agg in AGGREGATIONS, "algo.loss_agg", self.loss_agg, f"one of {AGGREGATIONS.names()}")
         _check(self.policy_loss in POLICY_LOSSES, "algo.policy_loss", self.policy_loss, f"one of {POLICY_LOSSES.names()}")
+        try:
+            POLICY_LOSSES.get(self.policy_loss).settings(self.loss_params)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         _check(self.dual_clip_c is None or self.dual_clip_c > 1, "algo.dual_clip_c", self.dual_clip_c, "null or a number > 1")
         _check(self.kl_coef >= 0, "algo.kl_coef", self.kl_coef, "a number >= 0")
         _check(self.kl_estimator in KL_ESTIMATORS, "algo.kl_estimator", self.kl_estimator, f"one of {KL_ESTIMATORS.names()}")

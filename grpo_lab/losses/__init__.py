@@ -7,7 +7,10 @@ choice (``algo.policy_loss``, ``algo.loss_agg``, ``algo.kl_estimator``) is a reg
 """
 
 from . import cispo as _cispo  # noqa: F401  (each import registers its loss)
+from . import covariance as _covariance  # noqa: F401
 from . import gmpo as _gmpo  # noqa: F401
+from . import sapo as _sapo  # noqa: F401
+from . import vespo as _vespo  # noqa: F401
 from .rollout_correction import RATIO_LEVELS_OF_ROWS, rejection_keep
 from .policy import POLICY_LOSSES, Objective, PolicyLoss, register_policy_loss
 from .terms import (AGGREGATIONS, KL_ESTIMATORS, LOSS_AGG_MODES, RATIO_LEVELS, LossScale, aggregate, behaviour_weights,

@@ -4,13 +4,17 @@ settings into.
 A policy loss is ``fn(logprobs, old_logprobs, advantages, mask, objective, *, scale,
 entropy, tis_weights, streams) -> (loss, metrics)``, as verl's ``PolicyLossFn`` is one
 signature over its registry: the update calls whichever ``algo.policy_loss`` names
-without knowing which. Register another with ``@register_policy_loss("name")``.
+without knowing which. Register another with ``@register_policy_loss("name")``; a loss
+with hyper-parameters of its own declares them with their defaults
+(``params={"tau_pos": 1.0}``) and reads them from ``objective.loss_params``, which
+``algo.loss_params`` overrides (an unknown key raises, naming the valid ones).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 from torch import Tensor
 
@@ -26,12 +30,30 @@ class PolicyLoss:
 
     ``ratio``: it weighs tokens by ``pi / pi_old``, so it may take several optimizer passes
     per batch (``False``: strictly on-policy, one pass). ``streams``: it reads the
-    estimator's extra ``[B]`` streams (COPO's ``global_advantages`` and ``local_weight``)."""
+    estimator's extra ``[B]`` streams (COPO's ``global_advantages`` and ``local_weight``).
+    ``params``: its own hyper-parameters with their defaults; ``check(params)`` raises
+    ``ValueError`` naming a bad value."""
 
     name: str
     fn: PolicyLossFn
     ratio: bool = True
     streams: bool = False
+    params: Mapping[str, Any] = field(default_factory=dict)
+    check: Callable[[Mapping[str, Any]], None] | None = None
+
+    def settings(self, given: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
+        """Its parameters: the defaults overridden by ``given`` (``algo.loss_params``),
+        checked; an unknown key raises ``ValueError`` naming the valid ones."""
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(self.params))
+        if unknown:
+            valid = sorted(self.params) or "none"
+            raise ValueError(f"algo.loss_params {unknown} are not parameters of policy loss {self.name!r} "
+                             f"(its parameters: {valid})")
+        merged = {**self.params, **given}
+        if self.check is not None:
+            self.check(merged)
+        return MappingProxyType(merged)
 
     def __call__(self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
                  objective: "Objective", **kwargs) -> tuple[Tensor, dict[str, Tensor]]:
@@ -43,13 +65,19 @@ POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy_losses", "algo.policy_los
                                                options=lambda loss: ())
 
 
-def register_policy_loss(name: str, *, ratio: bool = True, streams: bool = False,
-                         options: tuple[str, ...] = ()) -> Callable[[PolicyLossFn], PolicyLossFn]:
+def register_policy_loss(name: str, *, ratio: bool = True, streams: bool = False, options: tuple[str, ...] = (),
+                         params: Mapping[str, Any] | None = None,
+                         check: Callable[[Mapping[str, Any]], None] | None = None
+                         ) -> Callable[[PolicyLossFn], PolicyLossFn]:
     """Register ``fn`` as ``algo.policy_loss=name`` (its docstring's first line describes
-    it; ``options``: the ``algo`` keys it reads); a taken name raises."""
+    it; ``options``: the ``algo`` keys it reads; ``params``: its own hyper-parameters
+    and their defaults, set with ``algo.loss_params``, and ``check`` their test); a taken
+    name raises."""
 
     def deco(fn: PolicyLossFn) -> PolicyLossFn:
-        POLICY_LOSSES.register(name, PolicyLoss(name, fn, ratio, streams), description=first_line(fn), options=options)
+        loss = PolicyLoss(name, fn, ratio, streams, MappingProxyType(dict(params or {})), check)
+        listed = options + tuple(f"loss_params.{k}={v!r}" for k, v in (params or {}).items())
+        POLICY_LOSSES.register(name, loss, description=first_line(fn), options=listed)
         return fn
 
     return deco
@@ -79,6 +107,10 @@ class Objective:
     tis_level: Callable[[Tensor, Tensor], Tensor] | None = None  # None: token (rollout_correction.RATIO_LEVELS_OF_ROWS)
     rejection: Callable[[Tensor, Tensor], Tensor] | None = None  # a level: tokens or rows out of the band leave the loss
     rejection_band: tuple[float, float] = (0.5, 2.0)
+    loss_params: Mapping[str, Any] = field(default_factory=dict)  # the policy loss's own: its defaults, these overriding
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "loss_params", self.policy_loss.settings(self.loss_params))
 
     @property
     def trains_every_row(self) -> bool:
