@@ -29,6 +29,7 @@ from .rollout.demonstrations import format_demonstrations, prompt_corpus
 from .rollout.env_pool import EnvRunner, EnvSpec
 from .rollout.formats import EPISODE_FORMATS, EpisodeFormat
 from .rollout.samplers import RolloutContext, Sampler, get_sampler
+from .training.kl_reward import KLInReward
 from .training import distributed as dp
 from .training.packing import PACKINGS, Packing
 from .training.shared_prefix import check_attention_backend, enable_shared_prefix
@@ -62,6 +63,7 @@ class RunParts:
     sampler: Sampler
     task_rng: random.Random  # the step's task seeds: the same on every rank, each plays its slice
     eval_seeds: list[int]
+    kl_reward: KLInReward | None = None  # algo.kl_reward_coef > 0: the reward's KL penalty and its coefficient
 
     @property
     def lora(self) -> bool:
@@ -143,7 +145,8 @@ def build_run(config: Config, output_dir: str | Path | None = None, model: torch
         tokenizer=tokenizer, pad_id=pad_id, packing=packing, encoder=encoder, episode_format=episode_format,
         backend=backend, advantages=cfg.algo.advantages(), policy_update=policy_update, loop=loop,
         rollout=rollout, sampler=get_sampler(cfg.rollout.sampler),
-        task_rng=task_rng, eval_seeds=[eval_rng.randrange(2**31) for _ in range(tc.eval_episodes)])
+        task_rng=task_rng, eval_seeds=[eval_rng.randrange(2**31) for _ in range(tc.eval_episodes)],
+        kl_reward=cfg.algo.kl_in_reward())
 
 
 def check_launch(config: Config) -> str:
@@ -280,7 +283,8 @@ def build_update(config: Config, module: torch.nn.Module, model: torch.nn.Module
         minibatches=tc.minibatches_per_epoch, micro_batch_size=tc.micro_batch_size,
         micro_batch_tokens=tc.micro_batch_tokens, max_grad_norm=tc.max_grad_norm,
         max_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
-        attention=tc.attention_backend, seed=tc.seed, mixed_precision=mixed_precision, dist=dist)
+        attention=tc.attention_backend, seed=tc.seed, mixed_precision=mixed_precision, dist=dist,
+        mask_truncated=config.algo.mask_truncated_completions, entropy_control=config.algo.entropy_control())
 
 
 def episode_player(config: Config, envs: EnvRunner, backend, tokenizer, loop: AgentLoopConfig):

@@ -159,10 +159,22 @@ class RunCheckpoints:
             "strategy": p.dist.strategy,
             "config": asdict(p.config),
             "summary": carried,
+            "coefficients": self.coefficients(),
         }
         save_checkpoint(p.output_dir, step, p.model, state, p.config.trainer.keep_checkpoints, dist=p.dist,
                         weights=self.full_state_dict(), tokenizer=p.tokenizer,
                         write_shards=(lambda d: sharded_state(p.model, p.optimizer, d)) if self.sharded else None)
+
+    def coefficients(self) -> dict[str, Any]:
+        """The state of the coefficients that follow a target (adaptive entropy, KL in the
+        reward), the same on every rank."""
+        p = self.parts
+        out = {}
+        if p.policy_update.entropy_control is not None:
+            out["entropy"] = p.policy_update.entropy_control.state_dict()
+        if p.kl_reward is not None:
+            out["kl_reward"] = p.kl_reward.controller.state_dict()
+        return out
 
     def restore(self, path: Path, state: dict[str, Any] | None = None) -> int:
         """Load the checkpoint at ``path`` into the run's parts (and the KL reference,
@@ -193,7 +205,12 @@ class RunCheckpoints:
             group["initial_lr"], group["weight_decay"] = tc.lr, tc.weight_decay
             group["lr"] = tc.lr * fn(scheduler.last_epoch)
         self.set_rollout_state(state["ranks"][p.dist.rank] if "ranks" in state else state)
-        if p.config.algo.kl_coef > 0:
+        saved = state.get("coefficients", {})
+        if p.policy_update.entropy_control is not None and "entropy" in saved:
+            p.policy_update.entropy_control.load_state_dict(saved["entropy"])
+        if p.kl_reward is not None and "kl_reward" in saved:
+            p.kl_reward.controller.load_state_dict(saved["kl_reward"])
+        if p.config.algo.needs_reference:
             p.policy_update.ref_model = self.reference_copy()
             reference = checkpoint_dir(p.output_dir) / "reference"
             try:

@@ -22,6 +22,8 @@ from .rollout.formats import EPISODE_FORMATS
 from .rollout.tree import TreeSamplerConfig
 from .advantages import AdvantagePipeline
 from .advantages.shaping import PENALTY_PLACEMENTS, default_penalty_placement
+from .training.coefficients import KL_CONTROLLERS, AdaptiveEntropy
+from .training.kl_reward import KLInReward
 from .training.packing import PACKINGS, packing_name
 from .endpoint.tools import TOOL_PARSERS  # also registers env=agent
 from .losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, RATIO_LEVELS, RATIO_LEVELS_OF_ROWS, Objective
@@ -74,6 +76,16 @@ class AlgoConfig:
     loss (``loss_agg``), where TRL always averages it over tokens. ``off_policy_is_cap`` truncates the importance weight
     ``pi_old / pi_behaviour`` of rows an earlier policy sampled (AR3PO's reused episodes
     with ``reuse_mode=off_policy``).
+
+    Modifiers of the loss, each in its own module: ``off_policy_mask_threshold`` and the
+    rollout correction (:mod:`grpo_lab.losses.rollout_correction`), ``kl_bias_correction``
+    (:func:`~grpo_lab.losses.bias_corrected_kl`), ``top_entropy_quantile``
+    (:mod:`grpo_lab.losses.token_selection`), ``mask_truncated_completions`` (rows that hit
+    the token budget keep their reward in their group and train nothing),
+    ``entropy_target`` (:class:`~grpo_lab.training.coefficients.AdaptiveEntropy`), and KL
+    in the reward, ``kl_reward_coef`` with its controller
+    (:mod:`grpo_lab.training.kl_reward`). ``loss_params`` are the policy loss's own
+    parameters (``python -m grpo_lab --list`` shows each loss's).
     """
 
     estimator: str = "grpo"
@@ -100,6 +112,17 @@ class AlgoConfig:
     rejection: Optional[str] = None  # token | sequence | geometric: leave out what pi_old / pi_rollout puts off the band
     rejection_upper: float = 2.0  # the band's upper bound (geometric wants ~1.001)
     rejection_lower: Optional[float] = None  # None: 1 / rejection_upper
+    off_policy_mask_threshold: Optional[float] = None  # DeepSeek-V3.2: rows with A < 0 and mean KL(rollout||policy) > this leave
+    kl_bias_correction: bool = False  # the KL term weighted by pi / pi_old (DeepSeek-V3.2; TRL's use_bias_correction_kl)
+    top_entropy_quantile: float = 1.0  # < 1: policy loss on the top-rho entropy tokens only ("Beyond the 80/20 Rule")
+    mask_truncated_completions: bool = False  # responses that hit rollout.max_new_tokens train nothing (DAPO, TRL)
+    entropy_target: Optional[float] = None  # adaptive entropy coefficient toward this mean token entropy (Skywork-OR1)
+    entropy_coef_step: float = 0.005  # its step per update (Skywork-OR1's Delta)
+    kl_reward_coef: float = 0.0  # > 0: beta * KL(policy_old || reference) leaves each row's reward (verl's use_kl_in_reward)
+    kl_reward_controller: str = "fixed"  # fixed | adaptive (toward kl_target over kl_horizon responses)
+    kl_reward_estimator: str = "k1"  # the per-token estimate summed into the reward (verl's in-reward default: k1)
+    kl_target: float = 0.1
+    kl_horizon: float = 10000.0
 
     #: the defaults of ``clip_low``, ``clip_high`` and ``loss_agg`` per ratio level
     LOSS_DEFAULTS = {"token": (0.2, 0.28, "token-mean"), "sequence": (3e-4, 4e-4, "seq-mean-token-mean")}
@@ -124,9 +147,27 @@ class AlgoConfig:
                              tis_level=RATIO_LEVELS_OF_ROWS.get(self.tis_level),
                              rejection=None if self.rejection is None else RATIO_LEVELS_OF_ROWS.get(self.rejection),
                              rejection_band=self.rejection_bounds(),
-                             loss_params=self.loss_params)
+                             loss_params=self.loss_params, kl_bias_correction=self.kl_bias_correction,
+                             off_policy_mask_threshold=self.off_policy_mask_threshold,
+                             top_entropy_quantile=self.top_entropy_quantile)
         except (KeyError, ValueError) as err:
             raise ConfigError(f"algo: {err}") from None
+
+    @property
+    def needs_reference(self) -> bool:
+        """A KL term in the loss or in the reward: the run keeps a frozen reference."""
+        return self.kl_coef > 0 or self.kl_reward_coef > 0
+
+    def entropy_control(self) -> AdaptiveEntropy | None:
+        """The adaptive entropy coefficient (``entropy_target``), or None."""
+        return None if self.entropy_target is None else AdaptiveEntropy(self.entropy_target, self.entropy_coef_step)
+
+    def kl_in_reward(self) -> KLInReward | None:
+        """The reward's KL penalty (``kl_reward_coef > 0``), every name resolved, or None."""
+        if self.kl_reward_coef <= 0:
+            return None
+        controller = KL_CONTROLLERS.get(self.kl_reward_controller)(self.kl_reward_coef, self.kl_target, self.kl_horizon)
+        return KLInReward(controller, KL_ESTIMATORS.get(self.kl_reward_estimator))
 
     def rejection_bounds(self) -> tuple[float, float]:
         """``(lower, upper)`` of the rejection band (``lower`` defaults to ``1 / upper``)."""
@@ -191,6 +232,24 @@ class AlgoConfig:
         _check(self.rejection_upper >= 1, "algo.rejection_upper", self.rejection_upper, "a number >= 1")
         lower, _ = self.rejection_bounds()
         _check(0 < lower <= 1, "algo.rejection_lower", self.rejection_lower, "null (1 / rejection_upper) or in (0, 1]")
+        _check(self.off_policy_mask_threshold is None or self.off_policy_mask_threshold >= 0,
+               "algo.off_policy_mask_threshold", self.off_policy_mask_threshold, "null or a number >= 0 (e.g. 0.5)")
+        _check(0 <= self.top_entropy_quantile <= 1, "algo.top_entropy_quantile", self.top_entropy_quantile,
+               "a share of tokens in [0, 1] (1 keeps all; the paper's 0.2)")
+        _check(self.entropy_target is None or self.entropy_target > 0, "algo.entropy_target", self.entropy_target,
+               "null or a mean token entropy > 0 (Skywork-OR1's 0.2)")
+        _check(self.entropy_target is None or self.entropy_coef == 0, "algo.entropy_coef", self.entropy_coef,
+               "0 with algo.entropy_target set (the adaptive coefficient replaces it)")
+        _check(self.entropy_coef_step > 0, "algo.entropy_coef_step", self.entropy_coef_step, "a number > 0")
+        _check(self.kl_reward_coef >= 0, "algo.kl_reward_coef", self.kl_reward_coef, "a number >= 0")
+        _check(self.kl_reward_controller in KL_CONTROLLERS, "algo.kl_reward_controller", self.kl_reward_controller,
+               f"one of {KL_CONTROLLERS.names()}")
+        _check(self.kl_reward_estimator in KL_ESTIMATORS, "algo.kl_reward_estimator", self.kl_reward_estimator,
+               f"one of {KL_ESTIMATORS.names()}")
+        _check(self.kl_target > 0, "algo.kl_target", self.kl_target, "a number > 0")
+        _check(self.kl_horizon > 0, "algo.kl_horizon", self.kl_horizon, "a number > 0")
+        _check(not self.kl_bias_correction or self.kl_coef > 0, "algo.kl_bias_correction", self.kl_bias_correction,
+               "false unless algo.kl_coef > 0 (it corrects the KL term of the loss)")
         _check(not (self.drop_zero_std_groups and self.estimator == "copo"), "algo.drop_zero_std_groups",
                self.drop_zero_std_groups, "false with estimator copo (its global stream trains exactly the groups "
                "whose local advantages are all zero)")
@@ -618,8 +677,9 @@ class Config:
                self.trainer.async_rollout, "false without engines in their own processes: add rollout.engines=N (or "
                "rollout.engine_urls=[...]), so that generation runs on other devices while this process trains")
         if plays_own_episodes(self.env.name):  # its own episodes (env=agent), not turns
-            _check(rc.sampler != "tree", "rollout.sampler", rc.sampler,
-                   f"chain or adaptive with env={self.env.name} (its episodes are its agent's calls, not a tree)")
+            _check(rc.sampler not in ("tree", "remax"), "rollout.sampler", rc.sampler,
+                   f"chain or adaptive with env={self.env.name} (its episodes are its agent's calls, not a tree, and "
+                   "it samples as its requests say, so no greedy baseline can be imposed)")
             _check(rc.env_workers == 0, "rollout.env_workers", rc.env_workers,
                    f"0 with env={self.env.name} (the agents run in this process, against the endpoint)")
         tree_estimators = ("tree_grpo", "treerpo")
@@ -628,6 +688,12 @@ class Config:
         _check(self.algo.estimator not in tree_estimators or rc.sampler == "tree", "algo.estimator", self.algo.estimator,
                f"a chain estimator with rollout.sampler={rc.sampler!r}: {self.algo.estimator} needs tree-sampled batches, "
                "so add rollout=tree (on chains TreeRPO trains only first steps and Tree-GRPO is GRPO)")
+        _check(rc.sampler != "remax" or self.algo.estimator == "remax", "rollout.sampler", rc.sampler,
+               f"another sampler with algo.estimator={self.algo.estimator!r} (the remax sampler's greedy episodes are "
+               "ReMax's baseline; another estimator would count them as group members)")
+        _check(self.algo.estimator != "remax" or rc.sampler == "remax", "algo.estimator", self.algo.estimator,
+               f"another estimator with rollout.sampler={rc.sampler!r}: ReMax's baseline is a greedy episode per task, "
+               "so add rollout.sampler=remax")
         _check(rc.sampler != "adaptive" or rc.adaptive.max_responses >= 2,
                "rollout.adaptive.responses_per_stage", rc.adaptive.responses_per_stage, "stages * responses_per_stage >= 2")
         _check(rc.micro_group_size is None or rc.micro_group_size <= self.algo.group_size, "rollout.micro_group_size",

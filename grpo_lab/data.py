@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 _SCALAR_COLUMNS = ("group_id", "traj_id", "step", "reward", "done", "valid_action", "won", "tree_id", "node_id", "parent_id",
-                   "off_policy", "policy_version")
+                   "off_policy", "policy_version", "truncated", "baseline_only")
 _TOKEN_COLUMNS = ("prompt_ids", "response_ids", "rollout_logprobs", "loss_mask")
 
 
@@ -51,6 +51,10 @@ class RolloutBatch:
       backend in the trainer's process: the current weights). A row's sampled tokens come
       from one completion, which a weight push can split (``rollout.partial_rollout=
       continue``): the row then has the oldest of its tokens' versions.
+    - ``truncated`` ``[N]``: the response stopped at the token budget (the sampler's
+      ``finish_reason == "length"``), not at an end of its own.
+    - ``baseline_only`` ``[N]``: the row's episode is a baseline that scores and does not
+      train (ReMax's greedy episode of each task); it leaves the batch after the advantages.
     - ``reward_parts``: ``N`` dicts, the named parts of each step's reward where the
       environment reports them (several reward functions), else empty; for logging.
     """
@@ -73,6 +77,8 @@ class RolloutBatch:
     off_policy: Tensor | None = None
     policy_version: Tensor | None = None
     reward_parts: list[dict[str, float]] | None = None
+    truncated: Tensor | None = None
+    baseline_only: Tensor | None = None
 
     def __setstate__(self, state: dict) -> None:
         """Batches pickled before the ``off_policy`` column existed load with it all False."""
@@ -81,6 +87,9 @@ class RolloutBatch:
             self.off_policy = torch.zeros(len(self.prompt_ids), dtype=torch.bool)
         if "policy_version" not in state:
             self.policy_version = torch.full((len(self.prompt_ids),), -1, dtype=torch.long)
+        for name in ("truncated", "baseline_only"):
+            if name not in state:
+                setattr(self, name, torch.zeros(len(self.prompt_ids), dtype=torch.bool))
         if "reward_parts" not in state:
             self.reward_parts = [{} for _ in self.prompt_ids]
 
@@ -90,7 +99,7 @@ class RolloutBatch:
             value = getattr(self, name)
             setattr(self, name, _long(value) if value is not None else torch.full((n,), -1, dtype=torch.long))
         self.reward = torch.as_tensor(self.reward, dtype=torch.float32)
-        for name in ("done", "valid_action", "won", "off_policy"):
+        for name in ("done", "valid_action", "won", "off_policy", "truncated", "baseline_only"):
             value = getattr(self, name)
             setattr(self, name, torch.as_tensor(value, dtype=torch.bool) if value is not None else torch.zeros(n, dtype=torch.bool))
         self.prompt_ids = [_long(p) for p in self.prompt_ids]
@@ -155,6 +164,15 @@ class RolloutBatch:
             for name, value in parts.items():
                 sums.setdefault(name, []).append(value)
         return {name: sum(v) / len(v) for name, v in sums.items()}
+
+    def without_loss_on(self, rows: Tensor) -> "RolloutBatch":
+        """A copy whose ``loss_mask`` is 0 on every token of the ``rows`` (``[N]`` bool):
+        they stay in the batch (their rewards count in their groups) and train nothing."""
+        rows = torch.as_tensor(rows, dtype=torch.bool)
+        if rows.shape != (len(self),):
+            raise ValueError(f"rows has shape {tuple(rows.shape)}, expected ({len(self)},)")
+        masks = [torch.zeros_like(m) if r else m for m, r in zip(self.loss_mask, rows.tolist())]
+        return RolloutBatch(**{**{f.name: getattr(self, f.name) for f in fields(self)}, "loss_mask": masks})
 
     def num_response_tokens(self) -> int:
         return int(sum(int(m.sum()) for m in self.loss_mask))

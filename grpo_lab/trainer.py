@@ -73,7 +73,7 @@ from .training.async_rollout import Collected, RolloutAhead, mark_stale
 from .training.checkpoint import CheckpointWriteError, checkpoint_dir, write_on_main
 from .training.metrics_log import MetricsLogger, plot_metrics, progress_bar, reduce_record, show_step
 from .training.resume import metrics_until
-from .training.step import informative_rows, signal_mask
+from .training.step import informative_rows, signal_mask, without_baseline_rows
 from .training.stop import (Abandon, CheckpointFailed, EnvFaultRateExceeded, RunStopped, StopSignals, TrainingInterrupted,
                             signal_name)
 from .training.warmup import supervised_warmup
@@ -194,7 +194,7 @@ class Trainer:
             if warm:
                 summary["warmup_loss_first"], summary["warmup_loss_last"] = warm[0], warm[-1]
                 log.info("warm-up: %d steps, loss %.3f -> %.3f", len(warm), warm[0], warm[-1])
-            if cfg.algo.kl_coef > 0:
+            if cfg.algo.needs_reference:
                 self.policy_update.ref_model = self.checkpoints.reference_copy()
                 if self.dist.is_main:
                     save_reference(self.output_dir, self.ref_model)
@@ -268,10 +268,14 @@ class Trainer:
             log.warning("step %d: every episode failed or lost its group; no update", step)
             record.update(num_rows=0, rollout_time=rollout.seconds, update_time=0.0)
             return self._log(reduce_record(self.dist, record, 0))
+        if self.parts.kl_reward is not None:  # the KL to the reference leaves the rewards (every rank's forwards)
+            batch, kl_metrics = self.parts.kl_reward.penalise(batch, self.policy_update)
+            record.update(kl_metrics)
         advantages, extras = torch.zeros(0), {}  # [N], and the estimator's further [N] streams
         if len(batch):  # else this rank lost all its groups; the others train, and it joins their collectives
             adv_out = self.advantages(batch)
-            advantages, extras = adv_out.advantages, adv_out.extras
+            # baseline episodes (ReMax's greedy ones) scored for the advantages; they do not train
+            batch, advantages, extras = without_baseline_rows(batch, adv_out.advantages, adv_out.extras)
             record.update({**rollout_metrics(batch), **adv_out.metrics})
             record["signal_rows"] = int(signal_mask(advantages, extras).sum())  # 0 on every rank: nothing to learn
         train_batch = batch

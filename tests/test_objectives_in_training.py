@@ -31,18 +31,18 @@ def task_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def train(tmp_path, overrides: list[str]) -> list[dict]:
+def train(tmp_path, overrides: list[str], steps: int = 2, out_name: str = "run") -> list[dict]:
     from hydra import compose, initialize_config_module
 
     from grpo_lab.train import build_config
     from grpo_lab.trainer import Trainer
 
     with initialize_config_module(config_module="grpo_lab.configs", version_base="1.3"):
-        config = build_config(compose(config_name="config", overrides=overrides + TINY))
-    out = tmp_path / "run"
+        config = build_config(compose(config_name="config", overrides=TINY + overrides + [f"trainer.total_steps={steps}"]))
+    out = tmp_path / out_name
     Trainer(config, output_dir=out).train()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2
+    assert len(rows) == steps
     return rows
 
 
@@ -64,3 +64,44 @@ def test_each_loss_trains_several_passes_from_its_algo_config(task_dir, algo):
 def test_every_registered_loss_has_an_algo_config_here():
     covered = {"sapo", "vespo", "clip_cov", "kl_cov", "cispo", "geo_mean", "ppo_clip", "reinforce"}
     assert set(POLICY_LOSSES.names()) <= covered, sorted(set(POLICY_LOSSES.names()) - covered)
+
+
+def test_token_selection_masks_and_rollout_correction_together(task_dir):
+    rows = train(task_dir, ["algo.top_entropy_quantile=0.2", "algo.off_policy_mask_threshold=0.5",
+                            "algo.mask_truncated_completions=true", "algo.tis_cap=2.0", "trainer.epochs_per_batch=2"])
+    for r in rows:
+        assert r["truncated_rows_masked"] > 0  # an untrained model's answers run to the 8-token budget
+        if "loss" in r:
+            assert math.isfinite(r["loss"]) and "entropy_threshold" in r and "off_policy_masked_frac" in r
+
+
+CONTROLLED = ["algo.kl_reward_coef=0.05", "algo.kl_reward_controller=adaptive", "algo.kl_target=1e-6",
+              "algo.kl_reward_estimator=k3",
+              "algo.kl_horizon=20", "algo.entropy_target=50.0", "algo.kl_coef=0.01", "algo.kl_bias_correction=true",
+              "trainer.checkpoint_every=1"]
+
+
+def test_kl_in_reward_and_adaptive_entropy_move_their_coefficients_and_resume_where_they_stopped(task_dir):
+    """Before the first update the KL is 0, below the target: beta shrinks by (1 - 0.2 *
+    rows / horizon); after it the KL is above its tiny target: beta grows by (1 + 0.2 *
+    rows / horizon); the entropy stays below its target, so its
+    coefficient climbs by 0.005 a step from 0. A run stopped after 2 steps and resumed
+    logs the third step's coefficients exactly as the uninterrupted run does."""
+    whole = train(task_dir, CONTROLLED, steps=3, out_name="whole")
+    assert [r["kl_reward_coef"] for r in whole][0] == 0.05
+    # step 0: KL 0 (no update yet), error clipped to -0.2; step 1: the KL is above the tiny target, +0.2
+    assert whole[1]["kl_reward_coef"] == pytest.approx(0.05 * (1 - 0.2 * whole[0]["num_rows"] / 20))
+    assert whole[2]["kl_reward_coef"] == pytest.approx(whole[1]["kl_reward_coef"] * (1 + 0.2 * whole[1]["num_rows"] / 20))
+    assert [r["entropy_coef"] for r in whole] == pytest.approx([0.0, 0.005, 0.010])
+    train(task_dir, CONTROLLED, steps=2, out_name="part")
+    resumed = train(task_dir, CONTROLLED + ["trainer.resume=true"], steps=3, out_name="part")
+    for key in ("kl_reward_coef", "entropy_coef", "kl_reward", "reward_mean"):
+        assert resumed[2][key] == pytest.approx(whole[2][key], rel=1e-9), key
+
+
+def test_remax_trains_the_sampled_answers_against_the_greedy_one(task_dir):
+    rows = train(task_dir, ["algo=remax", "rollout.sampler=remax"])
+    for r in rows:  # 4 tasks x 4 sampled answers train; the 4 greedy answers only score
+        assert r["num_rows"] == 16 and "remax_baseline_return" in r and r["remax_groups_without_baseline"] == 0
+        assert r["responses_per_prompt"] == 4 and r["remax_greedy_episodes"] == 4
+    assert any(math.isfinite(r.get("loss", math.nan)) for r in rows)

@@ -24,6 +24,7 @@ from . import grpo as _grpo  # noqa: F401
 from . import opo as _opo  # noqa: F401
 from . import passk as _passk  # noqa: F401
 from . import reinforce_pp as _reinforce_pp  # noqa: F401
+from . import remax as _remax  # noqa: F401
 from . import rloo as _rloo  # noqa: F401
 from . import tree_grpo as _tree_grpo  # noqa: F401
 from . import treerpo as _treerpo  # noqa: F401
@@ -65,6 +66,7 @@ def inputs_from_batch(batch: RolloutBatch, invalid_penalty: float = 0.0, penalty
         node_id=batch.node_id,
         parent_id=batch.parent_id,
         lengths=torch.stack([m.sum() for m in batch.loss_mask]) if len(batch) else torch.zeros(0),
+        baseline_only=batch.baseline_only,
     )
 
 

@@ -31,6 +31,8 @@ class AdvantageInputs:
       bookkeeping (see ``grpo_lab.advantages.trees``); -1 everywhere means chains.
     - ``lengths`` ``[N]`` float or None: the tokens each row trains (its sampled tokens);
       the estimators that weigh by length (OPO, REINFORCE++'s whitening) read it.
+    - ``baseline_only`` ``[N]`` bool or None: the row's episode is its group's baseline
+      (ReMax's greedy episode), scored and not trained; only ReMax reads it.
     - ``penalty`` ``[N]`` float >= 0 or None: a penalty each row pays on its own scores
       (``algo.penalty_placement=row``, see :mod:`grpo_lab.advantages.shaping`): an
       estimator subtracts it from that row's episode score and step return, and from
@@ -49,6 +51,7 @@ class AdvantageInputs:
     parent_id: Tensor | None = None
     penalty: Tensor | None = None
     lengths: Tensor | None = None
+    baseline_only: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.rewards.shape[0] if self.rewards.dim() == 1 else -1
@@ -57,7 +60,7 @@ class AdvantageInputs:
         if self.anchors is not None and len(self.anchors) != n:
             raise ValueError(f"anchors has {len(self.anchors)} rows, expected {n} like rewards")
         for name in ("group_id", "traj_id", "step", "anchor_id", "success", "tree_id", "node_id", "parent_id", "penalty",
-                     "lengths"):
+                     "lengths", "baseline_only"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != (n,):
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected ({n},) like rewards")

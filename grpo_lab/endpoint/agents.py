@@ -274,7 +274,7 @@ def episode_rows(capture: EpisodeCapture, group: int, traj: int, reward: float, 
                         list(call.completion.logprobs), call.reward + (reward if done else 0.0), done, True,
                         done and reward >= success_threshold,
                         call.anchor if call.anchor is not None else ("agent call", traj, step),
-                        version=call.completion.version))
+                        version=call.completion.version, truncated=call.completion.finish_reason == "length"))
     return rows
 
 

@@ -11,11 +11,12 @@ from . import covariance as _covariance  # noqa: F401
 from . import gmpo as _gmpo  # noqa: F401
 from . import sapo as _sapo  # noqa: F401
 from . import vespo as _vespo  # noqa: F401
-from .rollout_correction import RATIO_LEVELS_OF_ROWS, rejection_keep
+from .rollout_correction import RATIO_LEVELS_OF_ROWS, off_policy_sequence_keep, rejection_keep
+from .token_selection import high_entropy_keep
 from .policy import POLICY_LOSSES, Objective, PolicyLoss, register_policy_loss
 from .terms import (AGGREGATIONS, KL_ESTIMATORS, LOSS_AGG_MODES, RATIO_LEVELS, LossScale, aggregate, behaviour_weights,
-                    clipped_policy_loss, kl_penalty, reinforce_loss, truncated_is_weights)
+                    bias_corrected_kl, clipped_policy_loss, kl_penalty, reinforce_loss, truncated_is_weights)
 
-__all__ = ["RATIO_LEVELS_OF_ROWS", "rejection_keep", "AGGREGATIONS", "KL_ESTIMATORS", "LOSS_AGG_MODES", "POLICY_LOSSES", "RATIO_LEVELS", "LossScale", "Objective",
+__all__ = ["RATIO_LEVELS_OF_ROWS", "rejection_keep", "off_policy_sequence_keep", "high_entropy_keep", "bias_corrected_kl", "AGGREGATIONS", "KL_ESTIMATORS", "LOSS_AGG_MODES", "POLICY_LOSSES", "RATIO_LEVELS", "LossScale", "Objective",
            "PolicyLoss", "aggregate", "behaviour_weights", "clipped_policy_loss", "kl_penalty", "register_policy_loss",
            "reinforce_loss", "truncated_is_weights"]

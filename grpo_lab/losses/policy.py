@@ -108,6 +108,9 @@ class Objective:
     rejection: Callable[[Tensor, Tensor], Tensor] | None = None  # a level: tokens or rows out of the band leave the loss
     rejection_band: tuple[float, float] = (0.5, 2.0)
     loss_params: Mapping[str, Any] = field(default_factory=dict)  # the policy loss's own: its defaults, these overriding
+    kl_bias_correction: bool = False  # the KL term weighted by pi / pi_old (DeepSeek-V3.2; TRL's use_bias_correction_kl)
+    off_policy_mask_threshold: float | None = None  # DeepSeek-V3.2's off-policy sequence mask (rollout_correction)
+    top_entropy_quantile: float = 1.0  # < 1: the policy loss on the top-rho entropy tokens only (token_selection)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loss_params", self.policy_loss.settings(self.loss_params))

@@ -14,6 +14,12 @@ Training-Inference Mismatch", as verl's rollout correction defines its levels:
   (``token``), or whole rows (``sequence``: the product of the ratios; ``geometric``:
   their geometric mean, which wants a band as tight as ``[0.999, 1.001]``) whose ratio
   leaves the band are left out of the loss.
+- **Off-policy sequence masking** (``algo.off_policy_mask_threshold`` = delta):
+  DeepSeek-AI 2025, "DeepSeek-V3.2" (its Equation 9), as TRL's
+  ``off_policy_mask_threshold``: a row with a negative advantage whose mean per-token
+  ``log pi_rollout - log pi`` (the sampler's against the policy being trained) exceeds
+  delta leaves the policy loss (:func:`off_policy_sequence_keep`); rows with ``A >= 0``
+  always stay. The KL term still sees it, as in TRL.
 
 Each level is a function of the per-token log-ratio and the mask, one registry
 (:data:`RATIO_LEVELS_OF_ROWS`), resolved once into the run's
@@ -72,3 +78,23 @@ def rejection_keep(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor,
     value = level(log_rho, mask)  # [B, T]
     keep = ((value >= math.log(lower)) & (value <= math.log(upper))).to(mask.dtype)  # [B, T]
     return keep, {"rejected_frac": masked_mean(1.0 - keep, mask)}
+
+
+def off_policy_sequence_keep(advantages: Tensor, logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor,
+                             threshold: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """``[B, 1]`` 1 for the rows kept by DeepSeek-V3.2's off-policy sequence mask: ``A >= 0``
+    or ``mean_t(log pi_rollout - log pi) <= threshold`` (module docstring); and
+    ``off_policy_masked_frac``, the share of rows (with tokens) left out.
+
+    Args:
+        advantages: ``[B]``, or ``[B, T]`` (a row's sign is that of its tokens' mean).
+        logprobs: ``[B, T]`` the policy's (detached here); rollout_logprobs: ``[B, T]``.
+    """
+    mask = mask.to(logprobs.dtype)  # [B, T]
+    lengths = mask.sum(-1, keepdim=True)  # [B, 1]
+    divergence = ((rollout_logprobs - logprobs.detach()) * mask).sum(-1, keepdim=True) / lengths.clamp(min=1)  # [B, 1]
+    adv = advantages.reshape(-1, 1) if advantages.dim() == 1 else (
+        (advantages * mask).sum(-1, keepdim=True) / lengths.clamp(min=1))  # [B, 1]
+    keep = ((adv >= 0) | (divergence <= threshold)).to(mask.dtype)  # [B, 1]
+    rows = (lengths > 0).to(mask.dtype)  # [B, 1]
+    return keep, {"off_policy_masked_frac": ((1.0 - keep) * rows).sum() / rows.sum().clamp(min=1)}

@@ -340,6 +340,18 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: "str | Callabl
     return fn(logprobs - ref_logprobs, clamp)  # [B, T]
 
 
+def bias_corrected_kl(kl: Tensor, logprobs: Tensor, old_logprobs: Tensor) -> Tensor:
+    """The KL estimate weighted by the importance ratio ``pi / pi_old`` (with its
+    gradient), DeepSeek-AI 2025, "DeepSeek-V3.2", as TRL's ``use_bias_correction_kl``.
+
+    The samples come from ``pi_old``, so ``E_old[(pi / pi_old) k(x)] = E_pi[k(x)]``, and
+    differentiating the weighted estimate gives the score-function term that the plain
+    estimate lacks: with ``k3`` its expected gradient is that of KL(policy || reference)
+    itself (``tests/test_loss_terms.py`` checks it exactly). On a batch's first pass the
+    ratio is 1 in value and only its gradient acts. Shapes ``[B, T]``."""
+    return kl * torch.exp(logprobs - old_logprobs.detach())  # [B, T]
+
+
 def behaviour_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, stale: Tensor,
                       tis_cap: float | None, stale_cap: float, tis_level: Callable[[Tensor, Tensor], Tensor] | None = None
                       ) -> tuple[Tensor | None, dict[str, Tensor]]:

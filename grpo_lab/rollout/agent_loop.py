@@ -245,4 +245,5 @@ def finish_turn(
     ep.obs, ep.ids, ep.done = turn.obs, turn.ids, turn.done
     ep.steps += 1
     return Row(ep.group_id, ep.traj_id, ep.steps - 1, prompt, comp.token_ids, comp.logprobs, turn.reward, turn.done,
-               turn.valid, turn.won, anchor, reward_parts=turn.parts, version=comp.version)
+               turn.valid, turn.won, anchor, reward_parts=turn.parts, version=comp.version,
+               truncated=comp.finish_reason == "length")

@@ -58,6 +58,7 @@ class Row:
     parent_id: int = -1
     reward_parts: dict[str, float] | None = None  # the reward functions' own values (StepResult.info["rewards"])
     version: int | None = None  # the policy version that sampled the response (None: not reported)
+    truncated: bool = False  # the response stopped at the token budget (finish_reason "length")
 
 
 def reward_parts(result: StepResult | None) -> dict[str, float] | None:
@@ -151,4 +152,5 @@ def rows_to_batch(rows: list[Row], order: Callable[[Row], tuple] = lambda r: (r.
         parent_id=[r.parent_id for r in rows],
         reward_parts=[r.reward_parts or {} for r in rows],
         policy_version=[-1 if r.version is None else r.version for r in rows],
+        truncated=[r.truncated for r in rows],
     )

@@ -7,7 +7,9 @@ A sampler takes the step's task seeds and returns their episodes as one
 - ``chain``: ``algo.group_size`` independent episodes per task, under the configured
   scheduler (full, micro groups, continuous refill);
 - ``tree``: Tree-GRPO / TreeRPO trees (:mod:`grpo_lab.rollout.tree`);
-- ``adaptive``: AR3PO's stages with response reuse (:mod:`grpo_lab.rollout.adaptive`).
+- ``adaptive``: AR3PO's stages with response reuse (:mod:`grpo_lab.rollout.adaptive`);
+- ``remax``: ``chain``'s episodes and one greedy episode per task, the baseline of
+  ReMax (:mod:`grpo_lab.advantages.remax`), marked ``baseline_only``.
 
 Register another with ``@register_sampler("name")``; ``rollout.sampler=name`` selects it.
 
@@ -22,11 +24,14 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Hashable, Protocol, Sequence
 
+import torch
+
 from ..data import RolloutBatch
 from ..envs.base import Env
 from ..registry import Registry
 from .adaptive import ReuseBuffer, adaptive_rollout
 from .agent_loop import AgentLoopConfig, run_episodes
+from .backend import SamplingParams
 from .env_pool import EnvFault
 from .faults import FaultLog
 from .prompts import PromptEncoder
@@ -68,15 +73,19 @@ class RolloutContext:
     stats: dict[str, float] = field(default_factory=dict)
     episodes: "EpisodePlayer | None" = None  # plays whole episodes in place of the turn loop (agents' functions)
 
-    def play(self, seeds: list[int], group_size: int, first_group_id: int) -> RolloutBatch:
+    def play(self, seeds: list[int], group_size: int, first_group_id: int,
+             sampling: SamplingParams | None = None) -> RolloutBatch:
         """``group_size`` episodes from each seed, under the configured scheduler (or
-        by the episode player)."""
+        by the episode player); ``sampling``: other sampling settings than the loop's."""
         if self.episodes is not None:
+            if sampling is not None:
+                raise ValueError("episodes played by an agent's own code sample as its requests say: no other "
+                                 "sampling settings can be imposed on them")
             batch, stats = self.episodes(seeds, group_size, first_group_id, self.faults)
             for key, value in stats.items():
                 self.stats[key] = self.stats.get(key, 0) + value
             return batch
-        loop = replace(self.loop, group_size=group_size)
+        loop = replace(self.loop, group_size=group_size, sampling=sampling or self.loop.sampling)
         if self.scheduler is None:
             return run_episodes(self.backend, self.encoder, self.envs, seeds, loop, first_group_id=first_group_id,
                                 faults=self.faults)
@@ -166,3 +175,18 @@ def adaptive_sampler(ctx: RolloutContext, seeds: list[int], ids: GroupNumbering)
                       "ar3po_reused": st.reused, "ar3po_unsolved": st.unsolved,
                       "ar3po_buffer_size": len(ctx.reuse_buffer) if ctx.reuse_buffer is not None else 0})
     return batch
+
+
+@register_sampler("remax")
+def remax_sampler(ctx: RolloutContext, seeds: list[int], ids: GroupNumbering) -> RolloutBatch:
+    """``loop.group_size`` sampled episodes from each seed, and one greedy episode (ReMax's baseline)."""
+    size, first = ctx.loop.group_size, ids.first()
+    sampled = ctx.play(seeds, size, first)
+    greedy = ctx.play(seeds, 1, first, sampling=replace(ctx.loop.sampling, temperature=0.0, seed=None))
+    # episode ids as in groups of size + 1: member j of group g is g * (size + 1) + j, the greedy one j = size
+    sampled = replace(sampled, traj_id=sampled.traj_id + sampled.traj_id // size)
+    greedy = replace(greedy, traj_id=greedy.group_id * (size + 1) + size,
+                     baseline_only=torch.ones(len(greedy), dtype=torch.bool))
+    ctx.stats["responses_per_prompt"] = float(size)
+    ctx.stats["remax_greedy_episodes"] = float(len(torch.unique(greedy.traj_id)))
+    return RolloutBatch.concat([sampled, greedy]) if len(greedy) else sampled

@@ -321,7 +321,7 @@ class Forest:
             new = _Node(s.tree, node_id, s.node, s.group, s.seed, s.actions + (action,), s.history + (turn.turn,),
                         turn.obs, s.steps + 1, turn.done, None, (), conversation)
             self.rows.append(Row(**row, reward=turn.reward, done=turn.done, valid=turn.valid, won=turn.won,
-                                 reward_parts=turn.parts))
+                                 reward_parts=turn.parts, truncated=comp.finish_reason == "length" and not stopped))
         self.nodes_of_tree[s.tree].append(new)
         b.state = new
         if new.done:

@@ -15,7 +15,8 @@ from .distributed import SINGLE, DistContext, global_sums, gradient_sync, lockst
 from .forward import pad_rows
 from .packing import Packing, get_packing
 from .shared_prefix import common_prefix_length
-from ..losses import LossScale, Objective, aggregate, behaviour_weights, kl_penalty, rejection_keep
+from ..losses import (LossScale, Objective, aggregate, behaviour_weights, bias_corrected_kl, high_entropy_keep, kl_penalty,
+                      off_policy_sequence_keep, rejection_keep)
 
 
 def split_micro_batches(batch: RolloutBatch, rows: Tensor, max_rows: int, max_tokens: int | None = None,
@@ -72,6 +73,16 @@ def signal_mask(advantages: Tensor, extras: dict[str, Tensor] | None = None) -> 
     if extras and "global_advantages" in extras:
         signal = signal | ((extras["global_advantages"] != 0) & (extras["local_weight"] < 1))  # [N]
     return signal
+
+
+def without_baseline_rows(batch: RolloutBatch, advantages: Tensor, extras: dict[str, Tensor]
+                          ) -> tuple[RolloutBatch, Tensor, dict[str, Tensor]]:
+    """The batch, advantages ``[N]`` and streams without the rows of baseline episodes
+    (``batch.baseline_only``, ReMax's greedy episodes): they scored, they do not train."""
+    if not bool(batch.baseline_only.any()):
+        return batch, advantages, extras
+    keep = torch.nonzero(~batch.baseline_only).flatten()  # [N'] row indices
+    return batch.select(keep), advantages[keep], {key: value[keep] for key, value in extras.items()}
 
 
 def informative_rows(group_id: Tensor, advantages: Tensor) -> Tensor:
@@ -283,6 +294,11 @@ def micro_batch_loss(objective: Objective, micro: MicroBatch, logp: Tensor, mask
     ``entropy_coef`` times the entropy; the policy loss weighs off-policy rows by the
     truncated behaviour ratio (:func:`~grpo_lab.losses.behaviour_weights`).
 
+    The tokens each term sees: rollout rejection (``objective.rejection``) removes tokens
+    from every term; the off-policy sequence mask and the top-entropy selection
+    (``off_policy_mask_threshold``, ``top_entropy_quantile``) from the policy loss, the
+    latter also from the entropy bonus, as TRL applies them; the KL term sees the rest.
+
     Args:
         logp: ``[m, R]`` float32 log-probs of the responses under the policy (with grad).
         mask: ``[m, R]`` the real response positions of the forward.
@@ -305,13 +321,26 @@ def micro_batch_loss(objective: Objective, micro: MicroBatch, logp: Tensor, mask
         mask = mask * keep  # [m, R]
         metrics.update(rejected)
     streams = {key: value.to(device) for key, value in micro.streams.items()}  # [m] each
-    loss, pg_metrics = objective.policy_loss(logp, old, micro.advantages.to(device), mask, objective, scale=scale,
+    advantages = micro.advantages.to(device)  # [m]
+    policy_mask, entropy_mask = mask, mask  # [m, R] each
+    if objective.off_policy_mask_threshold is not None:  # DeepSeek-V3.2: far off-policy rows with A < 0 leave
+        keep_rows, masked = off_policy_sequence_keep(advantages, logp, rollout, mask,
+                                                     objective.off_policy_mask_threshold)  # [m, 1]
+        policy_mask = policy_mask * keep_rows  # [m, R]
+        metrics.update(masked)
+    if objective.top_entropy_quantile < 1:  # the high-entropy tokens only
+        keep, selected = high_entropy_keep(entropy, mask, objective.top_entropy_quantile)  # [m, R]
+        policy_mask, entropy_mask = policy_mask * keep, entropy_mask * keep  # [m, R] each
+        metrics.update(selected)
+    loss, pg_metrics = objective.policy_loss(logp, old, advantages, policy_mask, objective, scale=scale,
                                              entropy=entropy, tis_weights=tis, streams=streams)  # []
     metrics.update(pg_metrics)
     if objective.entropy_coef > 0:
-        loss = loss - objective.entropy_coef * aggregate(entropy, mask, objective.aggregation, scale)  # []
+        loss = loss - objective.entropy_coef * aggregate(entropy, entropy_mask, objective.aggregation, scale)  # []
     if ref is not None:
         kl = kl_penalty(logp, ref.float(), objective.kl_estimator)  # [m, R]
+        if objective.kl_bias_correction:
+            kl = bias_corrected_kl(kl, logp, old)  # [m, R]
         loss = loss + objective.kl_coef * aggregate(kl, mask, objective.aggregation, scale)  # []
         metrics["kl_ref"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
     tokens = float(mask.sum())

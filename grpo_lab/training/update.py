@@ -11,7 +11,7 @@ rate follows ``trainer.lr_scheduler``.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -67,6 +67,11 @@ class PolicyUpdate:
         attention: the packed attention's backend (``reference`` or ``triton``).
         seed: the mini-batch shuffles' seed.
         ref_model: the frozen KL reference (``objective.kl_coef > 0``).
+        mask_truncated: rows whose response hit the token budget train nothing (TRL's and
+            DAPO's ``mask_truncated_completions``; their rewards still count in their groups).
+        entropy_control: an adaptive entropy coefficient
+            (:class:`~grpo_lab.training.coefficients.AdaptiveEntropy`) that replaces
+            ``objective.entropy_coef`` at every update and observes its entropy.
     """
 
     module: torch.nn.Module
@@ -88,6 +93,8 @@ class PolicyUpdate:
     mixed_precision: str = "no"
     dist: DistContext = SINGLE
     ref_model: torch.nn.Module | None = None
+    mask_truncated: bool = False
+    entropy_control: Any = None
     _params: list = field(init=False, repr=False)  # the trainable parameters, for clipping
 
     def __post_init__(self) -> None:
@@ -104,6 +111,13 @@ class PolicyUpdate:
         adv = advantages.to(torch.float32)  # [N]
         if adv.shape != (n,):
             raise ValueError(f"this trainer takes one advantage per row ([{n}]), got shape {tuple(adv.shape)}")
+        masked_rows = 0
+        if self.mask_truncated and n:
+            masked_rows = int(batch.truncated.sum())
+            batch = batch.without_loss_on(batch.truncated)
+        objective = self.objective
+        if self.entropy_control is not None:
+            objective = replace(objective, entropy_coef=float(self.entropy_control.value))
         single_pass = self.epochs * self.minibatches == 1
         old = None if single_pass else self.logprobs_no_grad(batch)  # N x [R_i]
         stats = RunningMeans()
@@ -117,7 +131,7 @@ class PolicyUpdate:
             for rows in chunks:
                 self.optimizer.zero_grad(set_to_none=True)
                 metrics = policy_gradient_backward(
-                    self.module, batch, rows, adv, old, self.objective, extras=extras, ref_model=self.ref_model,
+                    self.module, batch, rows, adv, old, objective, extras=extras, ref_model=self.ref_model,
                     packing=self.packing, attention=self.attention, micro_batch_size=self.micro_batch_size,
                     micro_batch_tokens=self.micro_batch_tokens, max_tokens=self.max_tokens,
                     temperature=self.temperature, pad_id=self.pad_id, dist=self.dist, autocast=self.autocast,
@@ -137,14 +151,22 @@ class PolicyUpdate:
         out = reduce_means(self.dist, stats.weighted())
         out["num_updates"] = updates
         out["lr"] = lr  # that of the last optimizer step taken
+        if self.mask_truncated:
+            out["truncated_rows_masked"] = masked_rows
+        if self.entropy_control is not None:
+            out["entropy_coef"] = objective.entropy_coef
+            if "entropy" in out:  # the same on every rank (reduced above)
+                self.entropy_control.observe(float(out["entropy"]))
         return out
 
     @torch.no_grad()
-    def logprobs_no_grad(self, batch: RolloutBatch) -> list[Tensor]:
+    def logprobs_no_grad(self, batch: RolloutBatch, module: torch.nn.Module | None = None) -> list[Tensor]:
         """The current policy's log-probs of every row (``N`` tensors ``[R_i]``), the
         denominator of the ratio over several passes, through the configured packing
-        (``trainer.packing``). Ranks run equally many forwards."""
-        self.module.eval()
+        (``trainer.packing``); ``module``: another model's (the reference's). Ranks run
+        equally many forwards."""
+        module = self.module if module is None else module
+        module.eval()
         # [m_k] each
         micros = split_micro_batches(batch, torch.arange(len(batch)), self.micro_batch_size, self.micro_batch_tokens,
                                      self.packing)
@@ -152,11 +174,11 @@ class PolicyUpdate:
         for k in range(lockstep_count(self.dist, len(micros))):
             with self.autocast():
                 if k >= len(micros):
-                    idle_forward(self.module, self.pad_id)
+                    idle_forward(module, self.pad_id)
                     continue
                 idx = micros[k].tolist()
                 prompts, responses = [batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx]
-                logp, _, _ = self.packing.logprobs(self.module, prompts, responses, micro_groups(batch, idx),
+                logp, _, _ = self.packing.logprobs(module, prompts, responses, micro_groups(batch, idx),
                                                    temperature=self.temperature, pad_id=self.pad_id,
                                                    attention=self.attention)  # [m, R]
             out.extend(logp[j, : batch.response_ids[i].numel()].float().cpu() for j, i in enumerate(idx))  # [R_i] each
