@@ -23,6 +23,7 @@ from .envs.base import Env
 from .modeling import build_tiny_model, load_pretrained, text_config, torch_dtype, train_tokenizer
 from .rollout import AgentLoopConfig, LengthPredictor, PromptEncoder, SamplingParams, SchedulerConfig
 from .rollout.adaptive import ReuseBuffer
+from .rollout.r3 import TaskHistory
 from .rollout.backends import BACKENDS, EngineSettings
 from .rollout.conversation import TemplateError
 from .rollout.demonstrations import format_demonstrations, prompt_corpus
@@ -311,7 +312,8 @@ def rollout_context(config: Config, backend, encoder: PromptEncoder, envs: EnvRu
     return RolloutContext(backend=backend, encoder=encoder, envs=envs, loop=loop, rollout=rc, scheduler=scheduler,
                           length_predictor=LengthPredictor(), reuse_buffer=ReuseBuffer(rc.adaptive.buffer_size,
                                                                                         random.Random(seed + 17)),
-                          tree_rng=random.Random(seed + 29))
+                          tree_rng=random.Random(seed + 29),
+                          history=TaskHistory(rc.r3.capacity, rc.r3.max_tasks) if rc.sampler == "r3" else None)
 
 #: the longest ``rollout.vllm_max_model_len`` taken by default (the KV cache must hold
 #: one sequence this long; long-context models would not start at 128k)

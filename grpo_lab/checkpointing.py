@@ -117,6 +117,7 @@ class RunCheckpoints:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "length_predictor": copy.deepcopy(rollout.length_predictor),
             "reuse_buffer": copy.deepcopy(rollout.reuse_buffer),
+            "history": copy.deepcopy(rollout.history),
             "eval_after_warmup": self.eval_after_warmup,
         }
 
@@ -129,6 +130,8 @@ class RunCheckpoints:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         rollout.length_predictor = copy.deepcopy(state["length_predictor"])
         rollout.reuse_buffer = copy.deepcopy(state["reuse_buffer"])
+        if state.get("history") is not None:
+            rollout.history = copy.deepcopy(state["history"])
         self.eval_after_warmup = state["eval_after_warmup"]
 
     def full_state_dict(self) -> dict[str, Tensor] | None:

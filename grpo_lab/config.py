@@ -17,6 +17,7 @@ from .errors import ConfigError
 from .modeling import DTYPES
 from .paths import looks_like_local_path
 from .rollout.adaptive import AdaptiveConfig
+from .rollout.r3 import R3Config
 from .rollout.backends import BACKENDS
 from .rollout.formats import EPISODE_FORMATS
 from .rollout.tree import TreeSamplerConfig
@@ -340,7 +341,9 @@ class RolloutConfig:
 
     ``sampler``: ``chain`` plays ``algo.group_size`` episodes per task; ``tree`` samples
     trees (``rollout.tree``) for the tree estimators; ``adaptive`` runs AR3PO's stages and
-    response reuse (``rollout.adaptive``). ``scheduler`` (chain and adaptive samplers):
+    response reuse (``rollout.adaptive``); ``remax`` adds ReMax's greedy episode per task;
+    ``r3`` plays chain groups with R³'s replay, reflection and ranking reward
+    (``rollout.r3``, :mod:`grpo_lab.rollout.r3`). ``scheduler`` (chain and adaptive samplers):
     ``full`` plays every episode of a step in lock-step turns (one batch per
     turn); ``micro`` runs rounds of micro-groups of ``micro_group_size`` members in
     ``max_inflight`` slots; ``continuous`` refills a slot as soon as its episode ends.
@@ -366,9 +369,10 @@ class RolloutConfig:
     ``error``; ``null`` takes the format's first."""
 
     backend: str = "hf"
-    sampler: str = "chain"  # chain | tree | adaptive
+    sampler: str = "chain"  # chain | tree | adaptive | remax | r3
     tree: TreeSamplerConfig = field(default_factory=TreeSamplerConfig)  # sampler=tree (Tree-GRPO / TreeRPO)
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)  # sampler=adaptive (AR3PO)
+    r3: R3Config = field(default_factory=R3Config)  # sampler=r3 (R³: replay, reflection, ranking reward)
     scheduler: str = "full"  # full | micro | continuous
     micro_group_size: Optional[int] = None  # None: the whole group
     max_inflight: Optional[int] = None  # episode slots; None: every episode of the step
@@ -431,7 +435,7 @@ class RolloutConfig:
         from .rollout.samplers import sampler_names
 
         _check(self.sampler in sampler_names(), "rollout.sampler", self.sampler, f"one of {sampler_names()}")
-        for key, section in (("rollout.tree", self.tree), ("rollout.adaptive", self.adaptive)):
+        for key, section in (("rollout.tree", self.tree), ("rollout.adaptive", self.adaptive), ("rollout.r3", self.r3)):
             try:  # the sampler's own checks (they also run when the section is built)
                 section.__post_init__()
             except ValueError as err:
@@ -677,9 +681,9 @@ class Config:
                self.trainer.async_rollout, "false without engines in their own processes: add rollout.engines=N (or "
                "rollout.engine_urls=[...]), so that generation runs on other devices while this process trains")
         if plays_own_episodes(self.env.name):  # its own episodes (env=agent), not turns
-            _check(rc.sampler not in ("tree", "remax"), "rollout.sampler", rc.sampler,
+            _check(rc.sampler not in ("tree", "remax", "r3"), "rollout.sampler", rc.sampler,
                    f"chain or adaptive with env={self.env.name} (its episodes are its agent's calls, not a tree, and "
-                   "it samples as its requests say, so no greedy baseline can be imposed)")
+                   "it samples as its requests say: no greedy baseline or reflection can be imposed)")
             _check(rc.env_workers == 0, "rollout.env_workers", rc.env_workers,
                    f"0 with env={self.env.name} (the agents run in this process, against the endpoint)")
         tree_estimators = ("tree_grpo", "treerpo")

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 _SCALAR_COLUMNS = ("group_id", "traj_id", "step", "reward", "done", "valid_action", "won", "tree_id", "node_id", "parent_id",
-                   "off_policy", "policy_version", "truncated", "baseline_only")
+                   "off_policy", "policy_version", "truncated", "baseline_only", "advantage_scale", "replayed")
 _TOKEN_COLUMNS = ("prompt_ids", "response_ids", "rollout_logprobs", "loss_mask")
 
 
@@ -55,6 +55,10 @@ class RolloutBatch:
       ``finish_reason == "length"``), not at an end of its own.
     - ``baseline_only`` ``[N]``: the row's episode is a baseline that scores and does not
       train (ReMax's greedy episode of each task); it leaves the batch after the advantages.
+    - ``replayed`` ``[N]``: the row's episode was played at an earlier step and joined
+      this one's group (R³'s replay); it trains, and the step's episode metrics leave it out.
+    - ``advantage_scale`` ``[N]`` float: a factor on the row's advantage after the
+      estimator and its modifiers (1; R³'s ``alpha`` on replayed episodes).
     - ``reward_parts``: ``N`` dicts, the named parts of each step's reward where the
       environment reports them (several reward functions), else empty; for logging.
     """
@@ -79,6 +83,8 @@ class RolloutBatch:
     reward_parts: list[dict[str, float]] | None = None
     truncated: Tensor | None = None
     baseline_only: Tensor | None = None
+    advantage_scale: Tensor | None = None
+    replayed: Tensor | None = None
 
     def __setstate__(self, state: dict) -> None:
         """Batches pickled before the ``off_policy`` column existed load with it all False."""
@@ -87,9 +93,11 @@ class RolloutBatch:
             self.off_policy = torch.zeros(len(self.prompt_ids), dtype=torch.bool)
         if "policy_version" not in state:
             self.policy_version = torch.full((len(self.prompt_ids),), -1, dtype=torch.long)
-        for name in ("truncated", "baseline_only"):
+        for name in ("truncated", "baseline_only", "replayed"):
             if name not in state:
                 setattr(self, name, torch.zeros(len(self.prompt_ids), dtype=torch.bool))
+        if "advantage_scale" not in state:
+            self.advantage_scale = torch.ones(len(self.prompt_ids), dtype=torch.float32)
         if "reward_parts" not in state:
             self.reward_parts = [{} for _ in self.prompt_ids]
 
@@ -99,7 +107,9 @@ class RolloutBatch:
             value = getattr(self, name)
             setattr(self, name, _long(value) if value is not None else torch.full((n,), -1, dtype=torch.long))
         self.reward = torch.as_tensor(self.reward, dtype=torch.float32)
-        for name in ("done", "valid_action", "won", "off_policy", "truncated", "baseline_only"):
+        self.advantage_scale = (torch.as_tensor(self.advantage_scale, dtype=torch.float32) if self.advantage_scale is not None
+                                else torch.ones(n, dtype=torch.float32))
+        for name in ("done", "valid_action", "won", "off_policy", "truncated", "baseline_only", "replayed"):
             value = getattr(self, name)
             setattr(self, name, torch.as_tensor(value, dtype=torch.bool) if value is not None else torch.zeros(n, dtype=torch.bool))
         self.prompt_ids = [_long(p) for p in self.prompt_ids]

@@ -29,7 +29,12 @@ NO_SIGNAL_WARN_AFTER = 3
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
     """A non-empty step batch's episodes: return, success, length, invalid actions, rows
-    and tokens, and the mean of each named reward part."""
+    and tokens, and the mean of each named reward part. The episode figures are those of
+    the step's own episodes (a replayed one, ``batch.replayed``, is left out); rows and
+    tokens count every row that trains."""
+    rows, tokens = len(batch), batch.num_response_tokens()
+    if bool(batch.replayed.any()):
+        batch = batch.select(torch.nonzero(~batch.replayed).flatten())
     success = batch.trajectory_success().float()  # [E]
     _, per_traj = torch.unique(batch.traj_id, return_counts=True)  # [E]
     return {
@@ -39,8 +44,8 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
         "episodes": int(per_traj.numel()),
         "invalid_action_rate": float((~batch.valid_action).float().mean()),
         "env_steps": int(batch.valid_action.sum()),  # actions the environment carried out (tool calls)
-        "num_rows": len(batch),
-        "response_tokens": batch.num_response_tokens(),
+        "num_rows": rows,
+        "response_tokens": tokens,
         **{f"reward/{name}": mean for name, mean in batch.reward_part_means().items()},
     }
 

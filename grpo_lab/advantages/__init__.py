@@ -104,7 +104,14 @@ class AdvantagePipeline:
         return AdvantageOutput(advantages, metrics, out.extras)
 
     def __call__(self, batch: RolloutBatch) -> AdvantageOutput:
-        return self.run(inputs_from_batch(batch, self.invalid_penalty, self.penalty_placement))
+        """The advantages of ``batch``'s rows, each times its ``advantage_scale`` (R³'s
+        ``alpha`` on replayed episodes; the extra streams are not scaled)."""
+        out = self.run(inputs_from_batch(batch, self.invalid_penalty, self.penalty_placement))
+        if len(batch) and bool((batch.advantage_scale != 1).any()):
+            scale = batch.advantage_scale.to(out.advantages.dtype)  # [N]
+            out = AdvantageOutput(out.advantages * (scale if out.advantages.dim() == 1 else scale[:, None]),
+                                  out.metrics, out.extras)
+        return out
 
 
 def run_estimator(

@@ -9,7 +9,9 @@ A sampler takes the step's task seeds and returns their episodes as one
 - ``tree``: Tree-GRPO / TreeRPO trees (:mod:`grpo_lab.rollout.tree`);
 - ``adaptive``: AR3PO's stages with response reuse (:mod:`grpo_lab.rollout.adaptive`);
 - ``remax``: ``chain``'s episodes and one greedy episode per task, the baseline of
-  ReMax (:mod:`grpo_lab.advantages.remax`), marked ``baseline_only``.
+  ReMax (:mod:`grpo_lab.advantages.remax`), marked ``baseline_only``;
+- ``r3``: ``chain``'s groups with R³'s replay, reflection and ranking reward
+  (:mod:`grpo_lab.rollout.r3`).
 
 Register another with ``@register_sampler("name")``; ``rollout.sampler=name`` selects it.
 
@@ -30,6 +32,7 @@ from ..data import RolloutBatch
 from ..envs.base import Env
 from ..registry import Registry
 from .adaptive import ReuseBuffer, adaptive_rollout
+from .r3 import TaskHistory, r3_rollout
 from .agent_loop import AgentLoopConfig, run_episodes
 from .backend import SamplingParams
 from .env_pool import EnvFault
@@ -68,6 +71,7 @@ class RolloutContext:
     scheduler: SchedulerConfig | None = None
     length_predictor: LengthPredictor = field(default_factory=LengthPredictor)
     reuse_buffer: ReuseBuffer | None = None
+    history: TaskHistory | None = None  # sampler=r3: the past episodes of each task
     tree_rng: random.Random = field(default_factory=random.Random)
     faults: FaultLog = field(default_factory=FaultLog)
     stats: dict[str, float] = field(default_factory=dict)
@@ -190,3 +194,19 @@ def remax_sampler(ctx: RolloutContext, seeds: list[int], ids: GroupNumbering) ->
     ctx.stats["responses_per_prompt"] = float(size)
     ctx.stats["remax_greedy_episodes"] = float(len(torch.unique(greedy.traj_id)))
     return RolloutBatch.concat([sampled, greedy]) if len(greedy) else sampled
+
+
+@register_sampler("r3")
+def r3_sampler(ctx: RolloutContext, seeds: list[int], ids: GroupNumbering) -> RolloutBatch:
+    """``chain``'s groups with R³'s reflection, ranking reward and cross-context replay (``rollout.r3``)."""
+    if ctx.history is None:
+        raise ValueError("rollout.sampler=r3 needs the run's task history (RolloutContext.history)")
+    size = ctx.loop.group_size
+
+    def play(envs: Callable[[], Env]) -> RolloutBatch:
+        return replace(ctx, envs=envs).play(seeds, size, ids.first())
+
+    batch, metrics = r3_rollout(play, ctx.envs, ctx.history, ctx.rollout.r3, size, ctx.encoder.tokenizer)
+    ctx.stats.update(metrics)
+    ctx.stats["responses_per_prompt"] = float(size)
+    return batch
