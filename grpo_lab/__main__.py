@@ -1,13 +1,14 @@
 """``python -m grpo_lab --list [NAME]``: every registry of named choices (estimators,
 policy losses, packings, episode formats, backends, samplers, environments, rewards, ...)
-with each entry's description and options, or the registry ``NAME`` alone."""
+with each entry's description and options, and the table of methods with their papers
+and config lines (:mod:`grpo_lab.methods`); or the registry ``NAME`` (or ``methods``) alone."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Sequence
 
-from . import advantages, build, envs, losses  # noqa: F401  (each import fills its registries)
+from . import advantages, build, envs, losses, methods  # noqa: F401  (each import fills its registries)
 from .envs import rewards  # noqa: F401
 from .registry import REGISTRIES
 from .rollout import samplers  # noqa: F401
@@ -22,10 +23,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list is None:
         parser.print_help()
         return 0
-    if args.list and args.list not in REGISTRIES:
-        parser.error(f"unknown registry {args.list!r}; valid names: {sorted(REGISTRIES)}")
-    names = [args.list] if args.list else sorted(REGISTRIES)
-    print("\n\n".join(REGISTRIES[name].describe() for name in names))
+    if args.list and args.list not in REGISTRIES and args.list != "methods":
+        parser.error(f"unknown registry {args.list!r}; valid names: {sorted(REGISTRIES) + ['methods']}")
+    names = [args.list] if args.list else sorted(REGISTRIES) + ["methods"]
+    print("\n\n".join(methods.describe() if name == "methods" else REGISTRIES[name].describe() for name in names))
     return 0
 
 
