@@ -29,15 +29,21 @@ NO_SIGNAL_WARN_AFTER = 3
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
     """A non-empty step batch's episodes: return, success, length, invalid actions, rows
-    and tokens, and the mean of each named reward part. The episode figures are those of
-    the step's own episodes (a replayed one, ``batch.replayed``, is left out); rows and
-    tokens count every row that trains."""
+    and tokens, the share of groups whose episodes all ended alike (all won or all not:
+    no outcome signal, ``groups_all_alike``), and the mean of each named reward part. The
+    episode figures are those of the step's own episodes (a replayed one,
+    ``batch.replayed``, is left out); rows and tokens count every row that trains."""
     rows, tokens = len(batch), batch.num_response_tokens()
     if bool(batch.replayed.any()):
         batch = batch.select(torch.nonzero(~batch.replayed).flatten())
     success = batch.trajectory_success().float()  # [E]
-    _, per_traj = torch.unique(batch.traj_id, return_counts=True)  # [E]
+    trajs, per_traj = torch.unique(batch.traj_id, return_counts=True)  # [E]
+    traj_group = torch.zeros_like(trajs).scatter_(0, torch.searchsorted(trajs, batch.traj_id), batch.group_id)  # [E]
+    groups, group_of = torch.unique(traj_group, return_inverse=True)  # [K], [E]
+    won = torch.zeros(len(groups)).index_add_(0, group_of, success)  # [K]
+    size = torch.zeros(len(groups)).index_add_(0, group_of, torch.ones_like(success))  # [K]
     return {
+        "groups_all_alike": float(((won == 0) | (won == size)).float().mean()),
         "reward_mean": float(batch.trajectory_returns().mean()),
         "success_rate": float(success.mean()),
         "episode_length": float(per_traj.float().mean()),

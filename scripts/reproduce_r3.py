@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _runs import Run, curves, labels, options, plot, report, select, spread, table, train_all, window_mean  # noqa: E402
 
-TASK = ["env=countdown", "env.kwargs.num_tasks=64", "trainer.eval_samples=4"]
+TASKS = {"countdown": ["env=countdown", "env.kwargs.num_tasks=64", "trainer.eval_samples=4"],
+         "countdown, 2 numbers": ["env=countdown", "env.kwargs.num_tasks=64", "env.kwargs.num_numbers=2",
+                                  "trainer.eval_samples=4"]}
 METHODS = {
     "GRPO": [],
     "GRPO + replay": ["rollout.sampler=r3", "rollout.r3.reflection_threshold=null", "rollout.r3.rank_reward=0"],
@@ -40,36 +42,42 @@ METHODS = {
 
 
 def runs(steps: int, seeds: list[int]) -> list[Run]:
-    return [Run(method, "countdown", seed, [*TASK, *extra, f"trainer.total_steps={steps}"])
-            for seed in seeds for method, extra in METHODS.items()]
+    return [Run(method, task, seed, [*env, *extra, f"trainer.total_steps={steps}"])
+            for task, env in TASKS.items() for seed in seeds for method, extra in METHODS.items()]
 
 
 def main() -> None:
     args = options(__doc__, steps=30, seeds=[0, 1, 2])
     results = train_all(runs(args.steps, args.seeds), args)
-    header = ["method", "groups all alike", "groups with signal", "replayed per step", "reflected per step",
+    header = ["task", "method", "groups all alike", "groups with signal", "replayed per step", "reflected per step",
               "train success, last 5 steps", "eval success after warm-up", "eval success at end", "pass@2 at end",
               "pass@4 at end"]
-    rows, success, signal = [], {}, {}
-    for method in labels(results, "method"):
-        rs = select(results, method=method)
-        alike = [r.per_step("r3_groups_homogeneous") if "r3_groups_homogeneous" in r.records[0]
-                 else r.per_step("frac_zero_std_groups") for r in rs]
-        rows.append([method, spread(alike, 2), spread([1 - r.per_step("frac_zero_std_groups") for r in rs], 2),
-                     spread([r.per_step("r3_replayed_episodes") for r in rs], 2),
-                     spread([r.per_step("r3_reflected_episodes") for r in rs], 2),
-                     spread([window_mean(r.series("success_rate"), False) for r in rs]),
-                     spread([r.eval("eval_after_warmup") for r in rs]), spread([r.eval("eval_final") for r in rs]),
-                     spread([r.eval("eval_final", "pass@2") for r in rs]),
-                     spread([r.eval("eval_final", "pass@4") for r in rs])])
-        success[method] = curves(rs, "success_rate")
-        signal[method] = [[1 - v for v in r.series("frac_zero_std_groups")] for r in rs]
-    png = plot(args.out / "plot.png", [("countdown: training success", "success rate", success),
-                                       ("countdown: groups with a learning signal", "share of groups", signal)])
+    rows, panels = [], []
+    for task in labels(results, "task"):
+        success, signal = {}, {}
+        for method in labels(results, "method"):
+            rs = select(results, task=task, method=method)
+            rows.append(row(task, method, rs))
+            success[method] = curves(rs, "success_rate")
+            signal[method] = [[1 - v for v in r.series("frac_zero_std_groups")] for r in rs]
+        panels += [(f"{task}: training success", "success rate", success),
+                   (f"{task}: groups with a learning signal", "share of groups", signal)]
+    png = plot(args.out / "plot.png", panels)
     body = (f"Mean ± std over seeds {args.seeds}; {args.steps} steps of 8 tasks x 8 episodes from a pool of 64 "
-            "countdown tasks; evaluation: 4 samples of each of `trainer.eval_episodes` (64) tasks of the pool.\n\n"
-            + table(header, rows))
+            "countdown tasks; evaluation: 4 samples of each of `trainer.eval_episodes` (64) tasks of the pool. "
+            "Groups all alike: every episode of the group failed, or every one succeeded (before replay); groups "
+            "with signal: the advantages not all zero (after replay; the invalid-action penalty and the ranking "
+            "reward also give a group one).\n\n" + table(header, rows))
     report(args, "R3 (replay, reflection, ranking reward) against GRPO on countdown", body, results, png)
+
+
+def row(task: str, method: str, rs: list) -> list[str]:
+    return [task, method, spread([r.per_step("groups_all_alike") for r in rs], 2), spread([1 - r.per_step("frac_zero_std_groups") for r in rs], 2),
+            spread([r.per_step("r3_replayed_episodes") for r in rs], 2),
+            spread([r.per_step("r3_reflected_episodes") for r in rs], 2),
+            spread([window_mean(r.series("success_rate"), False) for r in rs]),
+            spread([r.eval("eval_after_warmup") for r in rs]), spread([r.eval("eval_final") for r in rs]),
+            spread([r.eval("eval_final", "pass@2") for r in rs]), spread([r.eval("eval_final", "pass@4") for r in rs])]
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def test_groups_that_all_failed_take_past_successes_and_alpha_reaches_their_adva
     assert out.off_policy.tolist() == out.replayed.tolist() == [False] * 4 + [True] * 2
     assert out.advantage_scale.tolist() == [1.0] * 4 + [0.5] * 2
     assert [lp.tolist() for lp in out.rollout_logprobs[4:]] == [[-2.5], [-1.5]]  # tags 2, 1: their behaviour log-probs
-    assert metrics == {"r3_groups_homogeneous": 0.5, "r3_groups_replayed": 1.0, "r3_replayed_episodes": 2.0}
+    assert metrics == {"r3_groups_replayed": 1.0, "r3_replayed_episodes": 2.0}
     adv = AdvantagePipeline.of("grpo", {"scale_rewards": "group", "eps": 0.0}, penalty_placement="episode")(out).advantages
     z = 0.5 / math.sqrt(1 / 3)
     assert adv.tolist() == pytest.approx([-z, -z, 0.5 / math.sqrt(0.5), -0.5 / math.sqrt(0.5), 0.5 * z, 0.5 * z])
@@ -72,7 +72,7 @@ def test_groups_that_all_succeeded_take_past_failures_and_no_past_means_no_repla
     batch = episodes([1.0, 1.0, 0.0, 0.0], [True, True, False, False], [0, 0, 1, 1], ["a", "a", "b", "b"])
     out, metrics = replay_into_groups(batch, history, k=2, alpha=1.0, group_size=2)
     assert len(out) == 5 and out.won.tolist() == [True, True, False, False, False]
-    assert metrics["r3_groups_homogeneous"] == 1.0 and metrics["r3_replayed_episodes"] == 1.0
+    assert metrics["r3_replayed_episodes"] == 1.0
 
 
 def test_entropy_ranking_reward_by_hand():
@@ -167,4 +167,5 @@ def test_the_steps_episode_metrics_leave_replayed_episodes_out():
     out, _ = replay_into_groups(batch, history, k=2, alpha=0.5, group_size=2)
     metrics = rollout_metrics(out)
     assert metrics["success_rate"] == 0.25 and metrics["episodes"] == 4  # the replayed success is not this step's
+    assert metrics["groups_all_alike"] == 0.5  # group 0's two new episodes both failed
     assert metrics["num_rows"] == 5 and metrics["response_tokens"] == 9  # but it trains

@@ -21,7 +21,8 @@ SCRIPTS = {  # script: (rows its table must hold, whether it trains through pyth
     "reproduce_tree_grpo": (["| chains (GRPO, G=5) |", "| trees (Tree-GRPO, M=2 N=2 L=1) |"], True),
     "reproduce_prefix_grouper": (["| 4 |"], False),
     "reproduce_ar3po": (["| countdown | GRPO (G=8) |", "| frozenlake | AR3PO (2 stages x 4, reuse) |"], True),
-    "reproduce_r3": (["| GRPO |", "| GRPO + replay |", "| R3 (replay, reflection, ranking) |"], True),
+    "reproduce_r3": (["| countdown | GRPO |", "| countdown, 2 numbers | GRPO + replay |",
+                      "| countdown | R3 (replay, reflection, ranking) |"], True),
 }
 
 

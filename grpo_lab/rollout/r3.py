@@ -182,8 +182,8 @@ def replay_into_groups(batch: RolloutBatch, history: TaskHistory, k: int, alpha:
     the group (episode ids ``g (group_size + k) + group_size + j``; the new ones'
     ``g (group_size + k) + m``), ``off_policy``, ``advantage_scale = alpha``.
 
-    Returns the batch and ``r3_groups_homogeneous`` (the share of groups whose episodes
-    all ended alike), ``r3_groups_replayed`` and ``r3_replayed_episodes``."""
+    Returns the batch and ``r3_groups_replayed`` and ``r3_replayed_episodes`` (the share
+    of groups whose episodes all ended alike is the step's ``groups_all_alike``)."""
     if not len(batch):
         return batch, {}
     width = group_size + k
@@ -191,12 +191,11 @@ def replay_into_groups(batch: RolloutBatch, history: TaskHistory, k: int, alpha:
     groups: dict[int, list[list[int]]] = {}
     for rows in episode_slices(fresh):
         groups.setdefault(int(fresh.group_id[rows[0]]), []).append(rows)
-    parts, homogeneous, replayed_groups, replayed = [fresh], 0, 0, 0
+    parts, replayed_groups, replayed = [fresh], 0, 0
     for g, episodes in groups.items():
         outcomes = {bool(fresh.won[rows].any()) for rows in episodes}
         if len(outcomes) != 1:
             continue
-        homogeneous += 1
         past = history.past(task_key(fresh, episodes[0]), not outcomes.pop(), k) if k else []
         for j, stored in enumerate(past):
             rows = stored.rows
@@ -206,8 +205,7 @@ def replay_into_groups(batch: RolloutBatch, history: TaskHistory, k: int, alpha:
                                  advantage_scale=torch.full_like(rows.advantage_scale, alpha)))
         replayed_groups += bool(past)
         replayed += len(past)
-    metrics = {"r3_groups_homogeneous": homogeneous / max(len(groups), 1),
-               "r3_groups_replayed": float(replayed_groups), "r3_replayed_episodes": float(replayed)}
+    metrics = {"r3_groups_replayed": float(replayed_groups), "r3_replayed_episodes": float(replayed)}
     return (RolloutBatch.concat(parts) if len(parts) > 1 else fresh), metrics
 
 
