@@ -130,8 +130,9 @@ class RunCheckpoints:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         rollout.length_predictor = copy.deepcopy(state["length_predictor"])
         rollout.reuse_buffer = copy.deepcopy(state["reuse_buffer"])
-        if state.get("history") is not None:
-            rollout.history = copy.deepcopy(state["history"])
+        if state.get("history") is not None:  # R³'s task history, within the configured bounds
+            r3 = self.parts.config.rollout.r3
+            rollout.history = state["history"].resized(r3.capacity, r3.max_tasks)
         self.eval_after_warmup = state["eval_after_warmup"]
 
     def full_state_dict(self) -> dict[str, Tensor] | None:

@@ -247,6 +247,8 @@ class AlgoConfig:
                f"one of {KL_CONTROLLERS.names()}")
         _check(self.kl_reward_estimator in KL_ESTIMATORS, "algo.kl_reward_estimator", self.kl_reward_estimator,
                f"one of {KL_ESTIMATORS.names()}")
+        _check(self.policy_loss != "vespo" or self.tis_level == "token", "algo.tis_level", self.tis_level,
+               "token with algo.policy_loss=vespo (VESPO folds each token's sampler weight into its sequence ratio)")
         _check(self.kl_target > 0, "algo.kl_target", self.kl_target, "a number > 0")
         _check(self.kl_horizon > 0, "algo.kl_horizon", self.kl_horizon, "a number > 0")
         _check(not self.kl_bias_correction or self.kl_coef > 0, "algo.kl_bias_correction", self.kl_bias_correction,

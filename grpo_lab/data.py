@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 _SCALAR_COLUMNS = ("group_id", "traj_id", "step", "reward", "done", "valid_action", "won", "tree_id", "node_id", "parent_id",
-                   "off_policy", "policy_version", "truncated", "baseline_only", "advantage_scale", "replayed")
+                   "off_policy", "policy_version", "truncated", "baseline_only", "advantage_scale", "replayed",
+                   "reward_shaping")
 _TOKEN_COLUMNS = ("prompt_ids", "response_ids", "rollout_logprobs", "loss_mask")
 
 
@@ -57,6 +58,9 @@ class RolloutBatch:
       train (ReMax's greedy episode of each task); it leaves the batch after the advantages.
     - ``replayed`` ``[N]``: the row's episode was played at an earlier step and joined
       this one's group (R³'s replay); it trains, and the step's episode metrics leave it out.
+    - ``reward_shaping`` ``[N]`` float: what the algorithm adds to the row's reward before
+      the advantages (0; R³'s ranking reward, minus the KL penalty of KL in the reward);
+      ``reward`` stays the environment's, and the step's metrics report it.
     - ``advantage_scale`` ``[N]`` float: a factor on the row's advantage after the
       estimator and its modifiers (1; R³'s ``alpha`` on replayed episodes).
     - ``reward_parts``: ``N`` dicts, the named parts of each step's reward where the
@@ -85,6 +89,7 @@ class RolloutBatch:
     baseline_only: Tensor | None = None
     advantage_scale: Tensor | None = None
     replayed: Tensor | None = None
+    reward_shaping: Tensor | None = None
 
     def __setstate__(self, state: dict) -> None:
         """Batches pickled before the ``off_policy`` column existed load with it all False."""
@@ -98,6 +103,8 @@ class RolloutBatch:
                 setattr(self, name, torch.zeros(len(self.prompt_ids), dtype=torch.bool))
         if "advantage_scale" not in state:
             self.advantage_scale = torch.ones(len(self.prompt_ids), dtype=torch.float32)
+        if "reward_shaping" not in state:
+            self.reward_shaping = torch.zeros(len(self.prompt_ids), dtype=torch.float32)
         if "reward_parts" not in state:
             self.reward_parts = [{} for _ in self.prompt_ids]
 
@@ -109,6 +116,8 @@ class RolloutBatch:
         self.reward = torch.as_tensor(self.reward, dtype=torch.float32)
         self.advantage_scale = (torch.as_tensor(self.advantage_scale, dtype=torch.float32) if self.advantage_scale is not None
                                 else torch.ones(n, dtype=torch.float32))
+        self.reward_shaping = (torch.as_tensor(self.reward_shaping, dtype=torch.float32) if self.reward_shaping is not None
+                               else torch.zeros(n, dtype=torch.float32))
         for name in ("done", "valid_action", "won", "off_policy", "truncated", "baseline_only", "replayed"):
             value = getattr(self, name)
             setattr(self, name, torch.as_tensor(value, dtype=torch.bool) if value is not None else torch.zeros(n, dtype=torch.bool))
@@ -142,6 +151,8 @@ class RolloutBatch:
                     f"row {i}: response_ids {tuple(resp.shape)}, rollout_logprobs {tuple(lp.shape)} and "
                     f"loss_mask {tuple(mask.shape)} must be equal one-dimensional shapes"
                 )
+        if not torch.isfinite(self.reward_shaping).all():
+            raise ValueError("reward_shaping has non-finite values")
         if not torch.isfinite(self.reward).all():
             bad = torch.nonzero(~torch.isfinite(self.reward)).flatten().tolist()[:5]
             raise ValueError(f"reward has non-finite values at rows {bad}")

@@ -7,6 +7,7 @@ term of a micro-batch's loss sees."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -172,8 +173,13 @@ def test_kl_in_reward_by_hand():
             seen.append((kl, rows))
 
     out, metrics = KLInReward(Recorder(0.2), k1)(batch, policy, reference)
-    assert out.reward.tolist() == pytest.approx([0.8, -0.2])
+    assert (out.reward + out.reward_shaping).tolist() == pytest.approx([0.8, -0.2])
+    assert out.reward.tolist() == [1.0, 0.0]  # the environment's, for the metrics
     assert seen == [(0.75, 2)] and metrics["kl_reward_coef"] == 0.2 and metrics["kl_reward"] == 0.75
+    # a baseline episode (ReMax's greedy one) pays nothing and is not measured
+    greedy = replace(batch, baseline_only=torch.tensor([False, True]))
+    out, metrics = KLInReward(Recorder(0.2), k1)(greedy, policy[:1], reference[:1])
+    assert out.reward_shaping.tolist() == pytest.approx([-0.2, 0.0]) and seen[-1] == (0.5, 1)
 
 
 def test_bad_modifier_settings_are_named():

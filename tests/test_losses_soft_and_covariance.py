@@ -182,3 +182,28 @@ def test_loss_params_reach_the_loss_and_bad_ones_are_named():
         AlgoConfig(policy_loss="clip_cov", loss_params={"clip_ratio": 2.0}).validate()
     with pytest.raises(ConfigError, match="its parameters: none"):
         AlgoConfig(policy_loss="ppo_clip", loss_params={"tau_pos": 1.0}).validate()
+
+
+def test_a_token_selection_leaves_the_row_statistics_whole():
+    """Dropping token (0, 1) from the loss (top-entropy style) keeps VESPO's w over the
+    whole row (phi0 as without a selection) and only zeroes that token's gradient; the
+    normaliser stays the 5 tokens."""
+    keep = torch.ones(2, 3, dtype=torch.float64)
+    keep[0, 1] = 0.0
+    phi0 = math.exp(3 + 2 * math.log(0.75) - 3 * 0.75)
+    phi1 = math.exp(2 + 3 * math.log(1.5) - 2 * 1.5)
+    logp = NEW.clone().requires_grad_(True)
+    vespo_loss(logp, OLD, ADV, MASK, k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0, loss_agg="token-mean",
+               scale=LossScale.of(MASK), keep=keep)[0].backward()
+    phi = torch.tensor([[phi0], [phi1]], dtype=torch.float64)
+    assert torch.allclose(logp.grad, -phi * ADV[:, None] * MASK * keep / 5, atol=1e-12)
+    # GSPO's sequence ratio, too, is the whole row's: the kept tokens' gradients are unchanged
+    from grpo_lab.losses import clipped_policy_loss
+
+    grads = []
+    for k in (None, keep):
+        lp = NEW.clone().requires_grad_(True)
+        clipped_policy_loss(lp, OLD, ADV, MASK, clip_low=0.5, clip_high=0.5, ratio_level="sequence",
+                            scale=LossScale.of(MASK), keep=k)[0].backward()
+        grads.append(lp.grad)
+    assert torch.allclose(grads[1], grads[0] * keep, atol=1e-12)

@@ -9,6 +9,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from grpo_lab.advantages import AdvantagePipeline
 from grpo_lab.data import RolloutBatch
@@ -42,6 +43,14 @@ def test_the_history_keeps_the_most_recent_episodes_of_the_most_recent_tasks():
     h.add("c", stored(0.0, False))
     assert h.tasks == 2 and h.past("b", True, 1) == [] and h.past("a", True, 1)[0].text == "attempt 7"
     assert h.recent_mean_return("a", 2) == pytest.approx(0.5) and h.recent_mean_return("zzz", 2) is None
+    import copy
+
+    snapshot = copy.deepcopy(h)  # what the sampler state keeps after every step: shares the episodes
+    snapshot.add("d", stored(0.0, False))
+    assert h.tasks == 2 and snapshot.tasks == 2 and snapshot.past("c", False, 1)[0] is h.past("c", False, 1)[0]
+    assert h.past("a", True, 1) and not snapshot.past("a", True, 1)  # a left the snapshot only
+    smaller = h.resized(1, 1)  # a resume with smaller bounds keeps the newest
+    assert smaller.tasks == 1 and smaller.past("c", False, 5) and len(smaller) == 1
 
 
 def test_groups_that_all_failed_take_past_successes_and_alpha_reaches_their_advantages():
@@ -82,7 +91,8 @@ def test_entropy_ranking_reward_by_hand():
     batch = episodes([0.0, 0.0, 0.0, 1.0, 0.0], [False, False, False, True, False], [0, 0, 0, 0, 1],
                      ["a"] * 4 + ["b"], logprobs=[[-1.0, -1.0], [-2.0, -4.0], [-0.5, -0.5], [-9.0, -9.0], [-3.0, -3.0]])
     out, metrics = entropy_rank_rewards(batch, 0.1)
-    assert out.reward.tolist() == pytest.approx([0.05, 0.0, 0.1, 1.0, 0.0])
+    assert out.reward_shaping.tolist() == pytest.approx([0.05, 0.0, 0.1, 0.0, 0.0])
+    assert torch.equal(out.reward, batch.reward)  # the environment's reward, as the step's metrics report it
     assert metrics["r3_ranked_episodes"] == 2.0  # the worst of three gets 0
 
 

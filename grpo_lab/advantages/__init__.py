@@ -52,7 +52,8 @@ def inputs_from_batch(batch: RolloutBatch, invalid_penalty: float = 0.0, penalty
     if penalty_placement not in PENALTY_PLACEMENTS:
         raise ValueError(f"penalty placement must be one of {list(PENALTY_PLACEMENTS)}, got {penalty_placement!r}")
     row = penalty_placement == "row" and invalid_penalty != 0
-    rewards = batch.reward if row else invalid_action_penalty(batch.reward, batch.valid_action, invalid_penalty)
+    shaped = batch.reward + batch.reward_shaping  # [N] the environment's reward and the algorithm's additions
+    rewards = shaped if row else invalid_action_penalty(shaped, batch.valid_action, invalid_penalty)
     return AdvantageInputs(
         rewards=rewards,
         penalty=row_penalties(batch.valid_action, invalid_penalty) if row else None,

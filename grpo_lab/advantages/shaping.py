@@ -24,7 +24,8 @@ PENALTY_PLACEMENTS = ("row", "episode")
 #: estimators that take the penalty in the rewards: a Tree-GRPO node's advantage is built
 #: from the leaves below it, and there is no score of its own that a row penalty could lower;
 #: the others score whole episodes (their returns) and nothing else
-EPISODE_PLACEMENT_ESTIMATORS = ("tree_grpo", "reinforce_pp", "reinforce_pp_baseline", "opo", "gpg", "grpo_passk")
+EPISODE_PLACEMENT_ESTIMATORS = ("tree_grpo", "reinforce_pp", "reinforce_pp_baseline", "opo", "gpg", "grpo_passk",
+                                "remax")
 
 
 def default_penalty_placement(estimator: str) -> str:

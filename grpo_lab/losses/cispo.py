@@ -23,12 +23,12 @@ import torch
 from torch import Tensor
 
 from .policy import Objective, register_policy_loss
-from .terms import LossScale, aggregate, masked_mean, token_advantages
+from .terms import LossScale, aggregate, masked_mean, token_advantages, weigh_tokens
 
 
 def cispo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float,
                clip_high: float, loss_agg, scale: LossScale, entropy: Tensor | None = None,
-               tis_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+               tis_weights: Tensor | None = None, keep: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """CISPO's loss (module docstring); shapes as :func:`~grpo_lab.losses.clipped_policy_loss`'s."""
     if clip_low < 0 or clip_high < 0:
         raise ValueError(f"clip ranges must be >= 0, got clip_low={clip_low}, clip_high={clip_high}")
@@ -37,9 +37,7 @@ def cispo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask:
     ratio = torch.exp(log_ratio)  # [B, T]
     weight = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)  # [B, T], detached
     adv = token_advantages(advantages, logprobs)  # [B, 1] or [B, T]
-    per_token = -weight * adv * logprobs  # [B, T]
-    if tis_weights is not None:
-        per_token = per_token * tis_weights.detach().to(per_token.dtype)  # [B, T]
+    per_token = weigh_tokens(-weight * adv * logprobs, tis_weights, keep)  # [B, T]
     with torch.no_grad():
         metrics = {"clip_frac": masked_mean((weight != ratio).to(mask.dtype), mask),
                    "approx_kl": masked_mean(ratio - 1 - log_ratio, mask), "ratio_mean": masked_mean(ratio, mask)}
@@ -51,8 +49,8 @@ def cispo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask:
 @register_policy_loss("cispo", options=("clip_low", "clip_high"))
 def cispo(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, objective: Objective, *,
           scale: LossScale, entropy: Tensor | None = None, tis_weights: Tensor | None = None,
-          streams: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+          keep: Tensor | None = None, streams: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The log-prob weighted by the clipped, detached importance ratio (CISPO, MiniMax-M1)."""
     return cispo_loss(logprobs, old_logprobs, advantages, mask, clip_low=objective.clip_low,
                       clip_high=objective.clip_high, loss_agg=objective.aggregation, scale=scale, entropy=entropy,
-                      tis_weights=tis_weights)
+                      tis_weights=tis_weights, keep=keep)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .policy import Objective, register_policy_loss
-from .terms import LossScale, aggregate, masked_mean, token_advantages
+from .terms import LossScale, aggregate, masked_mean, token_advantages, weigh_tokens
 
 
 def token_covariance(logprobs: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
@@ -44,10 +44,10 @@ def token_covariance(logprobs: Tensor, advantages: Tensor, mask: Tensor) -> Tens
     return (adv - masked_mean(adv, mask)) * (logp - masked_mean(logp, mask))  # [B, T]
 
 
-def clip_cov_selection(cov: Tensor, eligible: Tensor, share: float, lower: float, upper: float) -> Tensor:
-    """``[B, T]`` bool: a random ``max(int(share * eligible.sum()), 1)`` of the eligible
-    tokens with ``lower < cov < upper`` (all of them if fewer); none without a token."""
-    total = int(eligible.sum())
+def clip_cov_selection(cov: Tensor, eligible: Tensor, total: int, share: float, lower: float, upper: float) -> Tensor:
+    """``[B, T]`` bool: a random ``max(int(share * total), 1)`` (``total``: the trained
+    tokens, as verl counts) of the eligible tokens with ``lower < cov < upper`` (all of
+    them if fewer); none without a token."""
     chosen = torch.zeros_like(eligible, dtype=torch.bool)  # [B, T]
     if total == 0:
         return chosen
@@ -60,11 +60,11 @@ def clip_cov_selection(cov: Tensor, eligible: Tensor, share: float, lower: float
 
 def top_covariance(cov: Tensor, mask: Tensor, share: float) -> Tensor:
     """``[B, T]`` bool: the ``max(int(share * n), 1)`` tokens of ``mask`` (``n`` of them)
-    with the largest ``cov``; none without a token."""
+    with the largest ``cov``; none without a token, or with ``share = 0`` (verl's)."""
     valid = mask.bool()  # [B, T]
     chosen = torch.zeros_like(valid)  # [B, T]
     n = int(valid.sum())
-    if n == 0:
+    if n == 0 or share == 0:
         return chosen
     flat = torch.nonzero(valid.reshape(-1)).flatten()  # [n] positions of the valid tokens
     top = torch.topk(cov.reshape(-1)[flat], max(int(n * share), 1)).indices  # [k]
@@ -84,7 +84,7 @@ def _metrics(ratio: Tensor, log_ratio: Tensor, mask: Tensor, chosen: Tensor, ent
 def clip_cov_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float,
                   clip_high: float, clip_ratio: float, cov_lower: float, cov_upper: float, loss_agg,
                   scale: LossScale, entropy: Tensor | None = None,
-                  tis_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                  tis_weights: Tensor | None = None, keep: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Clip-Cov's loss (module docstring); shapes as :func:`~grpo_lab.losses.clipped_policy_loss`'s."""
     mask = mask.to(logprobs.dtype)  # [B, T]
     log_ratio = logprobs - old_logprobs  # [B, T]
@@ -94,10 +94,9 @@ def clip_cov_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, ma
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)  # [B, T]
     cut_by_clip = (clipped > unclipped) & mask.bool()  # [B, T]
     cov = token_covariance(logprobs, adv, mask)  # [B, T]
-    chosen = clip_cov_selection(cov, mask.bool() & ~cut_by_clip, clip_ratio, cov_lower, cov_upper)  # [B, T]
-    per_token = torch.maximum(unclipped, clipped) * (~chosen).to(ratio.dtype)  # [B, T]
-    if tis_weights is not None:
-        per_token = per_token * tis_weights.detach().to(per_token.dtype)  # [B, T]
+    chosen = clip_cov_selection(cov, mask.bool() & ~cut_by_clip, int(mask.sum()), clip_ratio, cov_lower,
+                                cov_upper)  # [B, T]
+    per_token = weigh_tokens(torch.maximum(unclipped, clipped) * (~chosen).to(ratio.dtype), tis_weights, keep)  # [B, T]
     metrics = _metrics(ratio, log_ratio, mask, chosen, entropy)
     metrics["clip_frac"] = masked_mean(cut_by_clip.to(mask.dtype), mask)
     return aggregate(per_token, mask, loss_agg, scale), metrics  # []
@@ -105,16 +104,14 @@ def clip_cov_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, ma
 
 def kl_cov_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, kl_ratio: float,
                 kl_coef: float, loss_agg, scale: LossScale, entropy: Tensor | None = None,
-                tis_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                tis_weights: Tensor | None = None, keep: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """KL-Cov's loss (module docstring); shapes as :func:`~grpo_lab.losses.clipped_policy_loss`'s."""
     mask = mask.to(logprobs.dtype)  # [B, T]
     log_ratio = logprobs - old_logprobs  # [B, T]
     ratio = torch.exp(log_ratio)  # [B, T]
     adv = token_advantages(advantages, logprobs).expand_as(ratio)  # [B, T]
     chosen = top_covariance(token_covariance(logprobs, adv, mask), mask, kl_ratio)  # [B, T]
-    per_token = -adv * ratio + kl_coef * log_ratio.abs() * chosen.to(ratio.dtype)  # [B, T]
-    if tis_weights is not None:
-        per_token = per_token * tis_weights.detach().to(per_token.dtype)  # [B, T]
+    per_token = weigh_tokens(-adv * ratio + kl_coef * log_ratio.abs() * chosen.to(ratio.dtype), tis_weights, keep)  # [B, T]
     metrics = _metrics(ratio, log_ratio, mask, chosen, entropy)
     return aggregate(per_token, mask, loss_agg, scale), metrics  # []
 
@@ -141,21 +138,21 @@ def _check_kl_cov(params: Mapping[str, Any]) -> None:
                       params={"clip_ratio": 2e-4, "cov_lower": 1.0, "cov_upper": 5.0}, check=_check_clip_cov)
 def clip_cov(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, objective: Objective, *,
              scale: LossScale, entropy: Tensor | None = None, tis_weights: Tensor | None = None,
-             streams: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+             keep: Tensor | None = None, streams: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's clip, and no gradient for a few tokens of high log-prob/advantage covariance (Clip-Cov)."""
     p = objective.loss_params
     return clip_cov_loss(logprobs, old_logprobs, advantages, mask, clip_low=objective.clip_low,
                          clip_high=objective.clip_high, clip_ratio=float(p["clip_ratio"]),
                          cov_lower=float(p["cov_lower"]), cov_upper=float(p["cov_upper"]),
-                         loss_agg=objective.aggregation, scale=scale, entropy=entropy, tis_weights=tis_weights)
+                         loss_agg=objective.aggregation, scale=scale, entropy=entropy, tis_weights=tis_weights, keep=keep)
 
 
 @register_policy_loss("kl_cov", params={"kl_ratio": 2e-4, "kl_coef": 1.0}, check=_check_kl_cov)
 def kl_cov(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, objective: Objective, *,
            scale: LossScale, entropy: Tensor | None = None, tis_weights: Tensor | None = None,
-           streams: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+           keep: Tensor | None = None, streams: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The unclipped surrogate, with a |log-ratio| penalty on the tokens of highest covariance (KL-Cov)."""
     p = objective.loss_params
     return kl_cov_loss(logprobs, old_logprobs, advantages, mask, kl_ratio=float(p["kl_ratio"]),
                        kl_coef=float(p["kl_coef"]), loss_agg=objective.aggregation, scale=scale, entropy=entropy,
-                       tis_weights=tis_weights)
+                       tis_weights=tis_weights, keep=keep)

@@ -13,7 +13,9 @@ micro-batch's share of the mini-batch, so the gradient does not depend on the
 micro-batch size), not over one forward's; ``algo.clip_low`` / ``algo.clip_high`` are
 the log-space bounds (the paper's are 0.4 each: ``configs/algo/gmpo.yaml``);
 ``tis_weights`` multiply each token's log-ratio contribution's weight (their row mean
-multiplies the row's loss).
+multiplies the row's loss); a token selection (``keep``: the top-entropy tokens, the rows
+the off-policy mask keeps) picks the tokens whose ratios form the geometric mean, and a
+row with none selected contributes 0.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .terms import LossScale, masked_mean, token_advantages
 
 def geometric_mean_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float,
                         clip_high: float, scale: LossScale, entropy: Tensor | None = None,
-                        tis_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                        tis_weights: Tensor | None = None, keep: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """GMPO's loss (module docstring); shapes as :func:`~grpo_lab.losses.clipped_policy_loss`'s."""
     if clip_low < 0 or clip_high < 0:
         raise ValueError(f"clip ranges must be >= 0, got clip_low={clip_low}, clip_high={clip_high}")
@@ -42,8 +44,10 @@ def geometric_mean_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
     sign = torch.sign(adv)  # [B, T]
     clipped = torch.clamp(log_ratio, -clip_low, clip_high)  # [B, T]
     kept = sign * torch.minimum(sign * log_ratio, sign * clipped)  # [B, T]
-    ratio = torch.exp((kept * mask).sum(-1) / (lengths + 1e-8))  # [B]
-    per_row = -row_adv * ratio  # [B]
+    selected = mask if keep is None else mask * keep.detach().to(mask.dtype)  # [B, T] the tokens of the mean
+    chosen = selected.sum(-1)  # [B]
+    ratio = torch.exp((kept * selected).sum(-1) / (chosen + 1e-8))  # [B]
+    per_row = -row_adv * ratio * (chosen > 0).to(ratio.dtype)  # [B], a row with no selected token: 0
     if tis_weights is not None:
         per_row = per_row * ((tis_weights.detach() * mask).sum(-1) / (lengths + 1e-8))  # [B]
     loss = per_row.sum() / max(scale.num_seqs, 1.0)  # []
@@ -61,7 +65,7 @@ def geometric_mean_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
 @register_policy_loss("geo_mean", options=("clip_low", "clip_high"))
 def geo_mean(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, objective: Objective, *,
              scale: LossScale, entropy: Tensor | None = None, tis_weights: Tensor | None = None,
-             streams: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+             keep: Tensor | None = None, streams: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The geometric mean of each sequence's clipped token ratios times its advantage (GMPO)."""
     return geometric_mean_loss(logprobs, old_logprobs, advantages, mask, clip_low=objective.clip_low,
-                               clip_high=objective.clip_high, scale=scale, entropy=entropy, tis_weights=tis_weights)
+                               clip_high=objective.clip_high, scale=scale, entropy=entropy, tis_weights=tis_weights, keep=keep)

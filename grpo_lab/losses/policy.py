@@ -2,7 +2,7 @@
 settings into.
 
 A policy loss is ``fn(logprobs, old_logprobs, advantages, mask, objective, *, scale,
-entropy, tis_weights, streams) -> (loss, metrics)``, as verl's ``PolicyLossFn`` is one
+entropy, tis_weights, keep, streams) -> (loss, metrics)``, as verl's ``PolicyLossFn`` is one
 signature over its registry: the update calls whichever ``algo.policy_loss`` names
 without knowing which. Register another with ``@register_policy_loss("name")``; a loss
 with hyper-parameters of its own declares them with their defaults
@@ -41,6 +41,20 @@ class PolicyLoss:
     params: Mapping[str, Any] = field(default_factory=dict)
     check: Callable[[Mapping[str, Any]], None] | None = None
 
+    def _typed(self, key: str, value: Any) -> Any:
+        """``value`` in the type of the parameter's default (a number stays a number);
+        ``ValueError`` naming the key otherwise."""
+        default = self.params[key]
+        if not isinstance(default, (int, float)) or isinstance(default, bool):
+            return value
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return type(default)(value)
+            except ValueError:
+                pass
+        raise ValueError(f"algo.loss_params.{key}={value!r} is invalid: expected a number (policy loss {self.name!r}, "
+                         f"default {default!r})")
+
     def settings(self, given: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
         """Its parameters: the defaults overridden by ``given`` (``algo.loss_params``),
         checked; an unknown key raises ``ValueError`` naming the valid ones."""
@@ -50,6 +64,8 @@ class PolicyLoss:
             valid = sorted(self.params) or "none"
             raise ValueError(f"algo.loss_params {unknown} are not parameters of policy loss {self.name!r} "
                              f"(its parameters: {valid})")
+        for key, value in given.items():
+            given[key] = self._typed(key, value)
         merged = {**self.params, **given}
         if self.check is not None:
             self.check(merged)
@@ -111,6 +127,7 @@ class Objective:
     kl_bias_correction: bool = False  # the KL term weighted by pi / pi_old (DeepSeek-V3.2; TRL's use_bias_correction_kl)
     off_policy_mask_threshold: float | None = None  # DeepSeek-V3.2's off-policy sequence mask (rollout_correction)
     top_entropy_quantile: float = 1.0  # < 1: the policy loss on the top-rho entropy tokens only (token_selection)
+    every_row: bool = False  # run every row, with or without advantage (an adaptive entropy coefficient measures all)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loss_params", self.policy_loss.settings(self.loss_params))
@@ -118,24 +135,24 @@ class Objective:
     @property
     def trains_every_row(self) -> bool:
         """A KL or entropy term trains rows without advantage too."""
-        return self.kl_coef > 0 or self.entropy_coef > 0
+        return self.kl_coef > 0 or self.entropy_coef > 0 or self.every_row
 
 
 @register_policy_loss("ppo_clip", streams=True, options=("clip_low", "clip_high", "dual_clip_c", "ratio_level"))
 def ppo_clip(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, objective: Objective, *,
              scale: LossScale, entropy: Tensor | None = None, tis_weights: Tensor | None = None,
-             streams: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+             keep: Tensor | None = None, streams: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's clipped surrogate with DAPO's clip-higher; dual clip and GSPO's sequence ratio as options."""
     return clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=objective.clip_low,
                                clip_high=objective.clip_high, loss_agg=objective.aggregation, scale=scale,
                                entropy=entropy, dual_clip_c=objective.dual_clip_c, ratio_level=objective.ratio_level,
-                               tis_weights=tis_weights, **dict(streams or {}))
+                               tis_weights=tis_weights, keep=keep, **dict(streams or {}))
 
 
 @register_policy_loss("reinforce", ratio=False)
 def reinforce(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, objective: Objective, *,
               scale: LossScale, entropy: Tensor | None = None, tis_weights: Tensor | None = None,
-              streams: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+              keep: Tensor | None = None, streams: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """REINFORCE without an importance ratio (strictly on-policy: one optimizer pass per batch)."""
     return reinforce_loss(logprobs, advantages, mask, loss_agg=objective.aggregation, scale=scale, entropy=entropy,
-                          tis_weights=tis_weights)
+                          tis_weights=tis_weights, keep=keep)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .policy import Objective, register_policy_loss
-from .terms import LossScale, aggregate, masked_mean, token_advantages
+from .terms import LossScale, aggregate, masked_mean, token_advantages, weigh_tokens
 
 #: the log-ratio is clamped to this magnitude before ``exp`` (verl's)
 LOG_RATIO_CLAMP = 20.0
@@ -37,16 +37,14 @@ def sapo_gate(ratio: Tensor, tau: Tensor | float) -> Tensor:
 
 def sapo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, tau_pos: float,
               tau_neg: float, loss_agg, scale: LossScale, entropy: Tensor | None = None,
-              tis_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+              tis_weights: Tensor | None = None, keep: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """SAPO's loss (module docstring); shapes as :func:`~grpo_lab.losses.clipped_policy_loss`'s."""
     mask = mask.to(logprobs.dtype)  # [B, T]
     log_ratio = torch.clamp(logprobs - old_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B, T]
     ratio = torch.exp(log_ratio)  # [B, T]
     adv = token_advantages(advantages, logprobs).expand_as(ratio)  # [B, T]
     tau = torch.where(adv > 0, torch.full_like(ratio, tau_pos), torch.full_like(ratio, tau_neg))  # [B, T]
-    per_token = -sapo_gate(ratio, tau) * adv  # [B, T]
-    if tis_weights is not None:
-        per_token = per_token * tis_weights.detach().to(per_token.dtype)  # [B, T]
+    per_token = weigh_tokens(-sapo_gate(ratio, tau) * adv, tis_weights, keep)  # [B, T]
     with torch.no_grad():
         s = torch.sigmoid(tau * (ratio - 1.0))  # [B, T]
         metrics = {"gate_slope_mean": masked_mean(4 * s * (1 - s), mask),  # the gradient's weight, 1 on-policy
@@ -65,9 +63,9 @@ def _check_sapo(params: Mapping[str, Any]) -> None:
 @register_policy_loss("sapo", params={"tau_pos": 1.0, "tau_neg": 1.05}, check=_check_sapo)
 def sapo(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, objective: Objective, *,
          scale: LossScale, entropy: Tensor | None = None, tis_weights: Tensor | None = None,
-         streams: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+         keep: Tensor | None = None, streams: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """A sigmoid gate on the ratio, sharper for negative advantages, in place of the clip (SAPO)."""
     params = objective.loss_params
     return sapo_loss(logprobs, old_logprobs, advantages, mask, tau_pos=float(params["tau_pos"]),
                      tau_neg=float(params["tau_neg"]), loss_agg=objective.aggregation, scale=scale, entropy=entropy,
-                     tis_weights=tis_weights)
+                     tis_weights=tis_weights, keep=keep)

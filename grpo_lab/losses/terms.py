@@ -103,6 +103,15 @@ def token_advantages(advantages: Tensor, like: Tensor) -> Tensor:
     return (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).to(like.dtype)  # [B, 1] or [B, T]
 
 
+def weigh_tokens(per_token: Tensor, tis_weights: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
+    """The per-token loss ``[B, T]`` times the detached importance weights and the 0/1
+    selection ``keep`` (each ``[B, T]`` or ``[B, 1]``, or None)."""
+    for factor in (tis_weights, keep):
+        if factor is not None:
+            per_token = per_token * factor.detach().to(per_token.dtype)  # [B, T]
+    return per_token
+
+
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """The mean of ``values`` over the tokens of ``mask`` (0 without any)."""
     return (values * mask).sum() / mask.sum().clamp(min=1)  # []
@@ -158,6 +167,7 @@ def clipped_policy_loss(
     dual_clip_c: float | None = None,
     ratio_level: str = "token",
     tis_weights: Tensor | None = None,
+    keep: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The PPO clipped surrogate with separate lower and upper clip ranges.
 
@@ -172,7 +182,10 @@ def clipped_policy_loss(
     Sequence Policy Optimization"; its clip range is about 1e-3 wide, 3e-4/4e-4 in the
     paper, and its aggregation ``seq-mean-token-mean``: ``AlgoConfig`` defaults to those);
     ``tis_weights`` ``[B, T]`` (detached) multiply the per-token loss (truncated
-    importance sampling, see :func:`truncated_is_weights`).
+    importance sampling, see :func:`truncated_is_weights`); ``keep`` ``[B, T]`` (0/1)
+    multiplies it too, after every row statistic is taken over ``mask`` (the tokens a
+    selection leaves in the loss: the top-entropy tokens, the rows the off-policy mask
+    keeps; the normalisers stay ``mask``'s, as TRL's).
 
     With one optimizer pass over freshly sampled rows, ``old_logprobs`` are the current
     log-probs detached, so every ratio, token or sequence, is exactly 1 and nothing is
@@ -221,8 +234,7 @@ def clipped_policy_loss(
         global_terms = _clipped_terms(ratio, global_advantages, clip_low, clip_high, dual_clip_c)  # [B, T] each
         per_token = w * per_token + (1 - w) * global_terms[0]  # [B, T]
         is_clipped, low, high = (w * a + (1 - w) * b for a, b in zip((is_clipped, low, high), global_terms[1:]))
-    if tis_weights is not None:
-        per_token = per_token * tis_weights.detach().to(per_token.dtype)  # [B, T]
+    per_token = weigh_tokens(per_token, tis_weights, keep)  # [B, T]
     loss = aggregate(per_token, mask, loss_agg, scale)  # []
 
     with torch.no_grad():
@@ -248,6 +260,7 @@ def reinforce_loss(
     scale: LossScale | None = None,
     entropy: Tensor | None = None,
     tis_weights: Tensor | None = None,
+    keep: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """REINFORCE without an importance ratio: per token ``-A * logprobs``.
 
@@ -258,9 +271,7 @@ def reinforce_loss(
     mask = mask.to(logprobs.dtype)  # [B, T]
     scale = scale or LossScale.of(mask)
     adv = token_advantages(advantages, logprobs)  # [B, 1] or [B, T]
-    per_token = -adv * logprobs  # [B, T]
-    if tis_weights is not None:
-        per_token = per_token * tis_weights.detach().to(per_token.dtype)  # [B, T]
+    per_token = weigh_tokens(-adv * logprobs, tis_weights, keep)  # [B, T]
     metrics: dict[str, Tensor] = {}
     if entropy is not None:
         metrics["entropy"] = masked_mean(entropy.detach().to(mask.dtype), mask)

@@ -8,10 +8,11 @@ token is kept when its entropy is at least the threshold (``rho = 0.2``, the pap
 keeps the top 20%; ``rho = 1`` keeps all). The policy loss and the entropy bonus see the
 kept tokens only; the KL term sees every token.
 
-Departures, stated: the quantile is over one micro-batch's tokens on this process (TRL
-gathers the micro-batch's tokens of every process); a dropped token still counts in the
-loss's normaliser under ``token-mean`` (as TRL's), while ``seq-mean-token-mean`` averages
-each row over its kept tokens.
+The selection multiplies each policy loss's per-token term after the loss has taken its
+row statistics (a sequence ratio, VESPO's weight, Clip-Cov's covariance) over every
+token, and the normalisers stay those of every token, as TRL's ``entropy_mask``.
+Departure, stated: the quantile is over one micro-batch's tokens on this process (TRL
+gathers the micro-batch's tokens of every process).
 """
 
 from __future__ import annotations

@@ -17,8 +17,11 @@ clamped to [log 1e-8, 20]; a non-finite ``phi`` is 0.
 Departure, stated: TRL folds the sampler's (vLLM's) per-token importance ratio into
 ``w`` rather than multiplying the loss by it; here the rollout-correction weights
 (``algo.tis_cap``, and the behaviour weights of stale rows) are folded in the same way,
-their logs summed into ``log w`` over the row's tokens. The aggregation is
-``algo.loss_agg`` (TRL's is the token mean over the batch, ``token-mean``).
+their logs summed into ``log w`` over the row's tokens (token-level weights only:
+``algo.tis_level=token``, which the config checks). A token selection multiplies the
+per-token loss after ``phi``, ``w`` staying the whole row's, as TRL applies its masks.
+The aggregation is ``algo.loss_agg`` (TRL's is the token mean over the batch,
+``token-mean``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .policy import Objective, register_policy_loss
-from .terms import LossScale, aggregate, masked_mean, token_advantages
+from .terms import LossScale, aggregate, masked_mean, token_advantages, weigh_tokens
 
 #: the clamps of the token and sequence log-ratios (TRL's)
 TOKEN_LOG_RATIO_CLAMP = 20.0
@@ -65,7 +68,8 @@ def gamma_weights(log_ratio: Tensor, row_advantages: Tensor, mask: Tensor, *, k_
 
 def vespo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, k_pos: float,
                lambda_pos: float, k_neg: float, lambda_neg: float, loss_agg, scale: LossScale,
-               entropy: Tensor | None = None, tis_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+               entropy: Tensor | None = None, tis_weights: Tensor | None = None,
+               keep: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """VESPO's loss (module docstring); shapes as :func:`~grpo_lab.losses.clipped_policy_loss`'s.
     Token advantages ``[B, T]`` pick a row's ``(k, lambda)`` by their mean over its tokens."""
     mask = mask.to(logprobs.dtype)  # [B, T]
@@ -74,7 +78,7 @@ def vespo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask:
     log_ratio = (logprobs - old_logprobs).detach()  # [B, T]
     phi = gamma_weights(log_ratio, row_adv, mask, k_pos=k_pos, lambda_pos=lambda_pos, k_neg=k_neg,
                         lambda_neg=lambda_neg, tis_weights=tis_weights)  # [B, 1]
-    per_token = -phi * adv * logprobs  # [B, T]
+    per_token = weigh_tokens(-phi * adv * logprobs, None, keep)  # [B, T], the selection after phi (TRL's order)
     with torch.no_grad():
         ratio = torch.exp(log_ratio)  # [B, T]
         rows = (mask.sum(-1) > 0).to(phi.dtype)  # [B]
@@ -95,9 +99,9 @@ def _check_vespo(params: Mapping[str, Any]) -> None:
                       check=_check_vespo)
 def vespo(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, objective: Objective, *,
           scale: LossScale, entropy: Tensor | None = None, tis_weights: Tensor | None = None,
-          streams: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+          keep: Tensor | None = None, streams: Mapping[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The log-prob weighted by a Gamma-shaped, detached function of the sequence ratio (VESPO)."""
     p = objective.loss_params
     return vespo_loss(logprobs, old_logprobs, advantages, mask, k_pos=float(p["k_pos"]),
                       lambda_pos=float(p["lambda_pos"]), k_neg=float(p["k_neg"]), lambda_neg=float(p["lambda_neg"]),
-                      loss_agg=objective.aggregation, scale=scale, entropy=entropy, tis_weights=tis_weights)
+                      loss_agg=objective.aggregation, scale=scale, entropy=entropy, tis_weights=tis_weights, keep=keep)

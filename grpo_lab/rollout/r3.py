@@ -118,6 +118,22 @@ class TaskHistory:
         stored = list(self._tasks.get(key, ()))[-window:]
         return sum(e.ret for e in stored) / len(stored) if stored else None
 
+    def resized(self, capacity: int, max_tasks: int) -> "TaskHistory":
+        """A history with these bounds holding what this one holds (the oldest episodes
+        and tasks leave first where the bounds are smaller); the stored episodes are
+        shared, since none is changed once stored."""
+        out = TaskHistory(capacity, max_tasks)
+        for key, stored in self._tasks.items():
+            out._tasks[key] = deque(stored, maxlen=capacity)
+        while len(out._tasks) > max_tasks:
+            out._tasks.popitem(last=False)
+        return out
+
+    def __deepcopy__(self, memo: dict) -> "TaskHistory":
+        """A snapshot (the sampler's state is copied after every step): the structure is
+        copied, the stored episodes shared, so a copy costs pointers, not tensors."""
+        return self.resized(self.capacity, self.max_tasks)
+
     def __len__(self) -> int:
         return sum(len(v) for v in self._tasks.values())
 
@@ -152,7 +168,8 @@ def surprisal_score(batch: RolloutBatch, rows: Sequence[int]) -> float:
 def entropy_rank_rewards(batch: RolloutBatch, c: float) -> tuple[RolloutBatch, dict[str, float]]:
     """``batch`` with each group's unsuccessful episodes graded by rank (module
     docstring): the ``n`` of a group, ranked by :func:`surprisal_score` ascending, add
-    ``c (n - 1 - rank) / (n - 1)`` to their last row's reward (ties keep episode order)."""
+    ``c (n - 1 - rank) / (n - 1)`` to their last row's ``reward_shaping`` (ties keep
+    episode order; ``reward`` stays the environment's)."""
     if c == 0 or not len(batch):
         return batch, {}
     episodes = episode_slices(batch)
@@ -171,7 +188,7 @@ def entropy_rank_rewards(batch: RolloutBatch, c: float) -> tuple[RolloutBatch, d
             last = max(failed[j], key=lambda i: int(batch.step[i]))
             bonus[last] = c * (n - 1 - rank) / (n - 1)
     graded = int((bonus > 0).sum())
-    return replace(batch, reward=batch.reward + bonus), {"r3_ranked_episodes": float(graded),
+    return replace(batch, reward_shaping=batch.reward_shaping + bonus), {"r3_ranked_episodes": float(graded),
                                                           "r3_rank_reward_mean": float(bonus[bonus > 0].mean()) if graded else 0.0}
 
 

@@ -28,7 +28,8 @@ class FixedKL:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.value = float(state["value"])
+        """Nothing to restore: a fixed coefficient is the config's (a resume that changed
+        ``algo.kl_reward_coef`` takes the new one)."""
 
 
 @dataclass
@@ -50,6 +51,7 @@ class AdaptiveKL:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The coefficient reached (target and horizon stay the config's)."""
         self.value = float(state["value"])
 
 

@@ -12,6 +12,11 @@ log-ratio). ``beta`` is fixed or adaptive (:mod:`~grpo_lab.training.coefficients
 adaptive controller observes the batch's mean over rows of each row's token-mean KL,
 reduced over ranks. ``pi_old`` is the policy before the step's update, computed by the
 trainer's forward (not the sampler's log-probs), as verl's ``old_log_prob``.
+The penalty goes to ``RolloutBatch.reward_shaping`` (the reward the estimator sees);
+``reward`` stays the environment's, so the step's ``reward_mean`` is comparable across
+runs (verl's ``score`` against its ``rewards``). Baseline episodes (ReMax's greedy ones)
+pay nothing and are not measured: their return is the plain score, as verl's
+``reward_baselines``.
 Departure, stated: on multi-turn episodes each turn's row pays for its own tokens in its
 own step reward (verl has one response per episode).
 """
@@ -53,21 +58,27 @@ class KLInReward:
 
     def __call__(self, batch: RolloutBatch, policy: list[Tensor], reference: list[Tensor],
                  dist: dp.DistContext = dp.SINGLE) -> tuple[RolloutBatch, dict[str, float]]:
-        """``batch`` with every row's reward less beta times its KL sum, and the metrics;
-        ``policy`` and ``reference``: ``N`` log-prob tensors ``[R_i]``. Every rank calls it
-        (the controller's measurement is reduced over ranks)."""
+        """``batch`` with beta times each row's KL sum taken off its ``reward_shaping``,
+        and the metrics; ``policy`` and ``reference``: the log-probs ``[R_i]`` of the rows
+        that are not baseline episodes, in order. Every rank calls it (the controller's
+        measurement is reduced over ranks)."""
         beta = float(self.controller.value)
-        sums, means = row_kl_sums(policy, reference, batch.loss_mask, self.estimator)  # [N] each
-        total, rows = dp.global_sums(dist, [float(means.sum()), float(len(batch))])
-        kl = total / max(rows, 1.0)
-        penalised = batch if not len(batch) else replace(batch, reward=batch.reward - beta * sums.float())
-        self.controller.observe(kl, int(rows))
+        rows = torch.nonzero(~batch.baseline_only).flatten()  # [M] the rows that pay
+        sums, means = row_kl_sums(policy, reference, [batch.loss_mask[i] for i in rows.tolist()],
+                                  self.estimator)  # [M] each
+        total, count = dp.global_sums(dist, [float(means.sum()), float(rows.numel())])
+        kl = total / max(count, 1.0)
+        penalty = torch.zeros(len(batch), dtype=torch.float32).index_add_(0, rows, beta * sums.float())  # [N]
+        penalised = batch if not len(batch) else replace(batch, reward_shaping=batch.reward_shaping - penalty)
+        self.controller.observe(kl, int(count))
         return penalised, {"kl_reward_coef": beta, "kl_reward": kl,
-                           "kl_reward_penalty": float(beta * sums.mean()) if len(batch) else 0.0}
+                           "kl_reward_penalty": float(beta * sums.mean()) if rows.numel() else 0.0}
 
     def penalise(self, batch: RolloutBatch, update: PolicyUpdate) -> tuple[RolloutBatch, dict[str, float]]:
         """:meth:`__call__` with the log-probs of the policy before its update and of
-        ``update.ref_model``, through the update's packing (on every rank)."""
-        policy = update.logprobs_no_grad(batch)
-        reference = update.logprobs_no_grad(batch, update.ref_model)
+        ``update.ref_model``, through the update's packing (on every rank), for the rows
+        that are not baseline episodes."""
+        paying = batch.select(torch.nonzero(~batch.baseline_only).flatten()) if len(batch) else batch
+        policy = update.logprobs_no_grad(paying)
+        reference = update.logprobs_no_grad(paying, update.ref_model)
         return self(batch, policy, reference, update.dist)

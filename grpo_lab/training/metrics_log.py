@@ -160,7 +160,8 @@ SUMMED = ("num_rows", "signal_rows", "response_tokens", "rows_dropped", "episode
           "env_timeouts", "env_nonfinite_rewards", "overlong_dropped", "overlong_truncated", "overlong_ended", "env_steps",
           "rollout_env_steps",
           "rollout_replayed_env_steps", "tree_nodes", "tree_expansions_short", "ar3po_reused", "ar3po_unsolved",
-          "ar3po_buffer_size")
+          "ar3po_buffer_size", "truncated_rows_masked", "remax_greedy_episodes", "remax_groups_without_baseline",
+          "r3_groups_replayed", "r3_replayed_episodes", "r3_ranked_episodes", "r3_reflected_episodes", "r3_history_tasks")
 MAXED = ("rollout_time", "update_time", "rollout_peak_inflight_tokens", "rollout_engine_steps", "rollout_decode_steps",
          "rollout_env_seconds", "ar3po_stages_run", "num_updates", "lr", "rollout_wait_time", "staleness_max")
 

@@ -295,9 +295,11 @@ def micro_batch_loss(objective: Objective, micro: MicroBatch, logp: Tensor, mask
     truncated behaviour ratio (:func:`~grpo_lab.losses.behaviour_weights`).
 
     The tokens each term sees: rollout rejection (``objective.rejection``) removes tokens
-    from every term; the off-policy sequence mask and the top-entropy selection
-    (``off_policy_mask_threshold``, ``top_entropy_quantile``) from the policy loss, the
-    latter also from the entropy bonus, as TRL applies them; the KL term sees the rest.
+    from every term and its normalisers (verl's); the off-policy sequence mask and the
+    top-entropy selection (``off_policy_mask_threshold``, ``top_entropy_quantile``)
+    multiply the policy loss's per-token term (after its row statistics, over every
+    token), the latter also the entropy bonus's, with the normalisers unchanged, as TRL
+    applies them; the KL term sees every token.
 
     Args:
         logp: ``[m, R]`` float32 log-probs of the responses under the policy (with grad).
@@ -322,21 +324,21 @@ def micro_batch_loss(objective: Objective, micro: MicroBatch, logp: Tensor, mask
         metrics.update(rejected)
     streams = {key: value.to(device) for key, value in micro.streams.items()}  # [m] each
     advantages = micro.advantages.to(device)  # [m]
-    policy_mask, entropy_mask = mask, mask  # [m, R] each
+    keep, entropy_keep = None, None  # [m, R] or [m, 1]: selections multiplying the per-token loss
     if objective.off_policy_mask_threshold is not None:  # DeepSeek-V3.2: far off-policy rows with A < 0 leave
-        keep_rows, masked = off_policy_sequence_keep(advantages, logp, rollout, mask,
-                                                     objective.off_policy_mask_threshold)  # [m, 1]
-        policy_mask = policy_mask * keep_rows  # [m, R]
+        keep, masked = off_policy_sequence_keep(advantages, logp, rollout, mask,
+                                                objective.off_policy_mask_threshold)  # [m, 1]
         metrics.update(masked)
     if objective.top_entropy_quantile < 1:  # the high-entropy tokens only
-        keep, selected = high_entropy_keep(entropy, mask, objective.top_entropy_quantile)  # [m, R]
-        policy_mask, entropy_mask = policy_mask * keep, entropy_mask * keep  # [m, R] each
+        entropy_keep, selected = high_entropy_keep(entropy, mask, objective.top_entropy_quantile)  # [m, R]
+        keep = entropy_keep if keep is None else keep * entropy_keep  # [m, R]
         metrics.update(selected)
-    loss, pg_metrics = objective.policy_loss(logp, old, advantages, policy_mask, objective, scale=scale,
-                                             entropy=entropy, tis_weights=tis, streams=streams)  # []
+    loss, pg_metrics = objective.policy_loss(logp, old, advantages, mask, objective, scale=scale, entropy=entropy,
+                                             tis_weights=tis, keep=keep, streams=streams)  # []
     metrics.update(pg_metrics)
     if objective.entropy_coef > 0:
-        loss = loss - objective.entropy_coef * aggregate(entropy, entropy_mask, objective.aggregation, scale)  # []
+        bonus = entropy if entropy_keep is None else entropy * entropy_keep  # [m, R]
+        loss = loss - objective.entropy_coef * aggregate(bonus, mask, objective.aggregation, scale)  # []
     if ref is not None:
         kl = kl_penalty(logp, ref.float(), objective.kl_estimator)  # [m, R]
         if objective.kl_bias_correction:

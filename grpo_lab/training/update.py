@@ -117,7 +117,7 @@ class PolicyUpdate:
             batch = batch.without_loss_on(batch.truncated)
         objective = self.objective
         if self.entropy_control is not None:
-            objective = replace(objective, entropy_coef=float(self.entropy_control.value))
+            objective = replace(objective, entropy_coef=float(self.entropy_control.value), every_row=True)
         single_pass = self.epochs * self.minibatches == 1
         old = None if single_pass else self.logprobs_no_grad(batch)  # N x [R_i]
         stats = RunningMeans()
