@@ -14,7 +14,7 @@ from typing import Any, Hashable, Sequence
 import torch
 from torch import Tensor
 
-_SCALAR_COLUMNS = ("group_id", "traj_id", "step", "reward", "done", "valid_action", "won", "tree_id", "node_id", "parent_id",
+_SCALAR_COLUMNS = ("group_id", "traj_id", "step", "role", "invocation", "reward", "done", "valid_action", "won", "tree_id", "node_id", "parent_id",
                    "off_policy", "policy_version", "truncated", "baseline_only", "advantage_scale", "replayed",
                    "reward_shaping")
 _TOKEN_COLUMNS = ("prompt_ids", "response_ids", "rollout_logprobs", "loss_mask")
@@ -58,6 +58,10 @@ class RolloutBatch:
       train (ReMax's greedy episode of each task); it leaves the batch after the advantages.
     - ``replayed`` ``[N]``: the row's episode was played at an earlier step and joined
       this one's group (R³'s replay); it trains, and the step's episode metrics leave it out.
+    - ``role`` ``[N]``: the acting agent of a multi-agent episode, an index into the run's
+      roles (0: the main agent; every row of a single-agent run).
+    - ``invocation`` ``[N]``: a sub-agent row's invocation within its episode and role
+      (0, 1, ...; rows of one invocation share it), -1 on the main agent's rows.
     - ``reward_shaping`` ``[N]`` float: what the algorithm adds to the row's reward before
       the advantages (0; R³'s ranking reward, minus the KL penalty of KL in the reward);
       ``reward`` stays the environment's, and the step's metrics report it.
@@ -90,6 +94,8 @@ class RolloutBatch:
     advantage_scale: Tensor | None = None
     replayed: Tensor | None = None
     reward_shaping: Tensor | None = None
+    role: Tensor | None = None
+    invocation: Tensor | None = None
 
     def __setstate__(self, state: dict) -> None:
         """Batches pickled before the ``off_policy`` column existed load with it all False."""
@@ -103,6 +109,9 @@ class RolloutBatch:
                 setattr(self, name, torch.zeros(len(self.prompt_ids), dtype=torch.bool))
         if "advantage_scale" not in state:
             self.advantage_scale = torch.ones(len(self.prompt_ids), dtype=torch.float32)
+        if "role" not in state:
+            self.role = torch.zeros(len(self.prompt_ids), dtype=torch.long)
+            self.invocation = torch.full((len(self.prompt_ids),), -1, dtype=torch.long)
         if "reward_shaping" not in state:
             self.reward_shaping = torch.zeros(len(self.prompt_ids), dtype=torch.float32)
         if "reward_parts" not in state:
@@ -110,9 +119,10 @@ class RolloutBatch:
 
     def __post_init__(self) -> None:
         n = len(self.prompt_ids)
-        for name in ("group_id", "traj_id", "step", "tree_id", "node_id", "parent_id", "policy_version"):
+        for name in ("group_id", "traj_id", "step", "tree_id", "node_id", "parent_id", "policy_version", "invocation"):
             value = getattr(self, name)
             setattr(self, name, _long(value) if value is not None else torch.full((n,), -1, dtype=torch.long))
+        self.role = _long(self.role) if self.role is not None else torch.zeros(n, dtype=torch.long)
         self.reward = torch.as_tensor(self.reward, dtype=torch.float32)
         self.advantage_scale = (torch.as_tensor(self.advantage_scale, dtype=torch.float32) if self.advantage_scale is not None
                                 else torch.ones(n, dtype=torch.float32))

@@ -36,6 +36,7 @@ METHODS: tuple[Method, ...] = (
     Method("estimator", "gpg", "Chu et al. 2025, GPG: A Simple and Strong RL Baseline", "algo=gpg"),
     Method("estimator", "grpo_passk", "arXiv:2503.19595, as verl's grpo_passk", "algo=grpo_passk"),
     Method("estimator", "remax", "Li et al. 2024, ReMax", "algo=remax rollout.sampler=remax"),
+    Method("estimator", "mgrpo", "Hong et al. 2025, M-GRPO (main agent and aligned sub-agents)", "algo=mgrpo"),
     Method("modifier", "focal", "F-GRPO 2025, focal scaling of solved groups", "algo.modifiers=[focal]"),
     # samplers
     Method("sampler", "adaptive", "Zhang et al. 2025, AR3PO (adaptive rollout, response reuse)", "rollout=ar3po"),

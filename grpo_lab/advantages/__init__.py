@@ -21,6 +21,7 @@ from . import copo as _copo  # noqa: F401
 from . import gigpo as _gigpo  # noqa: F401
 from . import gpg as _gpg  # noqa: F401
 from . import grpo as _grpo  # noqa: F401
+from . import mgrpo as _mgrpo  # noqa: F401
 from . import opo as _opo  # noqa: F401
 from . import passk as _passk  # noqa: F401
 from . import reinforce_pp as _reinforce_pp  # noqa: F401
@@ -68,6 +69,8 @@ def inputs_from_batch(batch: RolloutBatch, invalid_penalty: float = 0.0, penalty
         parent_id=batch.parent_id,
         lengths=torch.stack([m.sum() for m in batch.loss_mask]) if len(batch) else torch.zeros(0),
         baseline_only=batch.baseline_only,
+        role=batch.role,
+        invocation=batch.invocation,
     )
 
 

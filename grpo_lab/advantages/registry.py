@@ -31,6 +31,9 @@ class AdvantageInputs:
       bookkeeping (see ``grpo_lab.advantages.trees``); -1 everywhere means chains.
     - ``lengths`` ``[N]`` float or None: the tokens each row trains (its sampled tokens);
       the estimators that weigh by length (OPO, REINFORCE++'s whitening) read it.
+    - ``role``, ``invocation`` ``[N]`` long or None: a multi-agent episode's acting role
+      (0 the main agent) and a sub-agent row's invocation index (-1 on main rows); M-GRPO
+      reads them.
     - ``baseline_only`` ``[N]`` bool or None: the row's episode is its group's baseline
       (ReMax's greedy episode), scored and not trained; only ReMax reads it.
     - ``penalty`` ``[N]`` float >= 0 or None: a penalty each row pays on its own scores
@@ -52,6 +55,8 @@ class AdvantageInputs:
     penalty: Tensor | None = None
     lengths: Tensor | None = None
     baseline_only: Tensor | None = None
+    role: Tensor | None = None
+    invocation: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.rewards.shape[0] if self.rewards.dim() == 1 else -1
@@ -60,7 +65,7 @@ class AdvantageInputs:
         if self.anchors is not None and len(self.anchors) != n:
             raise ValueError(f"anchors has {len(self.anchors)} rows, expected {n} like rewards")
         for name in ("group_id", "traj_id", "step", "anchor_id", "success", "tree_id", "node_id", "parent_id", "penalty",
-                     "lengths", "baseline_only"):
+                     "lengths", "baseline_only", "role", "invocation"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != (n,):
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected ({n},) like rewards")

@@ -25,7 +25,7 @@ PENALTY_PLACEMENTS = ("row", "episode")
 #: from the leaves below it, and there is no score of its own that a row penalty could lower;
 #: the others score whole episodes (their returns) and nothing else
 EPISODE_PLACEMENT_ESTIMATORS = ("tree_grpo", "reinforce_pp", "reinforce_pp_baseline", "opo", "gpg", "grpo_passk",
-                                "remax")
+                                "remax", "mgrpo")
 
 
 def default_penalty_placement(estimator: str) -> str:
