@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from .envs import env_names, get_env_factory
+from .envs.base import role_instructions_of
 from .errors import ConfigError
 from .modeling import DTYPES
 from .paths import looks_like_local_path
@@ -688,6 +689,12 @@ class Config:
                    "it samples as its requests say: no greedy baseline or reflection can be imposed)")
             _check(rc.env_workers == 0, "rollout.env_workers", rc.env_workers,
                    f"0 with env={self.env.name} (the agents run in this process, against the endpoint)")
+        if len(role_instructions_of(get_env_factory(self.env.name))) > 1:  # a multi-agent environment
+            _check(rc.episode_format == "memory", "rollout.episode_format", rc.episode_format,
+                   f"memory with env={self.env.name} (its roles each see their own turns; a conversation is one "
+                   "agent's)")
+            _check(rc.sampler != "tree", "rollout.sampler", rc.sampler,
+                   f"chain, adaptive, remax or r3 with env={self.env.name} (trees branch one agent's turns)")
         tree_estimators = ("tree_grpo", "treerpo")
         _check(rc.sampler != "tree" or self.algo.estimator in tree_estimators, "rollout.sampler", rc.sampler,
                f"chain or adaptive with algo.estimator={self.algo.estimator!r} (tree batches need one of {list(tree_estimators)})")

@@ -17,10 +17,17 @@ class Observation:
 
     ``anchor`` is a hashable key of the environment state: two observations with equal
     anchors came from identical states (GiGPO groups steps by it).
+
+    A multi-agent environment (one whose ``role_instructions`` name several roles) says
+    which agent acts next: ``role`` (an index into its roles, 0 the main agent) and, for a
+    sub-agent, ``invocation``: which of its invocations in the episode this is (0, 1, ...;
+    the turns of one invocation share it), -1 for the main agent.
     """
 
     text: str
     anchor: Hashable
+    role: int = 0
+    invocation: int = -1
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,13 @@ class TextFormat:
 ACTION_FORMAT = TextFormat()
 
 
+def role_instructions_of(env: Any) -> tuple[str, ...]:
+    """The instruction of each role of ``env`` (its ``role_instructions``; a single-agent
+    environment: its ``instruction`` alone, '' where a class sets it per instance)."""
+    found = getattr(env, "role_instructions", None)
+    return tuple(found) if found else (getattr(env, "instruction", ""),)
+
+
 def text_format_of(env: Any) -> TextFormat:
     """The environment's :class:`TextFormat` (its ``text_format`` attribute, else
     :data:`ACTION_FORMAT`)."""
@@ -134,4 +148,6 @@ class Env(Protocol):
 
 
 #: optional members an environment may add to the protocol: ``text_format``
-#: (:class:`TextFormat`; default ``<action>`` tags) and ``close()`` (release resources).
+#: (:class:`TextFormat`; default ``<action>`` tags), ``close()`` (release resources) and
+#: ``role_instructions`` (a multi-agent environment: each role's instruction, role 0's
+#: equal to ``instruction``; its observations name the acting role).

@@ -130,7 +130,7 @@ class SearchIndex:
 
 
 @functools.lru_cache(maxsize=4)
-def _load(kb_seed: int, num_people: int, max_hops: int, corpus_path: str | None, questions_path: str | None):
+def load_knowledge(kb_seed: int, num_people: int, max_hops: int, corpus_path: str | None, questions_path: str | None):
     """(passage texts, questions as (text, (answers...)), index, words for random actions):
     built once per process."""
     if (corpus_path is None) != (questions_path is None):
@@ -167,7 +167,7 @@ class SearchQAEnv:
             raise ValueError(f"reward must be 'em' or 'f1', got {reward!r}")
         if max_passage_chars < 20:
             raise ValueError(f"max_passage_chars must be >= 20, got {max_passage_chars}")
-        self.texts, self.questions, self.index, self._vocabulary = _load(kb_seed, num_people, max_hops, corpus_path,
+        self.texts, self.questions, self.index, self._vocabulary = load_knowledge(kb_seed, num_people, max_hops, corpus_path,
                                                                          questions_path)
         self.top_k, self.reward, self.max_passage_chars = top_k, reward, max_passage_chars
         self.qid = -1

@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from ..data import RolloutBatch
-from ..envs.base import Env, Observation, StepResult, text_format_of
+from ..envs.base import Env, Observation, StepResult, role_instructions_of, text_format_of
 from .backend import Backend, Completion, SamplingParams
 from .episode import Episode, Row, act, close_env, completion_text, env_name, fail, guarded_act, new_episode, \
     reward_parts, rows_to_batch, turn_outcome
 from .env_pool import EnvFault
 from .faults import FaultLog, drop_failed
 from .formats import EPISODE_FORMATS, OVERLONG_POLICIES, EpisodeFormat, OverlongPromptError
-from .prompts import ACTION_STOP, PromptEncoder, Turn
+from .prompts import ACTION_STOP, PromptEncoder, Turn, turns_seen_by
 
 __all__ = ["AgentLoopConfig", "OverlongPromptError", "TurnOutcome", "episode_prompt", "finish_turn",
            "request_seed_of", "run_episodes", "take_turn", "act", "close_env", "completion_text", "guarded_act",
@@ -155,12 +155,11 @@ def run_episodes(
         for member in range(config.group_size)
     ]
     rows: list[Row] = []
-    instruction = episodes[0].env.instruction if episodes else ""
     pool = ThreadPoolExecutor(config.env_threads) if config.env_threads > 0 else None
     try:
         while True:
             running = [ep for ep in episodes if not ep.done]
-            prompts = [episode_prompt(ep, encoder, instruction, config, faults) for ep in running]
+            prompts = [episode_prompt(ep, encoder, config, faults) for ep in running]
             running, prompts = [ep for ep, p in zip(running, prompts) if p is not None], [p for p in prompts if p is not None]
             if not running:
                 break
@@ -184,13 +183,21 @@ def run_episodes(
     return rows_to_batch(drop_failed(rows, failed, faults, min(2, config.group_size)))
 
 
-def episode_prompt(ep: Episode, encoder: PromptEncoder, instruction: str, config: AgentLoopConfig,
+def episode_prompt(ep: Episode, encoder: PromptEncoder, config: AgentLoopConfig,
                    faults: FaultLog | None = None) -> list[int] | None:
     """Token ids of the episode's next prompt, from its episode format; ``None`` when it
-    cannot fit the context (the episode is then failed and counted)."""
+    cannot fit the context (the episode is then failed and counted). In a multi-agent
+    episode the prompt is the acting role's: its instruction and its own turns of the
+    current invocation."""
+    role, invocation = ep.obs.role, ep.obs.invocation
+    instructions = role_instructions_of(ep.env)
+    if not 0 <= role < len(instructions):
+        raise ValueError(f"{env_name(ep.env)} (seed {ep.seed}, step {ep.steps}): its observation names role {role}, "
+                         f"but it has {len(instructions)} role instruction(s)")
     try:
-        ep.ids = config.episode_format.prompt(encoder, instruction, ep.history, ep.obs.text, ep.ids, config,
-                                              (env_name(ep.env), ep.seed, ep.steps), faults, text_format_of(ep.env))
+        ep.ids = config.episode_format.prompt(encoder, instructions[role], turns_seen_by(ep.history, role, invocation),
+                                              ep.obs.text, ep.ids, config, (env_name(ep.env), ep.seed, ep.steps), faults,
+                                              text_format_of(ep.env))
         return ep.ids
     except EnvFault as fault:
         fail(ep, fault, faults)
@@ -229,8 +236,8 @@ def take_turn(obs: Observation, steps: int, prompt: Sequence[int], answer: Seque
     if not done:
         ids, done = config.episode_format.after_turn(encoder, prompt, answer, next_obs.text, result is not None, config,
                                                      faults)
-    return TurnOutcome(reward, done, valid, won, next_obs, Turn(obs.text, action if valid else None), ids,
-                       reward_parts(result))
+    return TurnOutcome(reward, done, valid, won, next_obs, Turn(obs.text, action if valid else None, obs.role,
+                                                               obs.invocation), ids, reward_parts(result))
 
 
 def finish_turn(
@@ -240,10 +247,10 @@ def finish_turn(
     """Record the turn's row (:func:`take_turn`) and advance the episode's history,
     observation, step count and next-prompt ids."""
     turn = take_turn(ep.obs, ep.steps, prompt, comp.token_ids, outcome, config, encoder, faults)
-    anchor = ep.obs.anchor
+    anchor, role, invocation = ep.obs.anchor, ep.obs.role, ep.obs.invocation
     ep.history.append(turn.turn)
     ep.obs, ep.ids, ep.done = turn.obs, turn.ids, turn.done
     ep.steps += 1
     return Row(ep.group_id, ep.traj_id, ep.steps - 1, prompt, comp.token_ids, comp.logprobs, turn.reward, turn.done,
                turn.valid, turn.won, anchor, reward_parts=turn.parts, version=comp.version,
-               truncated=comp.finish_reason == "length")
+               truncated=comp.finish_reason == "length", role=role, invocation=invocation)

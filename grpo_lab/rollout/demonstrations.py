@@ -11,11 +11,11 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from ..envs.base import Env, text_format_of
+from ..envs.base import Env, Observation, role_instructions_of, text_format_of
 from .conversation import ConversationRenderer, first_message, next_message
 from .env_pool import EnvFault, guard
 from .episode import close_env
-from .prompts import PromptEncoder, Turn, render_prompt
+from .prompts import PromptEncoder, Turn, render_prompt, turns_seen_by
 
 log = logging.getLogger("grpo_lab")
 
@@ -23,8 +23,8 @@ log = logging.getLogger("grpo_lab")
 def demonstration_episodes(
     env_factory: Callable[[], Env], num_episodes: int, max_steps: int, seed: int
 ) -> Iterator[tuple[Env, list[tuple[str, str]]]]:
-    """Episodes of uniformly random legal actions: the environment and its ``(observation
-    text, action)`` turns. An episode whose environment fails ends there (its earlier
+    """Episodes of uniformly random legal actions: the environment and its ``(observation,
+    action)`` turns. An episode whose environment fails ends there (its earlier
     turns stay: they are well-formed) and is logged. An environment without legal actions
     (``legal_actions() == []``, e.g. a dataset scored by reward functions) yields nothing
     (the trainer then skips the warm-up, and its tokenizer learns from
@@ -33,7 +33,7 @@ def demonstration_episodes(
     env = guard(env_factory())
     cut: list[str] = []
     for _ in range(num_episodes):
-        turns: list[tuple[str, str]] = []
+        turns: list[tuple[Observation, str]] = []
         try:
             obs = env.reset(rng.randrange(2**31))
             for _ in range(max_steps):
@@ -41,7 +41,7 @@ def demonstration_episodes(
                 if not legal:
                     break
                 action = rng.choice(legal)
-                turns.append((obs.text, action))
+                turns.append((obs, action))
                 result = env.step(action)
                 obs = result.observation
                 if result.done:
@@ -62,13 +62,16 @@ def format_demonstrations(
     env_factory: Callable[[], Env], num_episodes: int, max_steps: int, history_window: int, seed: int
 ) -> Iterator[tuple[str, str]]:
     """``(prompt_text, answer_text)`` pairs of memory-format prompts from
-    :func:`demonstration_episodes`, the actions written in the environment's text format."""
+    :func:`demonstration_episodes`, the actions written in the environment's text format
+    (in a multi-agent episode, each turn's prompt is its role's, as the rollout writes it)."""
     for env, turns in demonstration_episodes(env_factory, num_episodes, max_steps, seed):
         fmt = text_format_of(env)
+        instructions = role_instructions_of(env)
         history: list[Turn] = []
         for obs, action in turns:
-            yield render_prompt(env.instruction, history, obs, history_window, fmt), fmt.format(action)
-            history.append(Turn(obs, action))
+            seen = turns_seen_by(history, obs.role, obs.invocation)
+            yield render_prompt(instructions[obs.role], seen, obs.text, history_window, fmt), fmt.format(action)
+            history.append(Turn(obs.text, action, obs.role, obs.invocation))
 
 
 def conversation_demonstrations(
@@ -87,8 +90,8 @@ def conversation_demonstrations(
         ids: list[int] | None = None
         answer: list[int] = []
         for obs, action in turns:
-            ids = (renderer.start(first_message(env.instruction, obs)) if ids is None
-                   else renderer.extend(ids, answer, next_message(obs, True)))
+            ids = (renderer.start(first_message(env.instruction, obs.text)) if ids is None
+                   else renderer.extend(ids, answer, next_message(obs.text, True)))
             answer = encoder.tokenizer(fmt.format(action), add_special_tokens=False)["input_ids"]
             answer = answer + ([eos_id] if eos_id is not None else [])
             if max_tokens is not None and len(ids) + len(answer) > max_tokens:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Hashable
 
-from ..envs.base import Env, Observation, StepResult, TextFormat, text_format_of
+from ..envs.base import Env, Observation, StepResult, TextFormat, role_instructions_of, text_format_of
 from ..envs.worker import EnvSpec, first_line
 
 FAULT_KINDS = ("error", "timeout", "nonfinite", "overlong")
@@ -82,6 +82,7 @@ class GuardedEnv:
     def __init__(self, env: Env, name: str) -> None:
         self._env, self.name = env, name
         self.instruction = env.instruction
+        self.role_instructions = role_instructions_of(env)
         self.text_format = text_format_of(env)
         self.seed: int | None = None
         self.steps = 0
@@ -225,6 +226,7 @@ class RemoteEnv:
         self._runner, self._worker, self.key = runner, worker, key
         self.name = runner.spec.name
         self.instruction = runner.instruction
+        self.role_instructions = runner.role_instructions
         self.text_format = runner.text_format
         self.seed: int | None = None
         self.actions: list[str] = []
@@ -305,7 +307,7 @@ class EnvRunner:
         self._pool: list[_Worker] = []
         self._lock = threading.Lock()
         self._keys = itertools.count()
-        self._probed: tuple[str, TextFormat] | None = None
+        self._probed: tuple[str, TextFormat, tuple[str, ...]] | None = None
         if workers > 0:
             if getattr(spec.factory, "__module__", None) == "__main__":
                 raise ValueError(
@@ -339,12 +341,12 @@ class EnvRunner:
             with worker.lock:
                 worker.wait_ready()
 
-    def _probe(self) -> tuple[str, TextFormat]:
-        """The environment's instruction and text format, read once from an instance built
-        in this process."""
+    def _probe(self) -> tuple[str, TextFormat, tuple[str, ...]]:
+        """The environment's instruction, text format and role instructions, read once
+        from an instance built in this process."""
         if self._probed is None:
             env = GuardedEnv(self.spec.make(), self.spec.name)
-            self._probed = (env.instruction, env.text_format)
+            self._probed = (env.instruction, env.text_format, env.role_instructions)
             env.close()
         return self._probed
 
@@ -355,6 +357,10 @@ class EnvRunner:
     @property
     def text_format(self) -> TextFormat:
         return self._probe()[1]
+
+    @property
+    def role_instructions(self) -> tuple[str, ...]:
+        return self._probe()[2]
 
     def __call__(self) -> Env:
         if self.workers == 0:

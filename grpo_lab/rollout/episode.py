@@ -59,6 +59,8 @@ class Row:
     reward_parts: dict[str, float] | None = None  # the reward functions' own values (StepResult.info["rewards"])
     version: int | None = None  # the policy version that sampled the response (None: not reported)
     truncated: bool = False  # the response stopped at the token budget (finish_reason "length")
+    role: int = 0  # the acting role of a multi-agent episode (0: the main agent)
+    invocation: int = -1  # a sub-agent's invocation within the episode (-1: the main agent)
 
 
 def reward_parts(result: StepResult | None) -> dict[str, float] | None:
@@ -153,4 +155,6 @@ def rows_to_batch(rows: list[Row], order: Callable[[Row], tuple] = lambda r: (r.
         reward_parts=[r.reward_parts or {} for r in rows],
         policy_version=[-1 if r.version is None else r.version for r in rows],
         truncated=[r.truncated for r in rows],
+        role=[r.role for r in rows],
+        invocation=[r.invocation for r in rows],
     )

@@ -26,10 +26,19 @@ def format_action(action: str) -> str:
 @dataclass(frozen=True)
 class Turn:
     """One past step as the prompt shows it: the observation and the action taken
-    (``None`` when the answer had no parseable action)."""
+    (``None`` when the answer had no parseable action); in a multi-agent episode, the
+    role that acted and its invocation (a role sees its own turns of its invocation only)."""
 
     observation: str
     action: str | None
+    role: int = 0
+    invocation: int = -1
+
+
+def turns_seen_by(history: Sequence[Turn], role: int, invocation: int) -> list[Turn]:
+    """The turns of ``history`` that ``role``'s ``invocation`` took (every turn of a
+    single-agent episode)."""
+    return [t for t in history if t.role == role and t.invocation == invocation]
 
 
 def render_prompt(instruction: str, history: Sequence[Turn], observation: str, window: int,

@@ -164,7 +164,6 @@ class ScheduledRollout:
         self.stats = ScheduleStats(stream=stream.stats)
         self.pending: list[PendingUnit] = []
         self.probes: dict[int, tuple[Env, object]] = {}  # group -> (member 0's env, its first observation or fault)
-        self.instruction = ""
         self.slots = 0
         self.running: dict[int, Episode] = {}  # traj_id -> episode
         self.keys: dict[int, Hashable] = {}  # traj_id -> its initial state's key
@@ -190,7 +189,6 @@ class ScheduledRollout:
                     obs: object = env.reset(int(seed))
                 except EnvFault as fault:
                     obs = fault
-                self.instruction = env.instruction
                 self.probes[group] = (env, obs)
                 key = obs.anchor if not isinstance(obs, EnvFault) else ("failed reset", group)
                 for start in range(0, G, unit):
@@ -283,7 +281,7 @@ class ScheduledRollout:
     def submit(self, ep: Episode) -> None:
         """Send the episode's next prompt to the stream (a prompt that cannot be built
         fails the episode)."""
-        prompt = episode_prompt(ep, self.encoder, self.instruction, self.config, self.faults)
+        prompt = episode_prompt(ep, self.encoder, self.config, self.faults)
         if prompt is None:
             self.end_failed(ep)
             return

@@ -1,0 +1,104 @@
+"""Multi-agent episodes (the planner and executor of ``search_team``): the environment's
+roles and invocations, the rows the turn loop makes of them (each role's own instruction
+and turns in its prompt, role and invocation columns), the format warm-up per role, and a
+shared-weights training run with M-GRPO's advantages."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from grpo_lab.envs import make_env
+from grpo_lab.envs.search_team import EXECUTOR, PLANNER
+
+
+def test_the_environment_hands_turns_between_its_roles():
+    env = make_env("search_team", max_delegations=1, max_searches=1)
+    obs = env.reset(4)
+    assert (obs.role, obs.invocation) == (0, -1) and obs.text.startswith("Question:")
+    bad = env.step("<search>x</search>")  # the planner cannot search
+    assert not bad.info["valid_action"] and bad.observation == obs
+    obs = env.step("<delegate>who is it</delegate>").observation
+    assert (obs.role, obs.invocation) == (1, 0) and obs.text.startswith("Sub-question: who is it")
+    assert env.step("<search>born</search>").info["valid_action"]
+    assert not env.step("<search>again</search>").info["valid_action"]  # max_searches=1
+    obs = env.step("<answer>Kalo</answer>").observation
+    assert obs.role == 0 and "- who is it -> Kalo" in obs.text
+    assert not env.step("<delegate>more</delegate>").info["valid_action"]  # max_delegations=1
+    gold = env.questions[env.qid][1][0]
+    last = env.step(f"<answer>{gold}</answer>")
+    assert last.done and last.reward == 1.0 and last.info["won"]
+
+
+def test_rows_carry_role_and_invocation_and_each_role_sees_its_own_prompt(tmp_path):
+    from grpo_lab.train import compose_config
+    from grpo_lab.trainer import Trainer
+
+    config = compose_config(["env=search_team", "algo=mgrpo", "algo.group_size=3", "trainer.tasks_per_step=2",
+                             "model.tiny_hidden_size=32", "model.tiny_num_heads=1", "model.tiny_num_kv_heads=1",
+                             "model.tiny_num_layers=1", "logger.wandb=false"])
+    trainer = Trainer(config, output_dir=tmp_path)
+    tokenizer = trainer.parts.tokenizer
+    # scripted answers: delegate, search, answer (hop), answer (final), whatever the model would say
+    script = {0: "<delegate>where was the person born</delegate>", 1: "<search>born</search>",
+              2: "<answer>Kalo</answer>", 3: "<answer>Kalo</answer>"}
+    backend = trainer.parts.backend
+    real_generate = backend.generate
+
+    def scripted(prompts, params):
+        out = real_generate(prompts, params)
+        for comp, prompt in zip(out, prompts):
+            text = tokenizer.decode(prompt).split("Now:")[-1]  # the current observation, not the past turns
+            step = 0 if "Findings:\nnothing yet" in text else 1 if "No search yet" in text else (
+                2 if "Results for" in text else 3)
+            ids = tokenizer(script[step], add_special_tokens=False)["input_ids"]
+            comp.token_ids, comp.logprobs, comp.text = ids, [0.0] * len(ids), script[step]
+        return out
+
+    backend.generate = scripted
+    batch = trainer.collect(0)
+    assert batch.role.tolist().count(1) == 2 * len(torch.unique(batch.traj_id))  # search and hop answer, per episode
+    for i in range(len(batch)):
+        prompt = tokenizer.decode(batch.prompt_ids[i])
+        role, invocation = int(batch.role[i]), int(batch.invocation[i])
+        assert (PLANNER if role == 0 else EXECUTOR).split(".")[0] in prompt
+        assert invocation == (-1 if role == 0 else 0)
+        if role == 1:
+            assert "Question:" not in prompt  # the executor sees its sub-question, not the planner's turns
+    adv = trainer.advantages(batch)
+    assert adv.advantages.shape == (len(batch),) and "mgrpo_units_duplicated" in adv.metrics
+
+
+def test_the_format_warm_up_writes_each_roles_prompt():
+    from grpo_lab.rollout.demonstrations import format_demonstrations
+
+    pairs = list(format_demonstrations(lambda: make_env("search_team"), 12, 8, 2, seed=1))
+    executor = [(p, a) for p, a in pairs if p.startswith(EXECUTOR)]
+    planner = [(p, a) for p, a in pairs if p.startswith(PLANNER)]
+    assert executor and planner and len(executor) + len(planner) == len(pairs)
+    assert all(a.startswith(("<search>", "<answer>")) for _, a in executor)
+    assert all(a.startswith(("<delegate>", "<answer>")) for _, a in planner)
+    assert all("Findings:" not in p for p, _ in executor)
+
+
+@pytest.mark.slow
+def test_shared_weights_training_with_mgrpo(tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from grpo_lab.train import build_config
+    from grpo_lab.trainer import Trainer
+
+    overrides = ["env=search_team", "algo=mgrpo", "algo.group_size=4", "trainer.total_steps=2", "trainer.tasks_per_step=2",
+                 "trainer.eval_episodes=2", "trainer.warmup.steps=10", "trainer.warmup.episodes=40",
+                 "model.tiny_hidden_size=64", "model.tiny_num_heads=1", "model.tiny_num_kv_heads=1",
+                 "logger.wandb=false", "logger.progress_bar=false", "logger.plot=false", "trainer.save_final=false"]
+    with initialize_config_module(config_module="grpo_lab.configs", version_base="1.3"):
+        config = build_config(compose(config_name="config", overrides=overrides))
+    Trainer(config, output_dir=tmp_path / "run").train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["num_rows"] > 0 for r in rows)
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert all("mgrpo_units_duplicated" in r for r in rows)
