@@ -298,7 +298,7 @@ def episode_player(config: Config, envs: EnvRunner, backend, tokenizer, loop: Ag
     sc, sampling = config.serve, loop.sampling
     settings = ServeSettings(model=config.served_model_name(), max_tokens=sampling.max_tokens,
                              max_context=loop.max_context, temperature=sampling.temperature, top_p=sampling.top_p,
-                             fixed_sampling=True)
+                             fixed_sampling=True, roles=tuple(sc.roles))
     return envs.spec.make().episode_player(backend, tokenizer, settings, sc.host, sc.tool_parser)
 
 

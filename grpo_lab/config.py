@@ -636,6 +636,7 @@ class ServeConfig:
     api_key: Optional[str] = None
     tool_parser: str = "hermes"  # how tool calls are read from answers (python -m grpo_lab --list tool_parsers)
     model_name: Optional[str] = None  # the name clients pass as ``model`` (null: model.name_or_path, or "policy")
+    roles: List[str] = field(default_factory=list)  # multi-agent: the model names that address roles 0, 1, ... (M-GRPO)
 
     def validate(self) -> None:
         _check(bool(self.host), "serve.host", self.host, "a host name or address to bind")
@@ -644,6 +645,8 @@ class ServeConfig:
         _check(self.tool_parser in TOOL_PARSERS.names(), "serve.tool_parser", self.tool_parser,
                f"one of {TOOL_PARSERS.names()}")
         _check(self.model_name is None or bool(self.model_name), "serve.model_name", self.model_name, "null or a name")
+        _check(len(set(self.roles)) == len(self.roles) and all(isinstance(r, str) and r for r in self.roles),
+               "serve.roles", list(self.roles), "distinct, non-empty model names (role 0, the main agent, first)")
 
 
 #: command-line keys that are not Python names, and the config keys they set

@@ -31,7 +31,8 @@ def start(config: Config) -> Endpoint:
     backend = build_backend(config, model, tokenizer)
     sc, rc = config.serve, config.rollout
     settings = ServeSettings(model=config.served_model_name(), max_tokens=rc.max_new_tokens,
-                             max_context=context_length(config, model), temperature=rc.temperature, top_p=rc.top_p)
+                             max_context=context_length(config, model), temperature=rc.temperature, top_p=rc.top_p,
+                             roles=tuple(sc.roles))
     try:
         return Endpoint.start(backend, tokenizer, settings, host=sc.host, port=sc.port, api_key=sc.api_key,
                               tool_parser=sc.tool_parser)

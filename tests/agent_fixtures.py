@@ -60,3 +60,21 @@ async def silent(task: dict, ctx) -> float:
 async def by_task(task: dict, ctx) -> float:
     """What ``task["kind"]`` says: one of the agents above."""
     return await {"counting": counting, "raising": raising, "nan": nan}[task["kind"]](task, ctx)
+
+
+async def planner_executor(task: dict, ctx) -> float:
+    """A two-agent system as a user writes it: the planner (``model="planner"``) is called,
+    then ``task["hops"]`` executor invocations (``model="executor"``), each of two calls
+    that extend their own conversation, then the planner once more, extending its own
+    conversation. Returns ``task["reward"]``."""
+    plan = [{"role": "user", "content": f"Plan task {task['name']}."}]
+    first = await ctx.client.chat.completions.create(model="planner", messages=plan, max_tokens=4)
+    plan.append(first.choices[0].message.model_dump(exclude_none=True))
+    for hop in range(int(task["hops"])):
+        work = [{"role": "user", "content": f"Hop {hop} of {task['name']}."}]
+        for k in range(2):
+            out = await ctx.client.chat.completions.create(model="executor", messages=work, max_tokens=3)
+            work += [out.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": f"More {k}."}]
+        plan.append({"role": "user", "content": f"Hop {hop} done."})
+    await ctx.client.chat.completions.create(model="planner", messages=plan, max_tokens=4)
+    return float(task["reward"])

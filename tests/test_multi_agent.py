@@ -102,3 +102,46 @@ def test_shared_weights_training_with_mgrpo(tmp_path):
     assert len(rows) == 2 and all(r["num_rows"] > 0 for r in rows)
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
     assert all("mgrpo_units_duplicated" in r for r in rows)
+
+
+def test_a_black_box_two_role_agent_through_the_endpoint(tmp_path):
+    """The real openai client addresses the roles by ``model``: each call's row has its
+    role; an executor call that extends its own conversation stays in its invocation, a
+    new conversation opens the next; the planner's second call extends the planner's
+    first (not the executor's calls between); the episode's reward lands on the planner's
+    last call; an unknown model is a 404 naming the roles."""
+    import openai
+
+    from chat_templates import chat_tokenizer
+    from grpo_lab.endpoint.agents import AgentTasks
+    from grpo_lab.endpoint.app import ServeSettings
+    from grpo_lab.endpoint.server import Endpoint
+    from grpo_lab.modeling import build_tiny_model
+    from grpo_lab.rollout.backends.hf import HFBackend
+    from grpo_lab.rollout.faults import FaultLog
+
+    tok = chat_tokenizer("chatml")
+    model = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=1, num_kv_heads=1, intermediate_size=64, seed=0)
+    settings = ServeSettings(model="policy", max_tokens=4, max_context=400, fixed_sampling=True,
+                             roles=("planner", "executor"))
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(json.dumps({"name": "a", "hops": 2, "reward": 1.0}) + "\n")
+    play = AgentTasks(entry="agent_fixtures:planner_executor", tasks=str(path)).episode_player(
+        HFBackend(model, tok), tok, settings)
+    batch, _ = play([0], 2, 0, FaultLog())
+    for traj in torch.unique(batch.traj_id).tolist():
+        idx = [i for i, t in enumerate(batch.traj_id.tolist()) if t == traj]
+        assert batch.role[idx].tolist() == [0, 1, 1, 1, 1, 0]
+        assert batch.invocation[idx].tolist() == [-1, 0, 0, 1, 1, -1]
+        assert batch.reward[idx].tolist() == [0.0] * 5 + [1.0]
+        first, last = idx[0], idx[-1]
+        head = [*batch.prompt_ids[first].tolist(), *batch.response_ids[first].tolist()]
+        assert batch.prompt_ids[last].tolist()[: len(head)] == head  # the planner's own conversation, extended
+    endpoint = Endpoint.start(HFBackend(model, tok), tok, settings)
+    try:
+        client = openai.OpenAI(base_url=endpoint.base_url, api_key=endpoint.sessions.run_key)
+        assert [m.id for m in client.models.list().data] == ["policy", "planner", "executor"]
+        with pytest.raises(openai.NotFoundError, match="the roles \\['planner', 'executor'\\]"):
+            client.chat.completions.create(model="critic", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    finally:
+        endpoint.stop()

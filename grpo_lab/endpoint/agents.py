@@ -263,18 +263,22 @@ class AgentPlayer:
 
 def episode_rows(capture: EpisodeCapture, group: int, traj: int, reward: float, success_threshold: float) -> list[Row]:
     """One row per call: its prompt and sampled ids and log-probs, the reward attached to
-    it (the episode's reward added on the last), the last one done, won when the
-    episode's reward reaches ``success_threshold``; a call without an anchor gets one of
-    its own."""
+    it (the episode's reward added on the main agent's last call: role 0's, the last call
+    when there is no role-0 call), the last one done, won when the episode's reward
+    reaches ``success_threshold``; a call without an anchor gets one of its own. Each row
+    keeps its call's role and invocation (a multi-agent system addressing roles by
+    ``model``)."""
     rows = []
     last = len(capture.calls) - 1
+    paid = max((k for k, c in enumerate(capture.calls) if c.role == 0), default=last)
     for step, call in enumerate(capture.calls):
         done = step == last
         rows.append(Row(group, traj, step, list(call.prompt_ids), list(call.completion.token_ids),
-                        list(call.completion.logprobs), call.reward + (reward if done else 0.0), done, True,
+                        list(call.completion.logprobs), call.reward + (reward if step == paid else 0.0), done, True,
                         done and reward >= success_threshold,
                         call.anchor if call.anchor is not None else ("agent call", traj, step),
-                        version=call.completion.version, truncated=call.completion.finish_reason == "length"))
+                        version=call.completion.version, truncated=call.completion.finish_reason == "length",
+                        role=call.role, invocation=call.invocation))
     return rows
 
 

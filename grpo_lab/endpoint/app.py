@@ -56,7 +56,10 @@ class ServeSettings:
     ``max_tokens``: a call's default and largest ``max_tokens`` (the run's generation
     budget); ``max_context``: prompt and answer together (``None``: no bound);
     ``fixed_sampling``: answer at ``temperature`` and ``top_p`` whatever a request asks
-    (a training run: its log-probs are taken at these), else they are the defaults."""
+    (a training run: its log-probs are taken at these), else they are the defaults.
+    ``roles``: the names by which a multi-agent system addresses the roles of the run in
+    a request's ``model`` (role 0, the main agent, first; ``model`` addresses role 0 too);
+    every call is recorded with its role."""
 
     model: str
     max_tokens: int
@@ -64,6 +67,17 @@ class ServeSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     fixed_sampling: bool = False
+    roles: tuple[str, ...] = ()
+
+    def role_of(self, name: str) -> int | None:
+        """The role a request's ``model`` addresses (``None``: no model of this endpoint)."""
+        if name in self.roles:
+            return self.roles.index(name)
+        return 0 if name == self.model else None
+
+    @property
+    def model_names(self) -> list[str]:
+        return [self.model, *(r for r in self.roles if r != self.model)]
 
 
 class Sessions:
@@ -188,10 +202,16 @@ class Service:
             raise APIError(401, "missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
         return self.sessions.capture_of(key)
 
-    def check_model(self, name: str) -> None:
-        if name != self.settings.model:
-            raise APIError(404, f"the model {name!r} does not exist: this endpoint serves {self.settings.model!r}",
+    def check_model(self, name: str) -> int:
+        """The role the request's ``model`` addresses (0 for the served model); 404 naming
+        the valid names otherwise."""
+        role = self.settings.role_of(name)
+        if role is None:
+            served = self.settings.model_names
+            raise APIError(404, f"the model {name!r} does not exist: this endpoint serves "
+                           f"{served[0]!r}" + (f" and the roles {served[1:]}" if len(served) > 1 else ""),
                            code="model_not_found", param="model")
+        return role
 
     def sampling(self, req: SamplingRequest, prompt_len: int, requested: int | None,
                  stops: tuple[str, ...]) -> SamplingParams:
@@ -231,9 +251,10 @@ class Service:
     def text(self, completion: Completion, stops: tuple[str, ...]) -> str:
         return cut_at_stop(self.tokenizer.decode(completion.token_ids, skip_special_tokens=True), stops)
 
-    def chat_prompt(self, req: ChatRequest, capture: EpisodeCapture | None) -> tuple[list[int], bool, tuple]:
-        """The prompt ids of a chat request (extending its episode's previous call where
-        it can), whether they extend it, and the messages' keys."""
+    def chat_prompt(self, req: ChatRequest, capture: EpisodeCapture | None, role: int = 0
+                    ) -> tuple[list[int], bool, tuple]:
+        """The prompt ids of a chat request (extending its episode's previous call of the
+        same role where it can), whether they extend it, and the messages' keys."""
         if self.template is None:
             raise APIError(400, self.template_error)
         if req.top_logprobs:
@@ -244,7 +265,7 @@ class Service:
         try:
             messages = [template_message(m) for m in req.messages]
             if capture is not None:
-                return capture.prompt_for(self.template, messages, req.tools)
+                return capture.prompt_for(self.template, messages, req.tools, role)
             return self.template.prompt_ids(messages, req.tools), False, ()
         except MessageError as err:
             raise APIError(400, str(err), param="messages") from None
@@ -267,8 +288,8 @@ class Service:
 
     async def chat(self, req: ChatRequest, request: Request) -> dict:
         capture = self.authorize(request)
-        self.check_model(req.model)
-        prompt, extends, keys = self.chat_prompt(req, capture)
+        role = self.check_model(req.model)
+        prompt, extends, keys = self.chat_prompt(req, capture, role)
         stops = stop_strings(req.stop)
         completion = await self.generate(prompt, self.sampling(req, len(prompt), req.max_completion_tokens or req.max_tokens,
                                                                stops))
@@ -276,7 +297,7 @@ class Service:
         message, calls_tools = self.answer(req, self.text(completion, stops))
         if capture is not None:
             capture.record(CapturedCall(keys, tools_key(req.tools), prompt, completion,
-                                        message_key(template_message(message)), extends))
+                                        message_key(template_message(message)), extends, role=role))
         self.stats.requests += 1
         choice = {"index": 0, "message": message, "finish_reason": "tool_calls" if calls_tools else completion.finish_reason,
                   "logprobs": chat_logprobs(self.tokenizer, completion) if req.logprobs else None,
@@ -287,7 +308,7 @@ class Service:
 
     async def complete(self, req: CompletionRequest, request: Request) -> dict:
         capture = self.authorize(request)
-        self.check_model(req.model)
+        role = self.check_model(req.model)
         prompt = completion_prompt(self.tokenizer, req.prompt)
         stops = stop_strings(req.stop)
         if req.logprobs and req.logprobs > 1:
@@ -298,7 +319,7 @@ class Service:
         text = self.text(completion, stops)
         if capture is not None:
             capture.record(CapturedCall((("prompt", tuple(prompt)),), "", prompt, completion, ("completion", text),
-                                        False))
+                                        False, role=role))
         self.stats.requests += 1
         choice = {"index": 0, "text": text, "finish_reason": completion.finish_reason,
                   "logprobs": text_logprobs(self.tokenizer, completion) if req.logprobs else None,
@@ -380,8 +401,8 @@ def create_app(queue: GenerationQueue, tokenizer, settings: ServeSettings, sessi
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         service.authorize(request)
-        return {"object": "list", "data": [{"id": settings.model, "object": "model", "created": int(time.time()),
-                                            "owned_by": "grpo_lab"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "grpo_lab"} for name in settings.model_names]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):

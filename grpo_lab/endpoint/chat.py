@@ -147,6 +147,8 @@ class CapturedCall:
     extends: bool  # the prompt reuses the previous call's prompt and sampled ids
     reward: float = 0.0  # attached by the agent (ctx), or the episode's reward on its last call
     anchor: Hashable | None = None  # an environment state key attached by the agent (GiGPO's step groups)
+    role: int = 0  # the role the request's model addressed (0: the main agent)
+    invocation: int = -1  # a sub-agent call's invocation in the episode (EpisodeCapture.record numbers them)
 
 
 @dataclass
@@ -157,12 +159,16 @@ class EpisodeCapture:
     calls: list[CapturedCall] = field(default_factory=list)
     template_rewrites: int = 0
 
-    def prompt_for(self, template: ChatTemplate, messages: Sequence[dict], tools: Sequence[dict] | None
-                   ) -> tuple[list[int], bool, tuple[tuple, ...]]:
-        """The prompt ids of a call with ``messages`` (template messages), whether they
-        extend the previous call, and the messages' keys."""
+    def last_of(self, role: int) -> CapturedCall | None:
+        """The episode's latest call of ``role``."""
+        return next((c for c in reversed(self.calls) if c.role == role), None)
+
+    def prompt_for(self, template: ChatTemplate, messages: Sequence[dict], tools: Sequence[dict] | None,
+                   role: int = 0) -> tuple[list[int], bool, tuple[tuple, ...]]:
+        """The prompt ids of a call of ``role`` with ``messages`` (template messages),
+        whether they extend that role's previous call, and the messages' keys."""
         keys = tuple(message_key(m) for m in messages)
-        prev = self.calls[-1] if self.calls else None
+        prev = self.last_of(role)
         n = len(prev.messages) + 1 if prev is not None else 0
         if (prev is not None and len(keys) > n and keys[:n - 1] == prev.messages and keys[n - 1] == prev.assistant
                 and tools_key(tools) == prev.tools):
@@ -175,4 +181,13 @@ class EpisodeCapture:
         return template.prompt_ids(messages, tools), False, keys
 
     def record(self, call: CapturedCall) -> None:
+        """Add ``call``; a sub-agent call (role > 0) that does not extend its role's
+        previous call opens a new invocation of that role (numbered from 0), one that
+        extends it continues its invocation."""
+        if call.role > 0:
+            prev = self.last_of(call.role)
+            if call.extends and prev is not None:
+                call.invocation = prev.invocation
+            else:
+                call.invocation = 1 + max((c.invocation for c in self.calls if c.role == call.role), default=-1)
         self.calls.append(call)
