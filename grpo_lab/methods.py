@@ -88,6 +88,9 @@ METHODS: tuple[Method, ...] = (
     Method("entropy", "entropy bonus", "Schulman et al. 2017, PPO", "algo.entropy_coef=0.001"),
     Method("entropy", "adaptive entropy", "He et al. 2025, Skywork Open Reasoner 1", "algo.entropy_target=0.2"),
     Method("groups", "dynamic sampling", "Yu et al. 2025, DAPO (without refill)", "algo.drop_zero_std_groups=true"),
+    # rewards
+    Method("reward", "toolrl", "Qian et al. 2025, ToolRL: Reward is All Tool Learning Needs",
+           "env=dataset env.kwargs.path=calls.jsonl env.kwargs.rewards=[toolrl]"),
 )
 
 

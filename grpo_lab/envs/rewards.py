@@ -13,6 +13,10 @@ or ``PYTHONPATH``) or by a built-in name:
   ``\\boxed{}`` first) mathematically equal to ``row[answer_column]``, else 0.
 - ``format``: 1 when the completion holds exactly one ``<answer>...</answer>`` with
   something in it (after an optional ``<think>...</think>``), else 0.
+- ``toolrl``, ``toolrl_format``, ``toolrl_correctness``: ToolRL's tool-call rewards
+  against the ground truth in ``row[answer_column]`` (``<tool_call>`` lines of JSON
+  and/or a ``<response>``): the format reward in [0, 1], the fine-grained correctness
+  reward in [-3, 3], and their sum (:mod:`grpo_lab.envs.toolrl`).
 
 Several functions add up with weights (:func:`combine`).
 """
@@ -28,6 +32,7 @@ import sys
 from typing import Any, Callable, Mapping, Sequence
 
 from ..registry import Registry
+from . import toolrl
 
 RewardFn = Callable[[str, str, Mapping[str, Any]], float]
 
@@ -108,8 +113,29 @@ BUILTIN_REWARDS: Registry[Callable[..., float]] = Registry("rewards", "env.kwarg
 BUILTIN_REWARDS.register("exact_match", exact_match)
 BUILTIN_REWARDS.register("math", math_answer)
 BUILTIN_REWARDS.register("format", format_reward)
+
+
+def toolrl_format(prompt: str, completion: str, row: Mapping[str, Any], answer_column: str = "answer") -> float:
+    """1.0 when the completion has the ground truth's structure (ToolRL's format reward)."""
+    return toolrl.format_score(completion, str(_gold(row, answer_column)))
+
+
+def toolrl_correctness(prompt: str, completion: str, row: Mapping[str, Any], answer_column: str = "answer") -> float:
+    """Names, parameter names and values of the tool calls against the ground truth's, in [-3, 3] (ToolRL)."""
+    return toolrl.correctness_score(completion, str(_gold(row, answer_column)))
+
+
+def toolrl_reward(prompt: str, completion: str, row: Mapping[str, Any], answer_column: str = "answer") -> float:
+    """ToolRL's reward: its format reward plus its tool-call correctness reward, in [-3, 4]."""
+    gold = str(_gold(row, answer_column))
+    return toolrl.format_score(completion, gold) + toolrl.correctness_score(completion, gold)
+
+
+BUILTIN_REWARDS.register("toolrl", toolrl_reward)
+BUILTIN_REWARDS.register("toolrl_format", toolrl_format)
+BUILTIN_REWARDS.register("toolrl_correctness", toolrl_correctness)
 #: the built-in rewards that read the row's answer column
-ANSWER_REWARDS = ("exact_match", "math")
+ANSWER_REWARDS = ("exact_match", "math", "toolrl", "toolrl_format", "toolrl_correctness")
 
 
 def import_callable(spec: str, what: str) -> Callable[..., Any]:
