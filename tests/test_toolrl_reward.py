@@ -74,6 +74,10 @@ def test_the_openai_spelling_of_a_call_scores_the_same():
                 "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris", "unit": "F"})}}
     assert normalise_call(returned) == call("get_weather", city="Paris", unit="F")
     assert tool_call_score([call("get_weather", city="Paris", unit="C")], [returned]) == pytest.approx(1.5)
+    from openai.types.chat import ChatCompletionMessageToolCall  # what the client's message.tool_calls holds
+
+    parsed = ChatCompletionMessageToolCall.model_validate(returned)
+    assert tool_call_score([call("get_weather", city="Paris", unit="C")], [parsed]) == pytest.approx(1.5)
 
 
 def test_the_schedule_by_hand():

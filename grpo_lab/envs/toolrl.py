@@ -57,7 +57,10 @@ def _hashable(value: Any) -> Any:
 
 def normalise_call(call: Any) -> dict[str, Any]:
     """``{"name", "parameters"}`` of a call written as ToolRL's (``parameters``) or as the
-    OpenAI API returns it (``{"function": {"name", "arguments": "<json>"}}``)."""
+    OpenAI API returns it (``{"function": {"name", "arguments": "<json>"}}``, or the
+    ``openai`` client's tool-call object, read through its ``model_dump``)."""
+    if hasattr(call, "model_dump"):
+        call = call.model_dump()
     if isinstance(call, dict) and "function" in call and isinstance(call["function"], dict):
         call = call["function"]
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
