@@ -647,6 +647,8 @@ class ServeConfig:
         _check(self.model_name is None or bool(self.model_name), "serve.model_name", self.model_name, "null or a name")
         _check(len(set(self.roles)) == len(self.roles) and all(isinstance(r, str) and r for r in self.roles),
                "serve.roles", list(self.roles), "distinct, non-empty model names (role 0, the main agent, first)")
+        _check(self.model_name is None or self.model_name not in self.roles[1:], "serve.roles", list(self.roles),
+               f"names other than serve.model_name={self.model_name!r} after the first (the served model is role 0)")
 
 
 #: command-line keys that are not Python names, and the config keys they set

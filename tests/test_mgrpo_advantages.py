@@ -76,3 +76,10 @@ def test_bad_columns_are_named():
         mgrpo(bad)
     with pytest.raises(ValueError, match="d_max"):
         mgrpo(two_episodes(), d_max=0)
+    negative = AdvantageInputs(rewards=torch.zeros(2), group_id=torch.zeros(2, dtype=torch.long),
+                               traj_id=torch.tensor([0, 1]), role=torch.tensor([0, -1]), invocation=torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="role -1"):
+        mgrpo(negative)
+    spanning = AdvantageInputs(rewards=torch.zeros(3), group_id=torch.tensor([0, 1, 1]), traj_id=torch.tensor([0, 0, 1]))
+    with pytest.raises(ValueError, match="more than one group"):
+        mgrpo(spanning)

@@ -145,3 +145,48 @@ def test_a_black_box_two_role_agent_through_the_endpoint(tmp_path):
             client.chat.completions.create(model="critic", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     finally:
         endpoint.stop()
+
+
+def test_endpoint_invocations_follow_conversations_not_call_order():
+    """Two executor conversations A and B interleaved (A1, B1, A2): A2 continues A's
+    invocation, found among all of the role's calls; a completions-API executor call whose
+    prompt starts with an earlier call's prompt and answer continues its invocation."""
+    from grpo_lab.endpoint.chat import CapturedCall, EpisodeCapture, tools_key
+    from grpo_lab.rollout.backend import Completion
+
+    capture = EpisodeCapture()
+
+    def chat_call(messages, answer, extends=False):
+        keys = tuple(("user", m) for m in messages)
+        prev = capture.continued(keys, None, 1)
+        call = CapturedCall(keys, tools_key(None), [1, 2], Completion([3], [0.0]), ("assistant", answer), extends, role=1,
+                            invocation=prev.invocation if prev is not None else -1)
+        capture.record(call)
+        return call
+
+    a1 = chat_call(["task A"], "a1")
+    b1 = chat_call(["task B"], "b1")
+    a2 = CapturedCall((("user", "task A"), ("assistant", "a1"), ("user", "more")), tools_key(None), [1, 2, 3, 4],
+                      Completion([5], [0.0]), ("assistant", "a2"), True, role=1,
+                      invocation=capture.continued((("user", "task A"), ("assistant", "a1"), ("user", "more")), None,
+                                                   1).invocation)
+    capture.record(a2)
+    assert (a1.invocation, b1.invocation, a2.invocation) == (0, 1, 0)
+    later = capture.continued_by_tokens([1, 2, 3, 9, 9], 1)
+    assert later is b1 or later is a1  # the newest call whose prompt and answer [1, 2, 3] it starts with
+    assert capture.continued_by_tokens([7, 7], 1) is None
+
+
+def test_the_runtime_refuses_a_multi_agent_env_where_it_cannot_render_roles():
+    from grpo_lab.rollout.agent_loop import AgentLoopConfig, episode_prompt
+    from grpo_lab.rollout.episode import Episode
+
+    env = make_env("search_team")
+    ep = Episode(env, 0, 0, env.reset(0))
+    with pytest.raises(ValueError, match="conversation episode format keeps one agent's"):
+        episode_prompt(ep, None, AgentLoopConfig(episode_format="conversation"))
+    from grpo_lab.envs.base import Observation
+
+    ep.obs = Observation("x", "a", role=1, invocation=-1)
+    with pytest.raises(ValueError, match="role 1 with invocation -1"):
+        episode_prompt(ep, None, AgentLoopConfig())

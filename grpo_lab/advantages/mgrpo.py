@@ -33,7 +33,7 @@ import random
 
 import torch
 
-from .grouping import dense_ids
+from .grouping import dense_ids, trajectory_table
 from .registry import AdvantageInputs, AdvantageOutput, register_estimator
 
 
@@ -94,11 +94,13 @@ def mgrpo(inputs: AdvantageInputs, *, d_max: int | None = None, eps: float = 1e-
         return AdvantageOutput.no_rows()
     role = inputs.role if inputs.role is not None else torch.zeros(n, dtype=torch.long)  # [N]
     invocation = inputs.invocation if inputs.invocation is not None else torch.full((n,), -1)  # [N]
-    if bool(((role == 0) & (invocation != -1)).any()) or bool(((role != 0) & (invocation < 0)).any()):
-        bad = int(torch.nonzero(((role == 0) & (invocation != -1)) | ((role != 0) & (invocation < 0)))[0])
-        raise ValueError(f"row {bad}: a main-agent row (role 0) has invocation -1 and a sub-agent row an "
-                         f"invocation >= 0; got role {int(role[bad])}, invocation {int(invocation[bad])}")
+    wrong = (role < 0) | ((role == 0) & (invocation != -1)) | ((role > 0) & (invocation < 0))  # [N]
+    if bool(wrong.any()):
+        bad = int(torch.nonzero(wrong)[0])
+        raise ValueError(f"row {bad}: roles are >= 0, a main-agent row (role 0) has invocation -1 and a sub-agent row "
+                         f"an invocation >= 0; got role {int(role[bad])}, invocation {int(invocation[bad])}")
     rewards = inputs.rewards.to(torch.float64)  # [N]
+    trajectory_table(rewards, inputs.traj_id, inputs.group_id)  # raises for an episode whose rows span groups
     traj, num_traj = dense_ids(inputs.traj_id)  # [N] in 0..E-1
     main = role == 0  # [N]
     main_return = torch.zeros(num_traj, dtype=torch.float64).index_add_(0, traj[main], rewards[main])  # [E]

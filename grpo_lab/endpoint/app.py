@@ -69,11 +69,17 @@ class ServeSettings:
     fixed_sampling: bool = False
     roles: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.model in self.roles[1:]:
+            raise ValueError(f"roles={list(self.roles)}: the served model {self.model!r} addresses role 0, so it can "
+                             "only be the first role")
+
     def role_of(self, name: str) -> int | None:
-        """The role a request's ``model`` addresses (``None``: no model of this endpoint)."""
-        if name in self.roles:
-            return self.roles.index(name)
-        return 0 if name == self.model else None
+        """The role a request's ``model`` addresses (``None``: no model of this endpoint);
+        the served model is role 0."""
+        if name == self.model:
+            return 0
+        return self.roles.index(name) if name in self.roles else None
 
     @property
     def model_names(self) -> list[str]:
@@ -252,9 +258,10 @@ class Service:
         return cut_at_stop(self.tokenizer.decode(completion.token_ids, skip_special_tokens=True), stops)
 
     def chat_prompt(self, req: ChatRequest, capture: EpisodeCapture | None, role: int = 0
-                    ) -> tuple[list[int], bool, tuple]:
-        """The prompt ids of a chat request (extending its episode's previous call of the
-        same role where it can), whether they extend it, and the messages' keys."""
+                    ) -> tuple[list[int], bool, tuple, CapturedCall | None]:
+        """The prompt ids of a chat request (extending the episode's call of the same role
+        whose conversation it continues, where it can), whether they extend it, the
+        messages' keys, and the call it continues."""
         if self.template is None:
             raise APIError(400, self.template_error)
         if req.top_logprobs:
@@ -266,7 +273,7 @@ class Service:
             messages = [template_message(m) for m in req.messages]
             if capture is not None:
                 return capture.prompt_for(self.template, messages, req.tools, role)
-            return self.template.prompt_ids(messages, req.tools), False, ()
+            return self.template.prompt_ids(messages, req.tools), False, (), None
         except MessageError as err:
             raise APIError(400, str(err), param="messages") from None
 
@@ -289,7 +296,7 @@ class Service:
     async def chat(self, req: ChatRequest, request: Request) -> dict:
         capture = self.authorize(request)
         role = self.check_model(req.model)
-        prompt, extends, keys = self.chat_prompt(req, capture, role)
+        prompt, extends, keys, continued = self.chat_prompt(req, capture, role)
         stops = stop_strings(req.stop)
         completion = await self.generate(prompt, self.sampling(req, len(prompt), req.max_completion_tokens or req.max_tokens,
                                                                stops))
@@ -297,7 +304,8 @@ class Service:
         message, calls_tools = self.answer(req, self.text(completion, stops))
         if capture is not None:
             capture.record(CapturedCall(keys, tools_key(req.tools), prompt, completion,
-                                        message_key(template_message(message)), extends, role=role))
+                                        message_key(template_message(message)), extends, role=role,
+                                        invocation=continued.invocation if continued is not None else -1))
         self.stats.requests += 1
         choice = {"index": 0, "message": message, "finish_reason": "tool_calls" if calls_tools else completion.finish_reason,
                   "logprobs": chat_logprobs(self.tokenizer, completion) if req.logprobs else None,
@@ -318,8 +326,10 @@ class Service:
         version = self.version_of(completion)
         text = self.text(completion, stops)
         if capture is not None:
+            continued = capture.continued_by_tokens(prompt, role)
             capture.record(CapturedCall((("prompt", tuple(prompt)),), "", prompt, completion, ("completion", text),
-                                        False, role=role))
+                                        False, role=role,
+                                        invocation=continued.invocation if continued is not None else -1))
         self.stats.requests += 1
         choice = {"index": 0, "text": text, "finish_reason": completion.finish_reason,
                   "logprobs": text_logprobs(self.tokenizer, completion) if req.logprobs else None,

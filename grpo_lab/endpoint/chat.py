@@ -148,7 +148,7 @@ class CapturedCall:
     reward: float = 0.0  # attached by the agent (ctx), or the episode's reward on its last call
     anchor: Hashable | None = None  # an environment state key attached by the agent (GiGPO's step groups)
     role: int = 0  # the role the request's model addressed (0: the main agent)
-    invocation: int = -1  # a sub-agent call's invocation in the episode (EpisodeCapture.record numbers them)
+    invocation: int = -1  # a sub-agent call's invocation: the continued call's; -1: a new one (record numbers it)
 
 
 @dataclass
@@ -159,35 +159,45 @@ class EpisodeCapture:
     calls: list[CapturedCall] = field(default_factory=list)
     template_rewrites: int = 0
 
-    def last_of(self, role: int) -> CapturedCall | None:
-        """The episode's latest call of ``role``."""
-        return next((c for c in reversed(self.calls) if c.role == role), None)
+    def continued(self, keys: tuple[tuple, ...], tools: Sequence[dict] | None, role: int) -> CapturedCall | None:
+        """The newest recorded call of ``role`` whose conversation ``keys`` continue (its
+        messages, then its answer, then more), with the same tools; ``None``."""
+        for prev in reversed(self.calls):
+            n = len(prev.messages) + 1
+            if (prev.role == role and len(keys) > n and keys[:n - 1] == prev.messages and keys[n - 1] == prev.assistant
+                    and tools_key(tools) == prev.tools):
+                return prev
+        return None
+
+    def continued_by_tokens(self, prompt: Sequence[int], role: int) -> CapturedCall | None:
+        """The newest recorded call of ``role`` whose prompt and sampled ids ``prompt``
+        starts with (a completions-API conversation); ``None``."""
+        for prev in reversed(self.calls):
+            head = [*prev.prompt_ids, *prev.completion.token_ids]
+            if prev.role == role and len(prompt) > len(head) and list(prompt[: len(head)]) == head:
+                return prev
+        return None
 
     def prompt_for(self, template: ChatTemplate, messages: Sequence[dict], tools: Sequence[dict] | None,
-                   role: int = 0) -> tuple[list[int], bool, tuple[tuple, ...]]:
+                   role: int = 0) -> tuple[list[int], bool, tuple[tuple, ...], CapturedCall | None]:
         """The prompt ids of a call of ``role`` with ``messages`` (template messages),
-        whether they extend that role's previous call, and the messages' keys."""
+        whether they extend the call whose conversation they continue, the messages' keys,
+        and that call (``None``: a new conversation)."""
         keys = tuple(message_key(m) for m in messages)
-        prev = self.last_of(role)
-        n = len(prev.messages) + 1 if prev is not None else 0
-        if (prev is not None and len(keys) > n and keys[:n - 1] == prev.messages and keys[n - 1] == prev.assistant
-                and tools_key(tools) == prev.tools):
-            delta = template.continuation_ids(messages, n, tools)
+        prev = self.continued(keys, tools, role)
+        if prev is not None:
+            delta = template.continuation_ids(messages, len(prev.messages) + 1, tools)
             if delta is not None:
                 answer = prev.completion.token_ids
                 closing = template.renderer.closing(answer)
-                return [*prev.prompt_ids, *answer, *closing, *delta], True, keys
+                return [*prev.prompt_ids, *answer, *closing, *delta], True, keys, prev
             self.template_rewrites += 1
-        return template.prompt_ids(messages, tools), False, keys
+        return template.prompt_ids(messages, tools), False, keys, prev
 
     def record(self, call: CapturedCall) -> None:
-        """Add ``call``; a sub-agent call (role > 0) that does not extend its role's
-        previous call opens a new invocation of that role (numbered from 0), one that
-        extends it continues its invocation."""
-        if call.role > 0:
-            prev = self.last_of(call.role)
-            if call.extends and prev is not None:
-                call.invocation = prev.invocation
-            else:
-                call.invocation = 1 + max((c.invocation for c in self.calls if c.role == call.role), default=-1)
+        """Add ``call``. A sub-agent call (role > 0) carries the invocation of the call it
+        continues; one with invocation -1 opens its role's next invocation (numbered from
+        0 in the order they are recorded)."""
+        if call.role > 0 and call.invocation < 0:
+            call.invocation = 1 + max((c.invocation for c in self.calls if c.role == call.role), default=-1)
         self.calls.append(call)

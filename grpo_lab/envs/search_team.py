@@ -74,8 +74,12 @@ class SearchTeamEnv:
             raise RuntimeError("the episode is over or was never started: call reset(seed) first")
         rng = random.Random(self.seed * 1_000_003 + 7919 * len(self.findings) + len(self.searches))
         picks = rng.sample(self._vocabulary, min(4, len(self._vocabulary)))
-        first = "delegate" if self.role == PLANNER_ROLE else "search"
-        return [f"<{first}>{w}</{first}>" for w in picks[:2]] + [f"<answer>{w}</answer>" for w in picks[2:]]
+        answers = [f"<answer>{w}</answer>" for w in picks[2:]]
+        if self.role == PLANNER_ROLE:
+            more = len(self.findings) < self.max_delegations
+            return ([f"<delegate>{w}</delegate>" for w in picks[:2]] if more else []) + answers
+        more = len(self.searches) < self.max_searches
+        return ([f"<search>{w}</search>" for w in picks[:2]] if more else []) + answers
 
     def step(self, action: str) -> StepResult:
         if self.done:

@@ -191,9 +191,16 @@ def episode_prompt(ep: Episode, encoder: PromptEncoder, config: AgentLoopConfig,
     current invocation."""
     role, invocation = ep.obs.role, ep.obs.invocation
     instructions = role_instructions_of(ep.env)
+    where = f"{env_name(ep.env)} (seed {ep.seed}, step {ep.steps})"
     if not 0 <= role < len(instructions):
-        raise ValueError(f"{env_name(ep.env)} (seed {ep.seed}, step {ep.steps}): its observation names role {role}, "
-                         f"but it has {len(instructions)} role instruction(s)")
+        raise ValueError(f"{where}: its observation names role {role}, but it has {len(instructions)} role "
+                         "instruction(s)")
+    if (invocation != -1) if role == 0 else (invocation < 0):
+        raise ValueError(f"{where}: role {role} with invocation {invocation} (the main agent's is -1, a sub-agent's "
+                         ">= 0)")
+    if len(instructions) > 1 and not config.episode_format.per_role:
+        raise ValueError(f"{where} has {len(instructions)} roles: the {config.episode_format.name} episode format "
+                         "keeps one agent's conversation; use rollout.episode_format=memory")
     try:
         ep.ids = config.episode_format.prompt(encoder, instructions[role], turns_seen_by(ep.history, role, invocation),
                                               ep.obs.text, ep.ids, config, (env_name(ep.env), ep.seed, ep.steps), faults,

@@ -125,11 +125,13 @@ class EpisodeFormat:
         name: its ``rollout.episode_format`` name.
         overlong: the overlong policies it applies, its default first.
         bounded: whether ``rollout.max_episode_tokens`` applies (an episode that grows).
+        per_role: whether it renders each role of a multi-agent episode its own prompt.
     """
 
     name: str = ""
     overlong: tuple[str, ...] = ()
     bounded: bool = False
+    per_role: bool = False
 
     def check(self, encoder: PromptEncoder) -> None:
         """Refuse (``TemplateError``) a chat template the format cannot work with, before
@@ -162,6 +164,7 @@ class MemoryFormat(EpisodeFormat):
     """Each turn's prompt rendered anew from the task, a window of past turns and the observation."""
 
     name, overlong = "memory", ("truncate_history", "drop_episode", "error")
+    per_role = True  # each role of a multi-agent episode gets its own prompt
 
     def prompt(self, encoder, instruction, history, observation, ids, limits, where, faults, fmt=ACTION_FORMAT):
         return fit_prompt(encoder, instruction, history, observation, limits, where, faults, fmt)

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from ..data import RolloutBatch
-from ..envs.base import Env, Observation, TextFormat, text_format_of
+from ..envs.base import Env, Observation, TextFormat, role_instructions_of, text_format_of
 from .agent_loop import AgentLoopConfig, take_turn
 from .episode import Row, act, close_env, env_name, rows_to_batch
 from .backend import Backend
@@ -184,7 +184,10 @@ class Forest:
         self.branches = first_group_id * 10_000  # the last branch id given
         probe = guard(env_factory())
         self.instruction, self.name = probe.instruction, env_name(probe)
+        roles = len(role_instructions_of(probe))
         close_env(probe)
+        if roles > 1:
+            raise ValueError(f"{self.name} has {roles} roles: trees branch one agent's turns (use a chain sampler)")
 
     def new_branch(self, state: _Node, env: Env) -> _Branch:
         self.branches += 1
