@@ -23,6 +23,7 @@ SCRIPTS = {  # script: (rows its table must hold, whether it trains through pyth
     "reproduce_ar3po": (["| countdown | GRPO (G=8) |", "| frozenlake | AR3PO (2 stages x 4, reuse) |"], True),
     "reproduce_r3": (["| countdown | GRPO |", "| countdown, 2 numbers | GRPO + replay |",
                       "| countdown | R3 (replay, reflection, ranking) |"], True),
+    "reproduce_toolrl": (["| GRPO, ToolRL reward |", "| GRPO, exact match |"], True),
 }
 
 
