@@ -91,6 +91,8 @@ METHODS: tuple[Method, ...] = (
     # rewards
     Method("reward", "toolrl", "Qian et al. 2025, ToolRL: Reward is All Tool Learning Needs",
            "env=dataset env.kwargs.path=calls.jsonl env.kwargs.rewards=[toolrl]"),
+    Method("reward", "autorefine", "Shi et al. 2025, Search and Refine During Think (AutoRefine)",
+           "env=search_qa env.kwargs.refine=true env.kwargs.retrieval_reward=0.1"),
 )
 
 

@@ -68,7 +68,8 @@ def test_the_answer_ends_the_episode_with_exact_match_or_f1():
     env.reset(5)
     gold = env.questions[env.qid][1][0]
     won = env.step(f"<answer>the {gold.upper()}!</answer>")
-    assert won.done and won.reward == 1.0 and won.info == {"won": True, "valid_action": True, "exact_match": 1.0, "f1": 1.0}
+    assert won.done and won.reward == 1.0 and won.info == {"won": True, "valid_action": True, "exact_match": 1.0, "f1": 1.0,
+                                                           "searches": 0}
     f1_env = SearchQAEnv(reward="f1")
     f1_env.reset(5)
     partial = f1_env.step(f"<answer>{gold} city</answer>")

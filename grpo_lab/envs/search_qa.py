@@ -17,6 +17,20 @@ Departures from the paper's setup (Search-R1's): a BM25 index over a small local
 instead of an E5 dense retriever over Wikipedia, and no ``<think>`` block (the tiny
 default model has no room for one; a real model may still write text before its tag).
 
+``refine=True`` plays AutoRefine's search-and-refine protocol (Shi et al. 2025, "Search and
+Refine During Think"; official code syr-cn/AutoRefine): after each search's passages the
+agent writes ``<refine>the evidence that matters</refine>`` before it searches again or
+answers (any other action then is invalid), and the observation keeps its refined
+evidence. Its reward, as the official ``compute_reward``: the answer's score (exact match,
+or F1) when it is positive, else ``retrieval_reward`` (the paper's 0.1) when the refined
+evidence holds a gold answer (normalised containment, its ``cover_em``), else 0; the
+format bonus the code allows is 0 in the paper's runs and is not built.
+``info["rewards"]`` holds ``answer`` and ``retrieval`` (1 when the refined evidence holds
+the answer), logged as ``reward/answer`` and ``reward/retrieval``; ``info["searches"]``
+counts the episode's searches. Departure, stated: a turn is one action (one tag), so
+search, refine and answer are turns of their own, not one generation with documents
+inserted.
+
 The anchor is the question and every result list seen so far: ``(question index,
 ((doc ids of search 1), (doc ids of search 2), ...))``. An answer without a search or
 answer element is invalid (the state stays). ``legal_actions()`` returns random searches
@@ -44,7 +58,12 @@ INSTRUCTION = (
     "Answer the question. You can search a knowledge base: write <search>words</search> to see the passages that "
     "match best. When you know the answer, write <answer>short answer</answer>."
 )
-ACTION_RE = re.compile(r"^<(search|answer)>(.*)</\1>$", re.DOTALL)
+REFINE_INSTRUCTION = (
+    "Answer the question. You can search a knowledge base: write <search>words</search> to see the passages that "
+    "match best. After each search, write <refine>the facts that matter</refine>. When you know the answer, write "
+    "<answer>short answer</answer>."
+)
+ACTION_RE = re.compile(r"^<(search|refine|answer)>(.*)</\1>$", re.DOTALL)
 
 
 def normalize_answer(text: str) -> str:
@@ -57,6 +76,12 @@ def normalize_answer(text: str) -> str:
 
 def exact_match_score(answer: str, golds: Sequence[str]) -> float:
     return float(any(normalize_answer(answer) == normalize_answer(g) for g in golds))
+
+
+def covers_answer(text: str, golds: Sequence[str]) -> bool:
+    """Whether a normalised gold answer occurs in normalised ``text`` (AutoRefine's ``cover_em``)."""
+    found = normalize_answer(text)
+    return any(normalize_answer(g) in found for g in golds if normalize_answer(g))
 
 
 def f1_score(answer: str, golds: Sequence[str]) -> float:
@@ -160,13 +185,22 @@ class SearchQAEnv:
 
     def __init__(self, top_k: int = 3, reward: str = "em", kb_seed: int = 0, num_people: int = 40, max_hops: int = 2,
                  corpus_path: str | None = None, questions_path: str | None = None,
-                 max_passage_chars: int = 300) -> None:
+                 max_passage_chars: int = 300, refine: bool = False, retrieval_reward: float = 0.0) -> None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if reward not in ("em", "f1"):
             raise ValueError(f"reward must be 'em' or 'f1', got {reward!r}")
         if max_passage_chars < 20:
             raise ValueError(f"max_passage_chars must be >= 20, got {max_passage_chars}")
+        if not 0 <= retrieval_reward < 1 or (retrieval_reward and not refine):
+            raise ValueError(f"retrieval_reward must be in [0, 1) (below a right answer's reward) and needs refine=true, "
+                             f"got {retrieval_reward} with refine={refine}")
+        self.refine, self.retrieval_reward = bool(refine), float(retrieval_reward)
+        if self.refine:
+            self.instruction = REFINE_INSTRUCTION
+            self.text_format = TextFormat(tags=("search", "refine", "answer"), keep_tags=True)
+        self.refined: list[str] = []
+        self.pending = False  # a search's passages wait for their refine
         self.texts, self.questions, self.index, self._vocabulary = load_knowledge(kb_seed, num_people, max_hops, corpus_path,
                                                                          questions_path)
         self.top_k, self.reward, self.max_passage_chars = top_k, reward, max_passage_chars
@@ -184,12 +218,15 @@ class SearchQAEnv:
         self.seed = int(seed)
         self.qid = self.seed % len(self.questions)
         self.searches, self.last, self.done = [], "No search yet.", False
+        self.refined, self.pending = [], False
         return self._observe()
 
     def legal_actions(self) -> list[str]:
         self._check_running()
-        rng = random.Random(self.seed * 1_000_003 + len(self.searches))
+        rng = random.Random(self.seed * 1_000_003 + len(self.searches) + 7 * len(self.refined))
         picks = rng.sample(self._vocabulary, min(4, len(self._vocabulary)))
+        if self.pending:
+            return [f"<refine>{w}</refine>" for w in picks]
         return [f"<search>{w}</search>" for w in picks[:2]] + [f"<answer>{w}</answer>" for w in picks[2:]]
 
     def step(self, action: str) -> StepResult:
@@ -198,6 +235,12 @@ class SearchQAEnv:
         if match is None or not match.group(2).strip():
             return StepResult(self._observe(), 0.0, False, {"won": False, "valid_action": False})
         kind, text = match.group(1), match.group(2).strip()
+        if (kind == "refine") != self.pending:  # refine after a search's passages, and only then
+            return StepResult(self._observe(), 0.0, False, {"won": False, "valid_action": False})
+        if kind == "refine":
+            self.refined.append(text)
+            self.pending, self.last = False, "Refined."
+            return StepResult(self._observe(), 0.0, False, {"won": False, "valid_action": True})
         if kind == "search":
             hits = tuple(self.index.search(text, self.top_k))
             self.searches.append(hits)
@@ -207,16 +250,26 @@ class SearchQAEnv:
                 self.last = f"Results for \"{text}\":\n" + "\n".join(f"[{i}] {t}" for i, t in enumerate(shown, 1))
             else:
                 self.last = f"Results for \"{text}\": no passage matches."
+            self.pending = self.refine
             return StepResult(self._observe(), 0.0, False, {"won": False, "valid_action": True})
         golds = self.questions[self.qid][1]
         em, f1 = exact_match_score(text, golds), f1_score(text, golds)
         self.done = True
         self.last = f"You answered: {text}"
-        info = {"won": em == 1.0, "valid_action": True, "exact_match": em, "f1": f1}
-        return StepResult(self._observe(), em if self.reward == "em" else f1, True, info)
+        score = em if self.reward == "em" else f1
+        info = {"won": em == 1.0, "valid_action": True, "exact_match": em, "f1": f1, "searches": len(self.searches)}
+        if self.refine:
+            retrieved = float(covers_answer(" ".join(self.refined), golds))
+            info["rewards"] = {"answer": score, "retrieval": retrieved}
+            score = score if score > 0 else self.retrieval_reward * retrieved
+        return StepResult(self._observe(), score, True, info)
 
     def _observe(self) -> Observation:
-        return Observation(f"Question: {self.question}\n{self.last}", (self.qid, tuple(self.searches)))
+        if not self.refine:
+            return Observation(f"Question: {self.question}\n{self.last}", (self.qid, tuple(self.searches)))
+        notes = "\n".join(f"- {r}" for r in self.refined) or "nothing yet"
+        return Observation(f"Question: {self.question}\nRefined evidence:\n{notes}\n{self.last}",
+                           (self.qid, tuple(self.searches), tuple(self.refined)))
 
     def _check_running(self) -> None:
         if self.done:
