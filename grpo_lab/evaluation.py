@@ -14,6 +14,7 @@ from .advantages.grouping import trajectory_table
 from .data import RolloutBatch
 from .rollout import AgentLoopConfig, run_episodes
 from .rollout.env_pool import EnvRunner
+from .rollout.episode import ENV_METRIC_PREFIX
 from .rollout.faults import FaultLog
 from .rollout.prompts import PromptEncoder
 from .rollout.samplers import EpisodePlayer
@@ -30,7 +31,9 @@ NO_SIGNAL_WARN_AFTER = 3
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
     """A non-empty step batch's episodes: return, success, length, invalid actions, rows
     and tokens, the share of groups whose episodes all ended alike (all won or all not:
-    no outcome signal, ``groups_all_alike``), and the mean of each named reward part. The
+    no outcome signal, ``groups_all_alike``), the mean of each named reward part
+    (``reward/<name>``) and each figure the environment reports, per episode
+    (``env/<name>``, :func:`env_figures`). The
     episode figures are those of the step's own episodes (a replayed one,
     ``batch.replayed``, is left out); rows and tokens count every row that trains."""
     rows, tokens = len(batch), batch.num_response_tokens()
@@ -52,8 +55,22 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
         "env_steps": int(batch.valid_action.sum()),  # actions the environment carried out (tool calls)
         "num_rows": rows,
         "response_tokens": tokens,
-        **{f"reward/{name}": mean for name, mean in batch.reward_part_means().items()},
+        **{f"reward/{name}": mean for name, mean in batch.reward_part_means().items()
+           if not name.startswith(ENV_METRIC_PREFIX)},
+        **env_figures(batch, int(per_traj.numel())),
     }
+
+
+def env_figures(batch: RolloutBatch, episodes: int) -> dict[str, float]:
+    """``env/<name>``: each figure the environment reported on its steps
+    (``info["metrics"]``), summed over the batch's rows, per episode (a count per
+    episode: searches, refines; a step the environment never saw reports nothing)."""
+    sums: dict[str, float] = {}
+    for parts in batch.reward_parts:
+        for name, value in parts.items():
+            if name.startswith(ENV_METRIC_PREFIX):
+                sums[name] = sums.get(name, 0.0) + value
+    return {name: total / max(episodes, 1) for name, total in sums.items()}
 
 
 def check_fault_rate(dist: dp.DistContext, faults: FaultLog, limit: float, phase: str, evaluation: bool = False) -> None:

@@ -26,6 +26,14 @@ def test_reward_by_hand():
     assert right.reward == 1.0 and right.info["rewards"] == {"answer": 1.0, "retrieval": 1.0}
     kept = episode("wrong", "the answer is {gold}.")
     assert kept.reward == pytest.approx(0.1) and not kept.info["won"] and kept.info["searches"] == 1
+    assert kept.info["metrics"] == {"searches": 0.0, "refines": 0.0, "refines_with_answer": 0.0}  # the answer's own
+    env = make_env("search_qa", refine=True)
+    env.reset(2)
+    gold = env.questions[env.qid][1][0]
+    assert env.step("<search>born</search>").info["metrics"] == {"searches": 1.0, "refines": 0.0,
+                                                                 "refines_with_answer": 0.0}
+    assert env.step(f"<refine>{gold}</refine>").info["metrics"] == {"searches": 0.0, "refines": 1.0,
+                                                                    "refines_with_answer": 1.0}
     assert episode("wrong", "nothing useful").reward == 0.0
     partial = episode("{gold} city", "nothing", reward="f1")  # F1 > 0: the answer's score, no retrieval reward
     assert 0 < partial.reward < 1 and partial.info["rewards"]["retrieval"] == 0.0
@@ -58,3 +66,26 @@ def test_the_warm_up_writes_refine_turns_after_searches():
     for (prompt, action), (_, after) in zip(pairs, pairs[1:]):
         if action.startswith("<search>"):
             assert after.startswith("<refine>")
+
+
+def test_the_environments_figures_are_logged_beside_the_reward_parts():
+    from grpo_lab.data import RolloutBatch
+    from grpo_lab.evaluation import rollout_metrics
+    from grpo_lab.rollout.episode import reward_parts
+
+    result = episode("wrong", "the answer is {gold}.")
+    parts = reward_parts(result)
+    assert parts == {"answer": 0.0, "retrieval": 1.0, "env/searches": 0.0, "env/refines": 0.0,
+                     "env/refines_with_answer": 0.0}
+    batch = RolloutBatch(group_id=[0], traj_id=[0], step=[0], prompt_ids=[[1]], response_ids=[[2]],
+                         rollout_logprobs=[[0.0]], loss_mask=[[1.0]], reward=[0.1], done=[True], valid_action=[True],
+                         anchor=[0], reward_parts=[parts])
+    metrics = rollout_metrics(batch)
+    assert metrics["env/searches"] == 0.0 and metrics["reward/retrieval"] == 1.0 and "reward/env/searches" not in metrics
+    # per episode: two rows of one episode, a search and a refine holding the answer
+    rows = [{"env/searches": 1.0, "env/refines": 0.0}, {"env/searches": 0.0, "env/refines": 1.0}]
+    two = RolloutBatch(group_id=[0, 0], traj_id=[0, 0], step=[0, 1], prompt_ids=[[1], [1]], response_ids=[[2], [2]],
+                       rollout_logprobs=[[0.0], [0.0]], loss_mask=[[1.0], [1.0]], reward=[0.0, 0.1],
+                       done=[False, True], valid_action=[True, True], anchor=[0, 1], reward_parts=rows)
+    assert {k: v for k, v in rollout_metrics(two).items() if k.startswith("env/")} == {"env/searches": 1.0,
+                                                                                       "env/refines": 1.0}

@@ -24,6 +24,8 @@ SCRIPTS = {  # script: (rows its table must hold, whether it trains through pyth
     "reproduce_r3": (["| countdown | GRPO |", "| countdown, 2 numbers | GRPO + replay |",
                       "| countdown | R3 (replay, reflection, ranking) |"], True),
     "reproduce_toolrl": (["| GRPO, ToolRL reward |", "| GRPO, exact match |"], True),
+    "reproduce_autorefine": (["| single-hop | search + refine, retrieval reward |",
+                              "| multi-hop | plain search, answer reward |"], True),
 }
 
 

@@ -48,7 +48,7 @@ def test_a_search_shows_the_passage_of_the_entity_searched_for():
     env.reset(0)
     question, (gold,) = env.questions[env.qid]
     result = env.step(f"<search>{question}</search>")
-    assert result.info == {"won": False, "valid_action": True} and not result.done and result.reward == 0.0
+    assert result.info == {"won": False, "valid_action": True, "metrics": {"searches": 1.0}} and not result.done and result.reward == 0.0
     lines = result.observation.text.splitlines()
     assert lines[0] == f"Question: {question}" and lines[1].startswith("Results for")
     assert len(lines) == 2 + env.top_k
@@ -69,7 +69,7 @@ def test_the_answer_ends_the_episode_with_exact_match_or_f1():
     gold = env.questions[env.qid][1][0]
     won = env.step(f"<answer>the {gold.upper()}!</answer>")
     assert won.done and won.reward == 1.0 and won.info == {"won": True, "valid_action": True, "exact_match": 1.0, "f1": 1.0,
-                                                           "searches": 0}
+                                                           "searches": 0, "metrics": {"searches": 0.0}}
     f1_env = SearchQAEnv(reward="f1")
     f1_env.reset(5)
     partial = f1_env.step(f"<answer>{gold} city</answer>")

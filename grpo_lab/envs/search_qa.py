@@ -26,8 +26,10 @@ or F1) when it is positive, else ``retrieval_reward`` (the paper's 0.1) when the
 evidence holds a gold answer (normalised containment, its ``cover_em``), else 0; the
 format bonus the code allows is 0 in the paper's runs and is not built.
 ``info["rewards"]`` holds ``answer`` and ``retrieval`` (1 when the refined evidence holds
-the answer), logged as ``reward/answer`` and ``reward/retrieval``; ``info["searches"]``
-counts the episode's searches. Departure, stated: a turn is one action (one tag), so
+the answer), logged as ``reward/answer`` and ``reward/retrieval``. Every step's
+``info["metrics"]`` counts whether it was a search (``searches``), a refine (``refines``)
+and a refine block that holds a gold answer (``refines_with_answer``); logged per episode
+as ``env/<name>``. Departure, stated: a turn is one action (one tag), so
 search, refine and answer are turns of their own, not one generation with documents
 inserted.
 
@@ -232,15 +234,13 @@ class SearchQAEnv:
     def step(self, action: str) -> StepResult:
         self._check_running()
         match = ACTION_RE.match(action.strip())
-        if match is None or not match.group(2).strip():
-            return StepResult(self._observe(), 0.0, False, {"won": False, "valid_action": False})
-        kind, text = match.group(1), match.group(2).strip()
-        if (kind == "refine") != self.pending:  # refine after a search's passages, and only then
-            return StepResult(self._observe(), 0.0, False, {"won": False, "valid_action": False})
+        kind, text = (match.group(1), match.group(2).strip()) if match else ("", "")
+        if not text or (kind == "refine") != self.pending:  # a refine after a search's passages, and only then
+            return StepResult(self._observe(), 0.0, False, self._info(valid=False))
         if kind == "refine":
             self.refined.append(text)
             self.pending, self.last = False, "Refined."
-            return StepResult(self._observe(), 0.0, False, {"won": False, "valid_action": True})
+            return StepResult(self._observe(), 0.0, False, self._info(refine=text))
         if kind == "search":
             hits = tuple(self.index.search(text, self.top_k))
             self.searches.append(hits)
@@ -251,18 +251,26 @@ class SearchQAEnv:
             else:
                 self.last = f"Results for \"{text}\": no passage matches."
             self.pending = self.refine
-            return StepResult(self._observe(), 0.0, False, {"won": False, "valid_action": True})
+            return StepResult(self._observe(), 0.0, False, self._info(searched=True))
         golds = self.questions[self.qid][1]
         em, f1 = exact_match_score(text, golds), f1_score(text, golds)
         self.done = True
         self.last = f"You answered: {text}"
         score = em if self.reward == "em" else f1
-        info = {"won": em == 1.0, "valid_action": True, "exact_match": em, "f1": f1, "searches": len(self.searches)}
+        info = {**self._info(), "won": em == 1.0, "exact_match": em, "f1": f1, "searches": len(self.searches)}
         if self.refine:
             retrieved = float(covers_answer(" ".join(self.refined), golds))
             info["rewards"] = {"answer": score, "retrieval": retrieved}
             score = score if score > 0 else self.retrieval_reward * retrieved
         return StepResult(self._observe(), score, True, info)
+
+    def _info(self, valid: bool = True, searched: bool = False, refine: str | None = None) -> dict:
+        """A step's info: validity and this step's counts (``metrics``)."""
+        metrics = {"searches": float(searched)}
+        if self.refine:
+            holds = refine is not None and covers_answer(refine, self.questions[self.qid][1])
+            metrics.update(refines=float(refine is not None), refines_with_answer=float(holds))
+        return {"won": False, "valid_action": valid, "metrics": metrics}
 
     def _observe(self) -> Observation:
         if not self.refine:

@@ -63,11 +63,22 @@ class Row:
     invocation: int = -1  # a sub-agent's invocation within the episode (-1: the main agent)
 
 
+#: the prefix of an environment's own figures among a row's named parts
+ENV_METRIC_PREFIX = "env/"
+
+
 def reward_parts(result: StepResult | None) -> dict[str, float] | None:
     """The named parts of a step's reward (``info["rewards"]``, as the dataset
-    environment's reward functions report them), or ``None``."""
-    parts = result.info.get("rewards") if result is not None else None
-    return {str(k): float(v) for k, v in parts.items()} if isinstance(parts, dict) and parts else None
+    environment's reward functions report them) and the environment's own figures of the
+    step (``info["metrics"]``, e.g. search_qa's searches, named ``env/<name>``), or ``None``."""
+    if result is None:
+        return None
+    out = {}
+    for source, prefix in (("rewards", ""), ("metrics", ENV_METRIC_PREFIX)):
+        parts = result.info.get(source)
+        if isinstance(parts, dict):
+            out.update({prefix + str(k): float(v) for k, v in parts.items()})
+    return out or None
 
 
 def new_episode(env_factory: Callable[[], Env], group: int, member: int, group_size: int, seed: int,
