@@ -20,6 +20,16 @@ _SCALAR_COLUMNS = ("group_id", "traj_id", "step", "role", "invocation", "reward"
 _TOKEN_COLUMNS = ("prompt_ids", "response_ids", "rollout_logprobs", "loss_mask")
 
 
+#: the scalar columns a batch may leave out: their dtype and the value they are filled with
+_OPTIONAL_COLUMNS: dict[str, tuple[torch.dtype, Any]] = {
+    "won": (torch.bool, False), "off_policy": (torch.bool, False), "truncated": (torch.bool, False),
+    "baseline_only": (torch.bool, False), "replayed": (torch.bool, False),
+    "tree_id": (torch.long, -1), "node_id": (torch.long, -1), "parent_id": (torch.long, -1),
+    "policy_version": (torch.long, -1), "role": (torch.long, 0), "invocation": (torch.long, -1),
+    "advantage_scale": (torch.float32, 1.0), "reward_shaping": (torch.float32, 0.0),
+}
+
+
 def _long(values: Sequence[int] | Tensor) -> Tensor:
     return torch.as_tensor(values, dtype=torch.long)
 
@@ -98,39 +108,28 @@ class RolloutBatch:
     invocation: Tensor | None = None
 
     def __setstate__(self, state: dict) -> None:
-        """Batches pickled before the ``off_policy`` column existed load with it all False."""
+        """Batches pickled before a column of :data:`_OPTIONAL_COLUMNS` (or ``reward_parts``)
+        existed load with its default."""
         self.__dict__.update(state)
-        if "off_policy" not in state:
-            self.off_policy = torch.zeros(len(self.prompt_ids), dtype=torch.bool)
-        if "policy_version" not in state:
-            self.policy_version = torch.full((len(self.prompt_ids),), -1, dtype=torch.long)
-        for name in ("truncated", "baseline_only", "replayed"):
+        n = len(self.prompt_ids)
+        for name, (dtype, fill) in _OPTIONAL_COLUMNS.items():
             if name not in state:
-                setattr(self, name, torch.zeros(len(self.prompt_ids), dtype=torch.bool))
-        if "advantage_scale" not in state:
-            self.advantage_scale = torch.ones(len(self.prompt_ids), dtype=torch.float32)
-        if "role" not in state:
-            self.role = torch.zeros(len(self.prompt_ids), dtype=torch.long)
-            self.invocation = torch.full((len(self.prompt_ids),), -1, dtype=torch.long)
-        if "reward_shaping" not in state:
-            self.reward_shaping = torch.zeros(len(self.prompt_ids), dtype=torch.float32)
+                setattr(self, name, torch.full((n,), fill, dtype=dtype))
         if "reward_parts" not in state:
             self.reward_parts = [{} for _ in self.prompt_ids]
 
     def __post_init__(self) -> None:
         n = len(self.prompt_ids)
-        for name in ("group_id", "traj_id", "step", "tree_id", "node_id", "parent_id", "policy_version", "invocation"):
+        for name in ("group_id", "traj_id", "step"):
             value = getattr(self, name)
             setattr(self, name, _long(value) if value is not None else torch.full((n,), -1, dtype=torch.long))
-        self.role = _long(self.role) if self.role is not None else torch.zeros(n, dtype=torch.long)
         self.reward = torch.as_tensor(self.reward, dtype=torch.float32)
-        self.advantage_scale = (torch.as_tensor(self.advantage_scale, dtype=torch.float32) if self.advantage_scale is not None
-                                else torch.ones(n, dtype=torch.float32))
-        self.reward_shaping = (torch.as_tensor(self.reward_shaping, dtype=torch.float32) if self.reward_shaping is not None
-                               else torch.zeros(n, dtype=torch.float32))
-        for name in ("done", "valid_action", "won", "off_policy", "truncated", "baseline_only", "replayed"):
+        for name in ("done", "valid_action"):
             value = getattr(self, name)
             setattr(self, name, torch.as_tensor(value, dtype=torch.bool) if value is not None else torch.zeros(n, dtype=torch.bool))
+        for name, (dtype, fill) in _OPTIONAL_COLUMNS.items():
+            value = getattr(self, name)
+            setattr(self, name, torch.as_tensor(value, dtype=dtype) if value is not None else torch.full((n,), fill, dtype=dtype))
         self.prompt_ids = [_long(p) for p in self.prompt_ids]
         self.response_ids = [_long(r) for r in self.response_ids]
         self.rollout_logprobs = [torch.as_tensor(lp, dtype=torch.float32) for lp in self.rollout_logprobs]

@@ -59,18 +59,9 @@ def test_toolrls_released_format_loads(tmp_path):
 
 @pytest.mark.slow
 def test_a_training_run_logs_the_reward_parts(tmp_path):
-    from hydra import compose, initialize_config_module
+    from training_runs import SMALL_RUN, train_rows
 
-    from grpo_lab.train import build_config
-    from grpo_lab.trainer import Trainer
-
-    overrides = ["env=tool_calls", "algo.group_size=4", "trainer.total_steps=2", "trainer.tasks_per_step=2",
-                 "trainer.eval_episodes=2", "trainer.warmup.steps=10", "trainer.warmup.episodes=40",
-                 "model.tiny_hidden_size=64", "model.tiny_num_heads=1", "model.tiny_num_kv_heads=1",
-                 "logger.wandb=false", "logger.progress_bar=false", "logger.plot=false", "trainer.save_final=false"]
-    with initialize_config_module(config_module="grpo_lab.configs", version_base="1.3"):
-        config = build_config(compose(config_name="config", overrides=overrides))
-    Trainer(config, output_dir=tmp_path / "run").train()
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = train_rows(tmp_path / "run", ["env=tool_calls", "algo.group_size=4", "trainer.total_steps=2",
+                                         "trainer.tasks_per_step=2", *SMALL_RUN])
     assert len(rows) == 2 and all("reward/format" in r and "reward/correctness" in r for r in rows)
     assert all(-3.0 <= r["reward/correctness"] <= 3.0 for r in rows)
